@@ -1,0 +1,4 @@
+"""iocore: the event system, network and records layers of tsproxy (after ATS's iocore/).
+
+Layers import downward only: net -> eventsystem -> records.
+"""

@@ -1,0 +1,349 @@
+"""The one table of records (after ATS's ``RecordsConfig.cc``).
+
+Theory of operation: every configuration variable tsproxy knows is one ``RecordSpec`` row in
+``RECORDS``: its ``proxy.config.*`` name, type, default, whether a change takes effect on
+``config reload`` (RELOADABLE) or only after a restart (RESTART), an optional validator and a
+one-line doc. The parser, the shipped ``etc/tsproxy/records.config`` and ``docs/records.md``
+are all derived from this table, so they cannot disagree. Building the table is the only
+thing importing this module does; nothing registers itself anywhere.
+
+Validators take an already-typed value and return an error message (``expected 0 or 1, got 7``)
+or None. They never raise, so the parser can attach file and line to the message.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+RecValue = int | float | str
+Check = Callable[[RecValue], "str | None"]
+
+
+class RecType(enum.Enum):
+    """The value types records.config knows (COUNTER is read as INT by the parser)."""
+
+    INT = "INT"
+    FLOAT = "FLOAT"
+    STRING = "STRING"
+
+
+class RecUpdate(enum.Enum):
+    """When a changed value takes effect; shown to operators in docs and reload reports."""
+
+    RELOADABLE = "reloadable"
+    RESTART = "restart"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSpec:
+    """One configuration variable: what it is called, what it holds and when it applies."""
+
+    name: str
+    type: RecType
+    default: RecValue
+    update: RecUpdate
+    check: Check | None
+    doc: str
+
+
+# -- validators -------------------------------------------------------------------------------
+
+
+def int_range(lo: int, hi: int | None = None) -> Check:
+    """Accept integers in [lo, hi] (hi None: no upper bound)."""
+
+    def check(value: RecValue) -> str | None:
+        assert isinstance(value, int)
+        if value < lo or (hi is not None and value > hi):
+            if hi is None:
+                return f"expected an integer >= {lo}, got {value}"
+            if hi == lo + 1:
+                return f"expected {lo} or {hi}, got {value}"
+            return f"expected an integer in {lo}..{hi}, got {value}"
+        return None
+
+    return check
+
+
+BOOL = int_range(0, 1)
+NON_NEGATIVE = int_range(0)
+POSITIVE = int_range(1)
+
+
+def one_of(*choices: str) -> Check:
+    """Accept exactly one of the given words (case-sensitive, as ATS compares them)."""
+
+    def check(value: RecValue) -> str | None:
+        if value not in choices:
+            return f"expected one of {'|'.join(choices)}, got {value!r}"
+        return None
+
+    return check
+
+
+def _regex(value: RecValue) -> str | None:
+    try:
+        re.compile(str(value))
+    except re.error as exc:
+        return f"not a valid regular expression: {exc}"
+    return None
+
+
+def _host_port(value: RecValue) -> str | None:
+    """Accept empty (unset), ``host:port`` or ``[v6]:port``."""
+    text = str(value)
+    if not text:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or host in ("[]",) or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected host:port, got {text!r}"
+    return None
+
+
+# -- the table --------------------------------------------------------------------------------
+
+_R = RecUpdate.RELOADABLE
+_X = RecUpdate.RESTART
+_I = RecType.INT
+_S = RecType.STRING
+
+ATS_CIPHER_SUITE = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
+    "ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305"
+)
+ATS_TLSV13_CIPHER_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+# The table reads best one record per block; keep the formatter out of it.
+# fmt: off
+RECORDS: tuple[RecordSpec, ...] = (
+    # process layout
+    RecordSpec(
+        "proxy.config.http.server_ports", _S, "8080 8443:ssl", _X, None,
+        "Ports to listen on: descriptors separated by spaces, keywords by colons "
+        "(8443:ssl, 8443:ssl:tr-pass, ipv6, blind, proto=http)",
+    ),
+    RecordSpec("proxy.config.exec_thread.limit", _I, 1, _X, POSITIVE, "Number of ET_NET worker processes"),
+    RecordSpec(
+        "proxy.config.ssl.number.threads", _I, 0, _X, NON_NEGATIVE,
+        "Number of ET_SSL workers; 0 means the ET_NET workers do TLS themselves",
+    ),
+    RecordSpec(
+        "proxy.config.local_state_dir", _S, "run", _X, None,
+        "Directory for the pidfile, control socket and stats; relative to the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.log.logfile_dir", _S, "log", _X, None,
+        "Directory for log files; relative to the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.admin.user_id", _S, "", _X, None,
+        "User to switch to after binding the ports; empty: keep the current user",
+    ),
+    RecordSpec(
+        "proxy.config.stop.shutdown_timeout", _I, 10, _R, NON_NEGATIVE,
+        "Seconds a graceful stop waits for open transactions before closing them",
+    ),
+    RecordSpec(
+        "proxy.config.heartbeat.timeout", _I, 10, _R, POSITIVE,
+        "Seconds a worker may go without a heartbeat before the master replaces it",
+    ),
+    # http
+    RecordSpec(
+        "proxy.config.http.transaction_no_activity_timeout_in", _I, 30, _R, NON_NEGATIVE,
+        "Seconds a client may stay silent during a transaction; 0 disables",
+    ),
+    RecordSpec(
+        "proxy.config.http.transaction_no_activity_timeout_out", _I, 30, _R, NON_NEGATIVE,
+        "Seconds an origin may stay silent during a transaction; 0 disables",
+    ),
+    RecordSpec(
+        "proxy.config.http.keep_alive_no_activity_timeout_in", _I, 120, _R, NON_NEGATIVE,
+        "Seconds an idle client keep-alive connection is kept open",
+    ),
+    RecordSpec(
+        "proxy.config.http.keep_alive_no_activity_timeout_out", _I, 120, _R, NON_NEGATIVE,
+        "Seconds an idle origin connection is kept in the pool",
+    ),
+    RecordSpec(
+        "proxy.config.http.connect_attempts_timeout", _I, 30, _R, POSITIVE,
+        "Seconds to wait for an origin connection (TCP and TLS) to be established",
+    ),
+    RecordSpec("proxy.config.http.keep_alive_enabled_in", _I, 1, _R, BOOL, "Allow client keep-alive"),
+    RecordSpec("proxy.config.http.keep_alive_enabled_out", _I, 1, _R, BOOL, "Reuse origin connections"),
+    RecordSpec(
+        "proxy.config.http.insert_request_via_str", _I, 1, _R, int_range(0, 3),
+        "Add a Via header to requests sent to the origin (0 off, 1..3 more detail)",
+    ),
+    RecordSpec(
+        "proxy.config.http.insert_response_via_str", _I, 0, _R, int_range(0, 3),
+        "Add a Via header to responses sent to the client (0 off, 1..3 more detail)",
+    ),
+    RecordSpec(
+        "proxy.config.http.insert_squid_x_forwarded_for", _I, 1, _R, BOOL,
+        "Add the client address to X-Forwarded-For on requests to the origin",
+    ),
+    RecordSpec("proxy.config.proxy_name", _S, "tsproxy", _R, None, "Name of this proxy in Via headers"),
+    RecordSpec(
+        "proxy.config.http.request_header_max_size", _I, 131072, _R, POSITIVE,
+        "Largest client request header block in bytes; larger requests get 400",
+    ),
+    RecordSpec(
+        "proxy.config.http.response_header_max_size", _I, 131072, _R, POSITIVE,
+        "Largest origin response header block in bytes; larger responses get 502",
+    ),
+    RecordSpec(
+        "proxy.config.http.per_server.connection.max", _I, 0, _R, NON_NEGATIVE,
+        "Most connections to one origin per worker; 0 means unlimited",
+    ),
+    # net
+    RecordSpec(
+        "proxy.config.net.default_inactivity_timeout", _I, 300, _R, POSITIVE,
+        "Seconds of inactivity after which any connection without a tighter timeout is closed",
+    ),
+    RecordSpec(
+        "proxy.config.net.max_connections_in", _I, 30000, _R, POSITIVE,
+        "Most client connections per worker; further accepts are closed and counted as throttled",
+    ),
+    # remap and plugins
+    RecordSpec(
+        "proxy.config.url_remap.filename", _S, "remap.config", _R, None,
+        "Remap rules file; relative to the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.plugin.plugin_dir", _S, "plugins", _X, None,
+        "Directory plugins are loaded from; relative to the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.plugin.load_failure_fatal", _I, 1, _R, BOOL,
+        "A plugin that fails to load stops startup (1) or is skipped with an error (0)",
+    ),
+    # diagnostics
+    RecordSpec("proxy.config.diags.debug.enabled", _I, 0, _R, BOOL, "Enable debug output for the tags below"),
+    RecordSpec(
+        "proxy.config.diags.debug.tags", _S, "", _R, _regex,
+        "Regular expression of debug tags to enable, e.g. ssl|http",
+    ),
+    # TLS, client side of the proxy (inbound)
+    RecordSpec(
+        "proxy.config.ssl.server.multicert.filename", _S, "ssl_multicert.config", _R, None,
+        "Certificate table file; relative to the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.cert.path", _S, ".", _R, None,
+        "Directory ssl_cert_name and ssl_ca_name are relative to",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.private_key.path", _S, ".", _R, None,
+        "Directory ssl_key_name is relative to",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.CA.cert.filename", _S, "", _R, None,
+        "CA bundle used to verify client certificates (relative to proxy.config.ssl.CA.cert.path)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.CA.cert.path", _S, "", _R, None,
+        "Directory of CA certificates used to verify client certificates",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.handshake_timeout_in", _I, 30, _R, NON_NEGATIVE,
+        "Seconds a client has to complete the TLS handshake; 0 leaves only the inactivity timeout",
+    ),
+    RecordSpec("proxy.config.ssl.TLSv1", _I, 0, _R, BOOL, "Accept TLS 1.0 from clients"),
+    RecordSpec("proxy.config.ssl.TLSv1_1", _I, 0, _R, BOOL, "Accept TLS 1.1 from clients"),
+    RecordSpec("proxy.config.ssl.TLSv1_2", _I, 1, _R, BOOL, "Accept TLS 1.2 from clients"),
+    RecordSpec("proxy.config.ssl.TLSv1_3", _I, 1, _R, BOOL, "Accept TLS 1.3 from clients"),
+    RecordSpec(
+        "proxy.config.ssl.server.cipher_suite", _S, ATS_CIPHER_SUITE, _R, None,
+        "OpenSSL cipher list offered to clients for TLS 1.2 and below",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.TLSv1_3.cipher_suites", _S, ATS_TLSV13_CIPHER_SUITES, _R, None,
+        "TLS 1.3 cipher suites offered to clients",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.honor_cipher_order", _I, 1, _R, BOOL,
+        "Prefer the proxy's cipher order over the client's",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.session_ticket.enable", _I, 1, _R, BOOL, "Issue TLS session tickets"
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.session_ticket.number", _I, 2, _R, NON_NEGATIVE,
+        "Number of TLS 1.3 tickets issued after a full handshake",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.ticket_key.filename", _S, "", _R, None,
+        "File of session ticket keys (shared across proxies); empty: random keys per start",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.certification_level", _I, 0, _R, int_range(0, 2),
+        "Client certificates: 0 not requested, 1 requested and verified if sent, 2 required",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.allow_client_renegotiation", _I, 0, _R, BOOL,
+        "Allow clients to start a TLS 1.2 renegotiation",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.keylog_file", _S, "", _R, None,
+        "Write TLS secrets in NSS key log format to this file (debugging only); empty: off",
+    ),
+    RecordSpec(
+        "proxy.config.tunnel.route", _S, "", _R, _host_port,
+        "host:port that tr-pass ports blind-tunnel to (tsproxy; after sni.yaml tunnel_route)",
+    ),
+    # TLS, origin side of the proxy (outbound)
+    RecordSpec(
+        "proxy.config.ssl.client.verify.server.policy", _S, "ENFORCED", _R,
+        one_of("DISABLED", "PERMISSIVE", "ENFORCED"),
+        "Origin certificate checks: DISABLED, PERMISSIVE (log failures only) or ENFORCED",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.verify.server.properties", _S, "ALL", _R,
+        one_of("NONE", "SIGNATURE", "NAME", "ALL"),
+        "What the origin certificate check covers: NONE, SIGNATURE, NAME or ALL",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.verify.server", _I, -1, _R, int_range(-1, 1),
+        "Legacy switch: -1 unset (use the policy), 0 DISABLED, 1 ENFORCED",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.CA.cert.filename", _S, "", _R, None,
+        "CA bundle used to verify origin certificates; empty: the system default",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.CA.cert.path", _S, "", _R, None,
+        "Directory of CA certificates used to verify origin certificates",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.cert.filename", _S, "", _R, None,
+        "Certificate presented to origins that ask for one; empty: none",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.private_key.filename", _S, "", _R, None,
+        "Key of the origin client certificate; empty: in the certificate file",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.cipher_suite", _S, ATS_CIPHER_SUITE, _R, None,
+        "OpenSSL cipher list offered to origins for TLS 1.2",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.TLSv1_3.cipher_suites", _S, ATS_TLSV13_CIPHER_SUITES, _R, None,
+        "TLS 1.3 cipher suites offered to origins",
+    ),
+    RecordSpec("proxy.config.ssl.client.TLSv1_2", _I, 1, _R, BOOL, "Offer TLS 1.2 to origins"),
+    RecordSpec("proxy.config.ssl.client.TLSv1_3", _I, 1, _R, BOOL, "Offer TLS 1.3 to origins"),
+    RecordSpec(
+        "proxy.config.ssl.client.verify.depth", _I, 7, _R, NON_NEGATIVE,
+        "Longest origin certificate chain accepted",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.sni_policy", _S, "host", _R, one_of("host", "remap"),
+        "SNI sent to origins: host (the request's Host) or remap (the remapped origin name)",
+    ),
+)
+# fmt: on
+
+RECORDS_BY_NAME: dict[str, RecordSpec] = {spec.name: spec for spec in RECORDS}

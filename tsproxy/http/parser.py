@@ -1,0 +1,543 @@
+# HTTP/1.1 message parsing for tsproxy, sans-IO, on top of llhttp (via httptools).
+#
+# Theory of operation
+# -------------------
+# RequestParser reads the client side of a connection, ResponseParser the origin side. Both take
+# bytes in (``feed``) and give events out: a head event (RequestReceived / ResponseReceived), zero
+# or more BodyDataReceived, then MessageEnded. Bodies are handed on as they arrive, de-chunked;
+# nothing buffers a whole body. llhttp does the byte-level work in C; the Python callbacks below
+# only collect the head, enforce tsproxy's limits and choose the body mode, so the per-request cost
+# is one Python call per header plus a handful per message (scripts/bench_parsers.py measures it).
+#
+# Request parser states (_State):
+#   IDLE   -- between messages; the next byte starts a new request (pipelining is allowed).
+#   HEAD   -- inside a request line / header section; limits on size and count apply.
+#   BODY   -- head delivered, body bytes flowing until MessageEnded.
+#   CLOSED -- a message with keep_alive=False has ended; further bytes are ignored, the caller
+#             closes the connection.
+#   DEAD   -- an HTTPProtocolError was raised; every later feed raises it again.
+#
+# Response parser states: AWAIT (start() not called), IDLE (started, no byte yet), HEAD, BODY,
+# DONE (final response ended), DEAD. 1xx responses other than 101 produce a ResponseReceived with
+# body NONE and no MessageEnded; the parser stays in IDLE for the final response.
+#
+# llhttp cannot be told that a response answers a HEAD request (httptools hides the return value of
+# on_headers_complete). For HEAD we therefore split the head off ourselves at the first CRLFCRLF
+# (llhttp is strict: no bare LF line endings, so that is exactly the end of the head), feed only the
+# head to llhttp, end the message at headers-complete and make a fresh llhttp parser for the next
+# response.
+#
+# Invariants: the parser never raises anything but HTTPProtocolError; an error kills the parser;
+# smuggling shapes (CL+TE, differing duplicate CL, a transfer-coding other than exactly "chunked",
+# obs-fold, bare CR, bad chunk sizes) are errors, never guessed at.
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NoReturn
+
+import httptools
+from httptools.parser.errors import HttpParserError, HttpParserUpgrade
+
+from iocore.records.errors import TSError
+
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_TARGET_SIZE",
+    "BodyDataReceived",
+    "BodyMode",
+    "Event",
+    "HTTPProtocolError",
+    "MessageEnded",
+    "RequestParser",
+    "RequestReceived",
+    "ResponseParser",
+    "ResponseReceived",
+]
+
+MAX_TARGET_SIZE = 8192
+MAX_HEADERS = 100
+_HEADER_OVERHEAD = 4  # ": " and CRLF, for the header-section size count
+
+
+class HTTPProtocolError(TSError):
+    """The peer sent something that is not acceptable HTTP/1.1; ``status`` is the answer to give."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status} {reason}")
+
+
+class BodyMode(enum.Enum):
+    NONE = "none"
+    LENGTH = "length"
+    CHUNKED = "chunked"
+    UNTIL_CLOSE = "until_close"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    body: BodyMode
+    content_length: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    status: int
+    reason: bytes
+    http_version: bytes
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    body: BodyMode
+    content_length: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BodyDataReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnded:
+    pass
+
+
+Event = RequestReceived | ResponseReceived | BodyDataReceived | MessageEnded
+
+_MESSAGE_ENDED = MessageEnded()
+
+
+class _State(enum.Enum):
+    AWAIT = "await"
+    IDLE = "idle"
+    HEAD = "head"
+    BODY = "body"
+    DONE = "done"
+    CLOSED = "closed"
+    DEAD = "dead"
+
+
+class _Stop(Exception):
+    """Raised inside an llhttp callback to stop parsing on purpose (not an error)."""
+
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+def _connection_tokens(values: list[bytes]) -> set[bytes]:
+    return {t.strip().lower() for v in values for t in v.split(b",")}
+
+
+class RequestParser:
+    """Parses the requests a client sends on one connection (see the module comment)."""
+
+    __slots__ = (
+        "_body_mode",
+        "_cl",
+        "_error",
+        "_events",
+        "_head_fed",
+        "_head_size",
+        "_headers",
+        "_host_count",
+        "_keep_alive",
+        "_max_header_size",
+        "_p",
+        "_state",
+        "_te",
+        "_url",
+    )
+
+    def __init__(self, max_header_size: int = 131072) -> None:
+        self._max_header_size = max_header_size
+        self._p = httptools.HttpRequestParser(self)
+        self._events: list[Event] = []
+        self._state = _State.IDLE
+        self._error: HTTPProtocolError | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._head_fed = 0
+        self._host_count = 0
+        self._cl: bytes | None = None
+        self._te: bytes | None = None
+        self._keep_alive = True
+        self._body_mode = BodyMode.NONE
+
+    @property
+    def closed(self) -> bool:
+        """True once a keep_alive=False message has ended; the caller should close."""
+        return self._state is _State.CLOSED
+
+    def feed(self, data: bytes | memoryview) -> list[Event]:
+        state = self._state
+        if state is _State.CLOSED:
+            return []
+        if state is _State.DEAD:
+            assert self._error is not None
+            raise self._error
+        events: list[Event] = []
+        self._events = events
+        was_in_head = state is _State.HEAD
+        try:
+            self._p.feed_data(data)
+        except HttpParserUpgrade as exc:  # defensive: on_headers_complete refuses upgrades first
+            raise self._fail(501, "protocol upgrade is not supported") from exc
+        except HttpParserError as exc:
+            if self._state is _State.CLOSED:
+                return events
+            if self._error is not None:
+                self._state = _State.DEAD
+                raise self._error from None
+            raise self._fail(400, str(exc) or "malformed request") from exc
+        if self._state is _State.HEAD:
+            # llhttp accumulates a long header name/value in C without calling us; bound it here.
+            self._head_fed = self._head_fed + len(data) if was_in_head else 0
+            if self._head_fed > self._max_header_size:
+                raise self._fail(431, "request header section too large")
+        return events
+
+    def _fail(self, status: int, reason: str) -> HTTPProtocolError:
+        self._state = _State.DEAD
+        self._error = HTTPProtocolError(status, reason)
+        return self._error
+
+    def _abort(self, status: int, reason: str) -> NoReturn:
+        """Called from inside a callback: record the error and stop llhttp."""
+        raise self._fail(status, reason)
+
+    # -- llhttp callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._state = _State.HEAD
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._head_fed = 0
+        self._host_count = 0
+        self._cl = None
+        self._te = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_TARGET_SIZE:
+            self._abort(414, "request-target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state is not _State.HEAD:
+            return  # a chunked trailer: not forwarded
+        headers = self._headers
+        headers.append((name, value))
+        self._head_size += len(name) + len(value) + _HEADER_OVERHEAD
+        if len(headers) > MAX_HEADERS:
+            self._abort(431, "too many request headers")
+        if self._head_size > self._max_header_size:
+            self._abort(431, "request header section too large")
+        n = len(name)
+        if n == 14:
+            if name.lower() == b"content-length":
+                if self._cl is not None and self._cl != value:
+                    self._abort(400, "conflicting Content-Length")
+                self._cl = value
+        elif n == 17:
+            if name.lower() == b"transfer-encoding":
+                self._te = value
+        elif n == 4 and name.lower() == b"host":
+            self._host_count += 1
+
+    def on_headers_complete(self) -> None:
+        p = self._p
+        version = _VERSIONS.get(p.get_http_version())
+        if version is None:
+            self._abort(505, "HTTP version not supported")
+        method: bytes = p.get_method()
+        if method == b"CONNECT":
+            self._abort(501, "CONNECT is not supported")
+        if p.should_upgrade():
+            self._abort(501, "protocol upgrade is not supported")
+        if self._host_count > 1 or (self._host_count == 0 and version == b"1.1"):
+            self._abort(400, "request needs exactly one Host header")
+        cl: int | None = None
+        if self._te is not None:
+            if self._te.strip().lower() != b"chunked":
+                self._abort(400, "unsupported Transfer-Encoding")
+            body = BodyMode.CHUNKED
+        elif self._cl is not None:
+            cl = int(self._cl)
+            body = BodyMode.LENGTH
+        else:
+            body = BodyMode.NONE
+        keep_alive = p.should_keep_alive()
+        self._keep_alive = keep_alive
+        self._body_mode = body
+        self._state = _State.BODY
+        self._events.append(RequestReceived(method, self._url, version, self._headers, keep_alive, body, cl))
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(BodyDataReceived(body))
+
+    def on_message_complete(self) -> None:
+        self._events.append(_MESSAGE_ENDED)
+        if self._keep_alive:
+            self._state = _State.IDLE
+        else:
+            self._state = _State.CLOSED
+            raise _Stop
+
+
+class ResponseParser:
+    """Parses the responses an origin sends on one connection; call start() before each one."""
+
+    __slots__ = (
+        "_body_mode",
+        "_buf",
+        "_cl",
+        "_conn",
+        "_error",
+        "_events",
+        "_head_fed",
+        "_head_request",
+        "_head_size",
+        "_headers",
+        "_interim",
+        "_keep_alive",
+        "_max_header_size",
+        "_max_headers",
+        "_p",
+        "_reason",
+        "_state",
+        "_te",
+        "_unsolicited",
+    )
+
+    def __init__(self, max_header_size: int = 131072, max_headers: int = 256) -> None:
+        self._max_header_size = max_header_size
+        self._max_headers = max_headers
+        self._p: httptools.HttpResponseParser | None = None
+        self._events: list[Event] = []
+        self._state = _State.AWAIT
+        self._error: HTTPProtocolError | None = None
+        self._head_request = False
+        self._buf = bytearray()
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._head_fed = 0
+        self._cl: bytes | None = None
+        self._te: bytes | None = None
+        self._conn: list[bytes] = []
+        self._interim = False
+        self._keep_alive = False
+        self._body_mode = BodyMode.NONE
+        self._unsolicited = False
+
+    @property
+    def reusable(self) -> bool:
+        """True when the last response ended cleanly and the connection may carry another request."""
+        return self._state is _State.DONE and self._keep_alive and not self._unsolicited
+
+    def start(self, request_method: bytes) -> None:
+        """Prepare for the response to a request sent with ``request_method``."""
+        if self._state is _State.DEAD:
+            assert self._error is not None
+            raise self._error
+        if self._unsolicited:
+            raise self._fail("origin sent data after the response")
+        if self._state not in (_State.AWAIT, _State.DONE):
+            raise self._fail("start() called before the previous response ended")
+        head = request_method == b"HEAD"
+        if self._p is None or head or self._head_request or not self._keep_alive:
+            self._p = httptools.HttpResponseParser(self)
+        self._head_request = head
+        self._keep_alive = True
+        self._state = _State.IDLE
+
+    def feed(self, data: bytes | memoryview) -> list[Event]:
+        state = self._state
+        if state is _State.DEAD:
+            assert self._error is not None
+            raise self._error
+        if state is _State.AWAIT or state is _State.DONE:
+            if data:
+                self._unsolicited = True
+            return []
+        events: list[Event] = []
+        self._events = events
+        if self._head_request:
+            self._feed_head_only(data)
+            return events
+        was_in_head = state is _State.HEAD
+        self._run(data)
+        if self._state is _State.HEAD:
+            self._head_fed = self._head_fed + len(data) if was_in_head else 0
+            if self._head_fed > self._max_header_size:
+                raise self._fail("response header section too large")
+        return events
+
+    def feed_eof(self) -> list[Event]:
+        """The origin closed its side: end an UNTIL_CLOSE body, or report the truncation."""
+        state = self._state
+        if state is _State.DEAD:
+            assert self._error is not None
+            raise self._error
+        if state is _State.AWAIT or state is _State.DONE:
+            self._keep_alive = False
+            return []
+        if state is _State.BODY and self._body_mode is BodyMode.UNTIL_CLOSE:
+            self._state = _State.DONE
+            self._keep_alive = False
+            return [_MESSAGE_ENDED]
+        if state is _State.IDLE and not self._buf and not self._interim:
+            raise self._fail("origin closed the connection without a response")
+        if state is _State.BODY:
+            raise self._fail("origin closed the connection in the middle of the body")
+        raise self._fail("origin closed the connection in the middle of the response head")
+
+    def _fail(self, reason: str) -> HTTPProtocolError:
+        self._state = _State.DEAD
+        self._error = HTTPProtocolError(502, reason)
+        return self._error
+
+    def _abort(self, reason: str) -> NoReturn:
+        raise self._fail(reason)
+
+    def _run(self, data: bytes | memoryview) -> None:
+        assert self._p is not None
+        try:
+            self._p.feed_data(data)
+        except HttpParserUpgrade as exc:
+            raise self._fail("unexpected protocol upgrade from origin") from exc
+        except HttpParserError as exc:
+            if self._error is not None:
+                self._state = _State.DEAD
+                raise self._error from None
+            if self._state is _State.DONE:  # stopped on purpose (unsolicited data / close)
+                return
+            raise self._fail(f"malformed response: {exc}") from exc
+
+    def _feed_head_only(self, data: bytes | memoryview) -> None:
+        buf = self._buf
+        buf += data
+        while self._state is not _State.DONE:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self._max_header_size:
+                    raise self._fail("response header section too large")
+                return
+            head = bytes(buf[: end + 4])
+            del buf[: end + 4]
+            self._run(head)
+        if buf:
+            self._unsolicited = True
+            buf.clear()
+
+    # -- llhttp callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._state is _State.DONE:
+            self._unsolicited = True
+            raise _Stop
+        self._state = _State.HEAD
+        self._reason = b""
+        self._headers = []
+        self._head_size = 0
+        self._head_fed = 0
+        self._cl = None
+        self._te = None
+        self._conn = []
+        self._interim = False
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state is not _State.HEAD:
+            return  # a chunked trailer: not forwarded
+        headers = self._headers
+        headers.append((name, value))
+        self._head_size += len(name) + len(value) + _HEADER_OVERHEAD
+        if len(headers) > self._max_headers:
+            self._abort("too many response headers")
+        if self._head_size > self._max_header_size:
+            self._abort("response header section too large")
+        n = len(name)
+        if n == 14:
+            if name.lower() == b"content-length":
+                if self._cl is not None and self._cl != value:
+                    self._abort("conflicting Content-Length")
+                self._cl = value
+        elif n == 17:
+            if name.lower() == b"transfer-encoding":
+                self._te = value
+        elif n == 10 and name.lower() == b"connection":
+            self._conn.append(value)
+
+    def on_headers_complete(self) -> None:
+        p = self._p
+        assert p is not None
+        version = _VERSIONS.get(p.get_http_version())
+        if version is None:
+            self._abort("unsupported HTTP version from origin")
+        status: int = p.get_status_code()
+        cl: int | None = None
+        if status < 200:
+            if status == 101:
+                self._abort("unexpected 101 Switching Protocols from origin")
+            self._interim = True
+            self._events.append(
+                ResponseReceived(status, self._reason, version, self._headers, True, BodyMode.NONE, None)
+            )
+            return
+        if self._te is not None and self._te.strip().lower() != b"chunked":
+            self._abort("unsupported Transfer-Encoding from origin")
+        if self._head_request or status in _NO_BODY_STATUS:
+            body = BodyMode.NONE
+        elif self._te is not None:
+            body = BodyMode.CHUNKED
+        elif self._cl is not None:
+            body = BodyMode.LENGTH
+            cl = int(self._cl)
+        else:
+            body = BodyMode.UNTIL_CLOSE
+        if body is BodyMode.UNTIL_CLOSE:
+            keep_alive = False
+        elif self._head_request:
+            # llhttp's should_keep_alive() thinks a HEAD response without framing needs EOF.
+            tokens = _connection_tokens(self._conn)
+            keep_alive = b"close" not in tokens if version == b"1.1" else b"keep-alive" in tokens
+        else:
+            keep_alive = p.should_keep_alive()
+        self._keep_alive = keep_alive
+        self._body_mode = body
+        self._events.append(
+            ResponseReceived(status, self._reason, version, self._headers, keep_alive, body, cl)
+        )
+        if self._head_request:
+            self._events.append(_MESSAGE_ENDED)
+            self._state = _State.DONE
+            self._p = None  # llhttp still expects a body; the next response gets a fresh parser
+            raise _Stop
+        self._state = _State.BODY
+
+    def on_body(self, body: bytes) -> None:
+        self._events.append(BodyDataReceived(body))
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            self._state = _State.IDLE
+            return
+        if self._state is _State.DONE:
+            return
+        self._events.append(_MESSAGE_ENDED)
+        self._state = _State.DONE
+        if not self._keep_alive:
+            raise _Stop

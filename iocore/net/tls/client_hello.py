@@ -1,0 +1,393 @@
+# Theory of operation
+# -------------------
+# ClientHelloParser reads the first bytes a client sends on a TLS port and returns the parsed
+# ClientHello, so the proxy can choose a certificate / tunnel by SNI and ALPN before OpenSSL sees
+# the connection (the seed's "peek at the ClientHello" step, and the tr-pass check for
+# non-TLS bytes). It is sans-IO: bytes go in through feed(), a ClientHello (or None, "need
+# more bytes") comes out; it never touches a socket. The caller keeps every byte it received
+# and replays them into the real TLS engine; the parser only looks.
+#
+# Two layers are reassembled, each with a small streaming state machine:
+#
+#   record layer     RECORD_HEADER --5 bytes--> RECORD_BODY --length bytes--> RECORD_HEADER ...
+#                    Each record must be a handshake record (type 22) with version 0x0300-0x0304
+#                    and 1..2^14 bytes of payload (RFC 8446 section 5.1). The header is checked
+#                    byte by byte as it arrives, so plain HTTP is rejected at its first byte.
+#   handshake layer  the record payloads are appended to one bytearray. Its 4-byte header
+#                    (type 1 = ClientHello, 24-bit length) is checked as soon as it is present;
+#                    the declared length must fit the cap (MAX_CLIENT_HELLO by default).
+#
+# The hello is complete when the handshake message is complete and the record carrying its
+# last byte has been read to its end; only then is the body parsed (once) into a ClientHello.
+# Bytes after that record are not looked at.
+#
+# States: _State.READING -> DONE (a ClientHello was returned) or FAILED (TLSProtocolError was
+# raised). feed() in DONE raises RuntimeError (a caller bug); in FAILED it raises the
+# TLSProtocolError again.
+#
+# Invariants: each input byte is examined a bounded number of times (no re-joining or
+# re-parsing of the accumulated buffer on each feed), so byte-at-a-time feeding is linear;
+# memory is bounded by the cap plus one record; anything wrong the client sends raises
+# TLSProtocolError with a short reason, and nothing else escapes for any input.
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from iocore.net.tls.errors import TLSProtocolError
+
+__all__ = [
+    "MAX_CLIENT_HELLO",
+    "MAX_PLAINTEXT_RECORD",
+    "ClientHello",
+    "ClientHelloParser",
+    "looks_like_tls_handshake",
+]
+
+SSL_OP_HANDSHAKE = 0x16  # TLS record content type "handshake" (22), the seed's name.
+HANDSHAKE_TYPE_CLIENT_HELLO = 1
+
+MAX_CLIENT_HELLO = 64 * 1024
+"""Default cap on the ClientHello handshake message (4-byte header included)."""
+
+MAX_PLAINTEXT_RECORD = 2**14
+"""RFC 8446 section 5.1: a TLSPlaintext fragment is at most 2^14 bytes."""
+
+_RECORD_HEADER_LEN = 5
+_HANDSHAKE_HEADER_LEN = 4
+
+EXT_SERVER_NAME = 0
+EXT_SUPPORTED_GROUPS = 10
+EXT_SIGNATURE_ALGORITHMS = 13
+EXT_ALPN = 16
+EXT_SUPPORTED_VERSIONS = 43
+EXT_KEY_SHARE = 51
+
+TLS1_3_VERSION = 0x0304
+
+
+def looks_like_tls_handshake(first_bytes: bytes) -> bool:
+    """True if the first byte is a TLS handshake record type (0x16).
+
+    This is the seed's ``*buf != SSL_OP_HANDSHAKE`` test used to pass non-TLS traffic
+    through (tr-pass); an empty buffer is not (yet) a handshake.
+    """
+    return len(first_bytes) > 0 and first_bytes[0] == SSL_OP_HANDSHAKE
+
+
+def _is_grease(value: int) -> bool:
+    """RFC 8701 GREASE values (0x0A0A, 0x1A1A, ... 0xFAFA) are noise, not offers."""
+    return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """A parsed ClientHello; all numbers are host integers, lists keep the client's order."""
+
+    legacy_version: int
+    random: bytes
+    session_id: bytes
+    cipher_suites: tuple[int, ...]
+    compression_methods: bytes
+    extensions: tuple[tuple[int, bytes], ...]
+    server_name: str | None
+    alpn_protocols: tuple[bytes, ...]
+    supported_versions: tuple[int, ...]
+    supported_groups: tuple[int, ...]
+    signature_algorithms: tuple[int, ...]
+    key_share_groups: tuple[int, ...]
+    record_bytes: int
+
+    def offers_tls13(self) -> bool:
+        """TLS 1.3 can only be offered through the supported_versions extension."""
+        return TLS1_3_VERSION in self.supported_versions
+
+    def max_version(self) -> int:
+        """Highest protocol version offered (GREASE ignored); legacy_version without the extension."""
+        offered = [v for v in self.supported_versions if not _is_grease(v)]
+        return max(offered) if offered else self.legacy_version
+
+
+class _Reader:
+    """Bounds-checked cursor over one length-delimited structure; overruns are protocol errors."""
+
+    __slots__ = ("_data", "_end", "_pos", "_what")
+
+    def __init__(self, data: bytes | memoryview, what: str) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._end = len(data)
+        self._what = what
+
+    def remaining(self) -> int:
+        return self._end - self._pos
+
+    def take(self, n: int, field: str) -> memoryview:
+        if n > self._end - self._pos:
+            raise TLSProtocolError(f"{self._what}: {field} overruns its enclosing length")
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def u8(self, field: str) -> int:
+        return self.take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        b = self.take(2, field)
+        return (b[0] << 8) | b[1]
+
+    def vector(self, len_bytes: int, field: str) -> memoryview:
+        n = self.u8(field) if len_bytes == 1 else self.u16(field)
+        return self.take(n, field)
+
+    def expect_end(self) -> None:
+        if self._pos != self._end:
+            raise TLSProtocolError(f"{self._what}: {self._end - self._pos} trailing bytes")
+
+
+def _u16_list(data: memoryview, what: str, *, allow_empty: bool = False) -> tuple[int, ...]:
+    if len(data) % 2:
+        raise TLSProtocolError(f"{what}: odd length {len(data)}")
+    if not data and not allow_empty:
+        raise TLSProtocolError(f"{what}: empty list")
+    return tuple((data[i] << 8) | data[i + 1] for i in range(0, len(data), 2))
+
+
+def _parse_server_name(data: memoryview) -> str | None:
+    r = _Reader(data, "server_name extension")
+    names = _Reader(r.vector(2, "server_name_list"), "server_name_list")
+    r.expect_end()
+    if names.remaining() == 0:
+        raise TLSProtocolError("server_name extension: empty server_name_list")
+    host: str | None = None
+    while names.remaining():
+        name_type = names.u8("name_type")
+        name = names.vector(2, "name")
+        if name_type != 0:  # Unknown name types are skipped (RFC 6066 section 3).
+            continue
+        if host is not None:
+            raise TLSProtocolError("server_name extension: more than one host_name")
+        if not 0 < len(name) <= 255:
+            raise TLSProtocolError(f"server_name extension: host_name length {len(name)} not in 1..255")
+        raw = bytes(name)
+        # Printable ASCII only: rejects NUL, control bytes, spaces and non-ASCII (IDNs travel as
+        # A-labels, "xn--...", per RFC 6066).
+        if any(not 0x21 <= c <= 0x7E for c in raw):
+            raise TLSProtocolError("server_name extension: host_name is not printable ASCII")
+        host = raw.decode("ascii").lower()
+    return host
+
+
+def _parse_alpn(data: memoryview) -> tuple[bytes, ...]:
+    r = _Reader(data, "ALPN extension")
+    names = _Reader(r.vector(2, "protocol_name_list"), "ALPN protocol_name_list")
+    r.expect_end()
+    out: list[bytes] = []
+    while names.remaining():
+        proto = names.vector(1, "protocol name")
+        if not proto:
+            raise TLSProtocolError("ALPN extension: empty protocol name")
+        out.append(bytes(proto))
+    if not out:
+        raise TLSProtocolError("ALPN extension: empty protocol_name_list")
+    return tuple(out)
+
+
+def _parse_key_share(data: memoryview) -> tuple[int, ...]:
+    r = _Reader(data, "key_share extension")
+    shares = _Reader(r.vector(2, "client_shares"), "key_share client_shares")
+    r.expect_end()
+    groups: list[int] = []
+    while shares.remaining():
+        groups.append(shares.u16("group"))
+        if not shares.vector(2, "key_exchange"):
+            raise TLSProtocolError("key_share extension: empty key_exchange")
+    return tuple(groups)
+
+
+def _parse_u16_vector_ext(data: memoryview, len_bytes: int, what: str) -> tuple[int, ...]:
+    r = _Reader(data, what)
+    items = r.vector(len_bytes, "list")
+    r.expect_end()
+    return _u16_list(items, what)
+
+
+def _parse_client_hello(body: memoryview, record_bytes: int) -> ClientHello:
+    """Parse the ClientHello body (after the 4-byte handshake header), RFC 8446 section 4.1.2."""
+    r = _Reader(body, "ClientHello")
+    legacy_version = r.u16("legacy_version")
+    if legacy_version >> 8 != 3:
+        raise TLSProtocolError(f"ClientHello: legacy_version 0x{legacy_version:04x} is not TLS")
+    random = bytes(r.take(32, "random"))
+    session_id = bytes(r.vector(1, "legacy_session_id"))
+    if len(session_id) > 32:
+        raise TLSProtocolError(f"ClientHello: session_id of {len(session_id)} bytes (max 32)")
+    cipher_suites = _u16_list(r.vector(2, "cipher_suites"), "ClientHello cipher_suites")
+    compression_methods = bytes(r.vector(1, "legacy_compression_methods"))
+    if not compression_methods:
+        raise TLSProtocolError("ClientHello: empty compression_methods")
+
+    extensions: list[tuple[int, bytes]] = []
+    if r.remaining():  # A hello without extensions at all is legal before TLS 1.3.
+        ext_reader = _Reader(r.vector(2, "extensions"), "ClientHello extensions")
+        r.expect_end()
+        seen: set[int] = set()
+        while ext_reader.remaining():
+            ext_type = ext_reader.u16("extension type")
+            ext_data = ext_reader.vector(2, f"extension {ext_type} data")
+            if ext_type in seen:
+                raise TLSProtocolError(f"ClientHello: duplicate extension {ext_type}")
+            seen.add(ext_type)
+            extensions.append((ext_type, bytes(ext_data)))
+
+    server_name: str | None = None
+    alpn: tuple[bytes, ...] = ()
+    versions: tuple[int, ...] = ()
+    groups: tuple[int, ...] = ()
+    sigalgs: tuple[int, ...] = ()
+    key_shares: tuple[int, ...] = ()
+    for ext_type, raw in extensions:
+        data = memoryview(raw)
+        if ext_type == EXT_SERVER_NAME:
+            server_name = _parse_server_name(data)
+        elif ext_type == EXT_ALPN:
+            alpn = _parse_alpn(data)
+        elif ext_type == EXT_SUPPORTED_VERSIONS:
+            versions = _parse_u16_vector_ext(data, 1, "supported_versions extension")
+        elif ext_type == EXT_SUPPORTED_GROUPS:
+            groups = _parse_u16_vector_ext(data, 2, "supported_groups extension")
+        elif ext_type == EXT_SIGNATURE_ALGORITHMS:
+            sigalgs = _parse_u16_vector_ext(data, 2, "signature_algorithms extension")
+        elif ext_type == EXT_KEY_SHARE:
+            key_shares = _parse_key_share(data)
+
+    return ClientHello(
+        legacy_version=legacy_version,
+        random=random,
+        session_id=session_id,
+        cipher_suites=cipher_suites,
+        compression_methods=compression_methods,
+        extensions=tuple(extensions),
+        server_name=server_name,
+        alpn_protocols=alpn,
+        supported_versions=versions,
+        supported_groups=groups,
+        signature_algorithms=sigalgs,
+        key_share_groups=key_shares,
+        record_bytes=record_bytes,
+    )
+
+
+class _State(enum.Enum):
+    READING = enum.auto()
+    DONE = enum.auto()
+    FAILED = enum.auto()
+
+
+class ClientHelloParser:
+    """Incremental, sans-IO ClientHello reader; see the theory of operation at the top."""
+
+    def __init__(self, max_client_hello: int = MAX_CLIENT_HELLO) -> None:
+        if max_client_hello < _HANDSHAKE_HEADER_LEN:
+            raise ValueError(f"max_client_hello must be at least {_HANDSHAKE_HEADER_LEN}")
+        self.max_client_hello = max_client_hello
+        self._state = _State.READING
+        self._error: TLSProtocolError | None = None
+        self._header = bytearray()  # Partial record header, < 5 bytes.
+        self._body_left = 0  # Payload bytes still to come in the current record; 0 = in a header.
+        self._handshake = bytearray()  # Concatenated handshake-record payloads.
+        self._hello_len: int | None = None  # Declared handshake message length (4 + body).
+        self._record_bytes = 0  # Headers + payloads of the records read so far.
+        self._records = 0
+
+    def feed(self, data: bytes) -> ClientHello | None:
+        """Consume the next bytes from the client.
+
+        Returns the ClientHello once it is complete, None while more bytes are needed. Raises
+        TLSProtocolError if the bytes cannot be the start of a TLS ClientHello. Bytes after the
+        record that completes the hello are ignored.
+        """
+        if self._state is _State.DONE:
+            raise RuntimeError("ClientHelloParser.feed() called after the ClientHello was returned")
+        if self._state is _State.FAILED:
+            assert self._error is not None
+            raise TLSProtocolError(self._error.reason) from self._error
+        try:
+            return self._consume(memoryview(data))
+        except TLSProtocolError as exc:
+            self._state = _State.FAILED
+            self._error = exc
+            raise
+
+    def _consume(self, view: memoryview) -> ClientHello | None:
+        pos = 0
+        end = len(view)
+        while pos < end:
+            if self._body_left == 0:
+                # Header bytes are checked one at a time so junk is refused as early as possible.
+                self._header.append(view[pos])
+                pos += 1
+                self._check_header_byte()
+                if len(self._header) == _RECORD_HEADER_LEN:
+                    self._body_left = (self._header[3] << 8) | self._header[4]
+                    self._record_bytes += _RECORD_HEADER_LEN + self._body_left
+                    self._records += 1
+                    self._header.clear()
+                continue
+            n = min(self._body_left, end - pos)
+            if self._hello_len is None or len(self._handshake) < self._hello_len:
+                self._handshake += view[pos : pos + n]
+                self._check_handshake_header()
+            pos += n
+            self._body_left -= n
+            if (
+                self._body_left == 0
+                and self._hello_len is not None
+                and len(self._handshake) >= self._hello_len
+            ):
+                hello = _parse_client_hello(
+                    memoryview(self._handshake)[_HANDSHAKE_HEADER_LEN : self._hello_len],
+                    self._record_bytes,
+                )
+                self._state = _State.DONE
+                return hello
+        return None
+
+    def _check_header_byte(self) -> None:
+        h = self._header
+        i = len(h) - 1
+        c = h[i]
+        if i == 0:
+            if c == SSL_OP_HANDSHAKE:
+                return
+            if self._records:
+                raise TLSProtocolError(f"record type {c} interleaved before the ClientHello completed")
+            if c & 0x80:
+                raise TLSProtocolError("SSLv2-style ClientHello is not supported")
+            raise TLSProtocolError("not a TLS handshake")
+        if i == 1 and c != 3:
+            raise TLSProtocolError(f"record version major {c} is not TLS")
+        if i == 2 and c > 4:
+            raise TLSProtocolError(f"record version 0x03{c:02x} is not TLS")
+        if i == 4:
+            length = (h[3] << 8) | c
+            if length == 0:
+                raise TLSProtocolError("zero-length handshake record")
+            if length > MAX_PLAINTEXT_RECORD:
+                raise TLSProtocolError(f"record length {length} exceeds 2^14")
+
+    def _check_handshake_header(self) -> None:
+        if self._hello_len is not None:
+            return
+        hs = self._handshake
+        if hs[0] != HANDSHAKE_TYPE_CLIENT_HELLO:
+            raise TLSProtocolError(f"handshake type {hs[0]} is not ClientHello")
+        if len(hs) < _HANDSHAKE_HEADER_LEN:
+            return
+        length = _HANDSHAKE_HEADER_LEN + ((hs[1] << 16) | (hs[2] << 8) | hs[3])
+        if length > self.max_client_hello:
+            raise TLSProtocolError(
+                f"ClientHello of {length} bytes exceeds the {self.max_client_hello}-byte limit"
+            )
+        self._hello_len = length

@@ -1,0 +1,944 @@
+"""The master process: binds listeners, forks and supervises workers, serves the control socket.
+
+Theory of operation (gunicorn's arbiter, with ATS names): ``Master.__init__`` only stores
+arguments. ``run()`` loads and validates the config, binds every port of
+``proxy.config.http.server_ports``, refuses to start when another master holds the pidfile,
+creates the control socket and the shared StatsRegion, then forks
+``proxy.config.exec_thread.limit`` ET_NET and ``proxy.config.ssl.number.threads`` ET_SSL
+workers, one stats slot each. With ET_SSL workers, the ssl ports go to them and the plain
+ports to ET_NET; without, every ET_NET worker accepts on every port.
+
+States: RUNNING -> STOPPING -> (return). The single-threaded main loop waits in a selector on
+the signal wakeup pipe, each worker's control socketpair and the control socket. Signal handlers
+only append the signal number to a queue; the loop calls ``handle_<name>``. Invariants:
+
+* A worker that dies while RUNNING is replaced at once in the same slot (its gauges reset).
+  A slot whose worker dies before reporting ``ready`` or within ``BOOT_WINDOW`` seconds,
+  ``MAX_BOOT_FAILURES`` times in a row, stops the master with EX_WORKER_BOOT.
+* A worker whose heartbeat (in its stats slot) is older than ``proxy.config.heartbeat.timeout``
+  is SIGKILLed and replaced.
+* Stop: listeners close first, workers get ``stop`` with the shutdown timeout, leftovers are
+  SIGKILLed after it; pidfile and control socket are removed last.
+* Reload: the master validates the files first; only a config that loads cleanly is sent to
+  the workers (``reload`` with a new generation), and workers forked later boot with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from iocore.net.ports import RECORD_NAME as SERVER_PORTS
+from iocore.records.errors import ConfigError, TSError
+from iocore.records.stats import METRIC_ID, SlotRole, SlotState, StatsRegion
+from tsproxy import control
+from tsproxy.exitcodes import (
+    EX_CONFIG,
+    EX_NOPERM,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    EX_WORKER_BOOT,
+    exit_code_for,
+)
+from tsproxy.logs import get_logger, set_process_label, setup_logging
+
+if TYPE_CHECKING:
+    from tsproxy.config import ProxyConfig
+    from tsproxy.worker import WorkerBoot
+
+PIDFILE_NAME = "tsproxy.pid"
+BACKLOG = 1024
+BOOT_WINDOW = 1.0  # a worker dying sooner than this after its fork failed to boot
+MAX_BOOT_FAILURES = 5  # ... this many times in a row in one slot stops the master
+RELOAD_TIMEOUT = 10.0
+STOP_GRACE = 2.0  # extra seconds past shutdown_timeout before leftovers are SIGKILLed
+TICK = 0.2
+ET_NET = "ET_NET"
+ET_SSL = "ET_SSL"
+CONNECTIONS_METRIC = "proxy.process.net.connections_currently_open"
+
+_log = get_logger("tsproxy.master")
+
+WorkerTarget = Callable[["WorkerBoot"], int]
+
+
+class StartupError(TSError):
+    """The master cannot start; ``exit_code`` says why."""
+
+    def __init__(self, message: str, exit_code: int = EX_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class PortInUseError(ConfigError):
+    """A port of proxy.config.http.server_ports is already bound by someone else."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+@dataclass
+class _Slot:
+    """One stats slot and the worker occupying it (pid 0 = none yet)."""
+
+    index: int
+    role: str
+    listeners: list[Any]  # tsproxy.worker.Listener
+    pid: int = 0
+    sock: socket.socket | None = None
+    rbuf: bytearray = field(default_factory=bytearray)
+    spawned_mono: float = 0.0
+    spawned_wall: float = 0.0
+    ready: bool = False
+    generation: int = 0
+    boot_failures: int = 0
+    last_status: int | None = None
+    respawn_at: float | None = None
+    proc: psutil.Process | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}[{self.index}]"
+
+
+@dataclass
+class _PendingReload:
+    generation: int
+    changed: list[str]
+    restart_required: list[str]
+    files: list[str]
+    waiting: dict[int, int]  # slot index -> pid
+    replies: dict[int, dict[str, Any]]
+    deadline: float
+    responder: control.Responder | None
+
+
+def _file_fingerprints(config_dir: Path, exclude: list[Path]) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file under the config dir except state and log dirs."""
+    result: dict[str, tuple[int, int]] = {}
+    excluded = [p.resolve() for p in exclude]
+    for root, dirs, files in os.walk(config_dir):
+        here = Path(root).resolve()
+        dirs[:] = [d for d in dirs if (here / d) not in excluded and not d.startswith(".")]
+        for name in files:
+            path = here / name
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                result[str(path.relative_to(config_dir.resolve()))] = (st.st_size, st.st_mtime_ns)
+    return result
+
+
+def read_pidfile(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def is_live_master(pid: int) -> bool:
+    """Whether ``pid`` is a running tsproxy process (not a zombie, not us)."""
+    if pid == os.getpid():
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = " ".join(proc.cmdline())
+    except (psutil.Error, OSError):
+        return False
+    return "tsproxy" in cmdline
+
+
+def write_pidfile_atomic(path: Path, pid: int) -> None:
+    tmp = path.with_name(f".{path.name}.{pid}.tmp")
+    tmp.write_text(f"{pid}\n")
+    os.replace(tmp, path)
+
+
+class Master:
+    """Supervisor of the worker processes. ``__init__`` is cheap; ``run()`` does everything."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGQUIT)
+
+    def __init__(
+        self,
+        config_dir: Path,
+        *,
+        worker_target: WorkerTarget | None = None,
+        log_level: int | None = None,
+    ) -> None:
+        self.config_dir = Path(config_dir).absolute()
+        self.worker_target = worker_target
+        self.log_level = log_level
+        self.config: ProxyConfig | None = None
+        self.generation = 1
+        self.ticket_keys = b""
+        self.state_dir: Path | None = None
+        self.log_dir: Path | None = None
+        self.pidfile: Path | None = None
+        self.sock_path: Path | None = None
+        self.started_wall = 0.0
+        self.slots: list[_Slot] = []
+        self.listeners: list[Any] = []
+        self.stats: StatsRegion | None = None
+        self.selector: selectors.BaseSelector | None = None
+        self.control_server: control.ControlServer | None = None
+        self._sig_queue: deque[int] = deque()
+        self._wakeup_r = -1
+        self._wakeup_w = -1
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._exit_code = EX_OK
+        self._stop_waiters: list[control.Responder] = []
+        self._reload: _PendingReload | None = None
+        self._fingerprints: dict[str, tuple[int, int]] = {}
+        self._pidfile_written = False
+        self._proc = psutil.Process()
+
+    # ------------------------------------------------------------------ startup
+
+    def run(self) -> int:
+        """Start, supervise until stopped, clean up. Returns the exit code."""
+        try:
+            self._boot()
+            return self._main_loop()
+        except TSError as exc:
+            self._report_fatal(str(exc))
+            return exit_code_for(exc)
+        except Exception:
+            _log.exception("internal error in the master")
+            self._kill_all_workers()
+            return EX_SOFTWARE
+        finally:
+            self._cleanup()
+
+    def _report_fatal(self, message: str) -> None:
+        if _log.handlers or get_logger().handlers:
+            _log.error("%s", message)
+        else:
+            os.write(2, f"tsproxy: {message}\n".encode(errors="replace"))
+
+    def _boot(self) -> None:
+        from tsproxy.config import load_proxy_config
+
+        self.ticket_keys = os.urandom(48)  # shared by all workers so session tickets resume anywhere
+        self.config = load_proxy_config(self.config_dir, self.ticket_keys)
+        records = self.config.records
+        self.state_dir = records.resolve_path("proxy.config.local_state_dir") or self.config_dir
+        self.log_dir = records.resolve_path("proxy.config.log.logfile_dir")
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            level = self.log_level if self.log_level is not None else 20
+            setup_logging(self.log_dir, level=level)
+        except OSError as exc:
+            raise StartupError(f"cannot create {exc.filename}: {exc.strerror}", EX_CONFIG) from exc
+        set_process_label("master")
+        for warning in self.config.warnings:
+            _log.warning("%s", warning)
+        self.pidfile = self.state_dir / PIDFILE_NAME
+        self.sock_path = control.socket_path(self.state_dir)
+        other = read_pidfile(self.pidfile)
+        if other is not None and is_live_master(other):
+            raise StartupError(
+                f"tsproxy is already running for config dir {self.config_dir} "
+                f"(pid {other}, pidfile {self.pidfile})"
+            )
+        self._bind_listeners()
+        self.selector = selectors.DefaultSelector()
+        try:
+            csock = control.bind_control_socket(self.sock_path)
+        except TSError as exc:
+            raise StartupError(f"tsproxy is already running for config dir {self.config_dir}: {exc}") from exc
+        self.control_server = control.ControlServer(csock, self.sock_path, self._dispatch, self.selector)
+        write_pidfile_atomic(self.pidfile, os.getpid())
+        self._pidfile_written = True
+        self._drop_privileges()
+        self._fingerprints = _file_fingerprints(
+            self.config_dir, [self.state_dir, *filter(None, [self.log_dir])]
+        )
+        self._make_slots()
+        self._install_signals()
+        self.started_wall = time.time()
+        self._proc.cpu_percent(None)
+        _log.info(
+            "tsproxy master %d started: config %s, %d ET_NET + %d ET_SSL workers, ports %s",
+            os.getpid(),
+            self.config_dir,
+            sum(s.role == ET_NET for s in self.slots),
+            sum(s.role == ET_SSL for s in self.slots),
+            " ".join(lst.descriptor.describe() for lst in self.listeners) or "(none)",
+        )
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def _bind_listeners(self) -> None:
+        from tsproxy.worker import Listener
+
+        assert self.config is not None
+        records = self.config.records
+        line = records.line_of(SERVER_PORTS)
+        for desc in self.config.ports:
+            family = socket.AF_INET6 if desc.ipv6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if desc.ipv6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((desc.bind_address, desc.port))
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+            except OSError as exc:
+                sock.close()
+                self._close_listeners()
+                where = (
+                    f"{desc.bind_address}:{desc.port}"
+                    if not desc.ipv6
+                    else f"[{desc.bind_address}]:{desc.port}"
+                )
+                if exc.errno == errno.EADDRINUSE:
+                    message = f"{SERVER_PORTS}: port {where} ('{desc.describe()}') is already in use"
+                    raise PortInUseError(str(records.path), line, message) from exc
+                message = f"{SERVER_PORTS}: cannot listen on {where}: {exc.strerror or exc}"
+                err = PortInUseError(str(records.path), line, message)
+                err.exit_code = EX_CONFIG if exc.errno == errno.EADDRNOTAVAIL else EX_UNAVAILABLE
+                raise err from exc
+            self.listeners.append(Listener(descriptor=desc, sock=sock))
+
+    def _close_listeners(self) -> None:
+        for lst in self.listeners:
+            with contextlib.suppress(OSError):
+                lst.sock.close()
+        self.listeners = []
+
+    def _drop_privileges(self) -> None:
+        """Switch to proxy.config.admin.user_id when started as root (after binding)."""
+        assert self.config is not None
+        user = str(self.config.records.get("proxy.config.admin.user_id") or "").strip()
+        if os.getuid() != 0 or not user or user in ("#-1", "root", "#0"):
+            return
+        import pwd
+
+        try:
+            pw = pwd.getpwuid(int(user[1:])) if user.startswith("#") else pwd.getpwnam(user)
+        except (KeyError, ValueError) as exc:
+            raise StartupError(f"proxy.config.admin.user_id: no such user {user!r}", EX_NOPERM) from exc
+        owned = [p for p in (self.pidfile, self.sock_path, self.state_dir, self.log_dir) if p is not None]
+        if self.log_dir is not None:
+            owned.extend(self.log_dir.glob("*.log"))
+        for path in owned:
+            with contextlib.suppress(OSError):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        try:
+            os.initgroups(pw.pw_name, pw.pw_gid)
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+        except OSError as exc:
+            raise StartupError(f"cannot switch to user {user!r}: {exc.strerror}", EX_NOPERM) from exc
+        _log.info("switched to user %s (uid %d)", pw.pw_name, pw.pw_uid)
+
+    def _make_slots(self) -> None:
+        assert self.config is not None
+        records = self.config.records
+        n_net = int(records.get("proxy.config.exec_thread.limit"))
+        n_ssl = int(records.get("proxy.config.ssl.number.threads"))
+        if n_ssl > 0:
+            net_listeners = [lst for lst in self.listeners if not lst.descriptor.ssl]
+            ssl_listeners = [lst for lst in self.listeners if lst.descriptor.ssl]
+        else:
+            net_listeners, ssl_listeners = list(self.listeners), []
+        roles = [(ET_NET, net_listeners)] * n_net + [(ET_SSL, ssl_listeners)] * n_ssl
+        self.slots = [_Slot(index=i, role=r, listeners=lsts) for i, (r, lsts) in enumerate(roles)]
+        self.stats = StatsRegion(len(self.slots))
+
+    def _install_signals(self) -> None:
+        assert self.selector is not None
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        # Only enqueue: the main loop dispatches to handle_<name>. Never log here.
+        self._sig_queue.append(signum)
+
+    # ------------------------------------------------------------------ workers
+
+    def _spawn(self, slot: _Slot) -> None:
+        from tsproxy.worker import WorkerBoot
+
+        assert self.config is not None and self.selector is not None
+        master_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slot.respawn_at = None
+        pid = os.fork()
+        if pid == 0:  # ---- child
+            code = EX_SOFTWARE
+            try:
+                master_end.close()
+                self._after_fork_in_child(slot)
+                self.stats.claim_slot(
+                    slot.index, os.getpid(), int(SlotRole[slot.role]), time.monotonic(), self.generation
+                )
+                boot = WorkerBoot(
+                    role=slot.role,
+                    slot=slot.index,
+                    config_dir=self.config_dir,
+                    config=self.config,
+                    listeners=slot.listeners,
+                    stats=self.stats,
+                    control=worker_end,
+                )
+                target = self.worker_target
+                if target is None:
+                    from tsproxy.worker import worker_main
+
+                    target = worker_main
+                code = target(boot)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else EX_SOFTWARE
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    _log.exception("worker %s failed", slot.label)
+            finally:
+                os._exit(code)
+        # ---- parent
+        worker_end.close()
+        master_end.setblocking(False)
+        slot.pid = pid
+        slot.sock = master_end
+        slot.rbuf = bytearray()
+        slot.ready = False
+        slot.generation = self.generation
+        slot.spawned_mono = time.monotonic()
+        slot.spawned_wall = time.time()
+        slot.proc = None
+        self.selector.register(master_end, selectors.EVENT_READ, lambda _m, s=slot: self._on_worker_io(s))
+        _log.info("spawned worker %s pid %d", slot.label, pid)
+
+    def _after_fork_in_child(self, slot: _Slot) -> None:
+        """In the forked worker: default signals, and close every fd that is not its own."""
+        signal.set_wakeup_fd(-1)
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in (self._wakeup_r, self._wakeup_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for other in self.slots:
+            if other.sock is not None:
+                with contextlib.suppress(OSError):
+                    other.sock.close()
+        mine = {id(lst) for lst in slot.listeners}
+        for lst in self.listeners:
+            if id(lst) not in mine:
+                with contextlib.suppress(OSError):
+                    lst.sock.close()
+        if self.control_server is not None:
+            self.control_server.close_in_child()
+        if self.selector is not None:
+            with contextlib.suppress(OSError):
+                self.selector.close()
+        set_process_label(slot.label)
+
+    def _send(self, slot: _Slot, message: dict[str, Any]) -> bool:
+        if slot.sock is None:
+            return False
+        try:
+            slot.sock.send(json.dumps(message).encode() + b"\n")
+        except OSError:
+            return False
+        return True
+
+    def _on_worker_io(self, slot: _Slot) -> None:
+        assert slot.sock is not None
+        try:
+            data = slot.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the worker closed its end: it is exiting; reaping does the rest
+            self._close_worker_sock(slot)
+            return
+        slot.rbuf += data
+        while b"\n" in slot.rbuf:
+            line, _, rest = bytes(slot.rbuf).partition(b"\n")
+            slot.rbuf = bytearray(rest)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                _log.warning("worker %s sent a malformed control line: %r", slot.label, line[:200])
+                continue
+            if isinstance(event, dict):
+                self._on_worker_event(slot, event)
+
+    def _on_worker_event(self, slot: _Slot, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "ready":
+            slot.ready = True
+            _log.info("worker %s pid %d ready", slot.label, slot.pid)
+        elif kind == "reloaded":
+            generation = event.get("generation")
+            if event.get("ok") and isinstance(generation, int):
+                slot.generation = generation
+            pending = self._reload
+            if pending is not None and slot.index in pending.waiting and generation == pending.generation:
+                del pending.waiting[slot.index]
+                pending.replies[slot.index] = {
+                    "slot": slot.index,
+                    "role": slot.role,
+                    "pid": slot.pid,
+                    "ok": bool(event.get("ok")),
+                    "error": event.get("error"),
+                }
+                if not pending.waiting:
+                    self._finish_reload()
+        else:
+            _log.debug("worker %s sent unknown event %r", slot.label, kind)
+
+    def _close_worker_sock(self, slot: _Slot) -> None:
+        if slot.sock is None:
+            return
+        assert self.selector is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(slot.sock)
+        slot.sock.close()
+        slot.sock = None
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            for slot in self.slots:
+                if slot.pid == pid:
+                    self._on_worker_exit(slot, os.waitstatus_to_exitcode(status))
+                    break
+
+    def _on_worker_exit(self, slot: _Slot, code: int) -> None:
+        lifetime = time.monotonic() - slot.spawned_mono
+        how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        self._close_worker_sock(slot)
+        pid, slot.pid, slot.last_status = slot.pid, 0, code
+        self.stats.reset_gauges(slot.index)
+        self.stats.slot(slot.index).state = SlotState.EXITED
+        if self._reload is not None and slot.index in self._reload.waiting:
+            del self._reload.waiting[slot.index]
+            self._reload.replies[slot.index] = {
+                "slot": slot.index,
+                "role": slot.role,
+                "pid": pid,
+                "ok": False,
+                "error": f"worker exited ({how})",
+            }
+            if not self._reload.waiting:
+                self._finish_reload()
+        if self._stopping:
+            _log.info("worker %s pid %d exited (%s)", slot.label, pid, how)
+            return
+        failed_boot = not slot.ready or lifetime < BOOT_WINDOW
+        slot.boot_failures = slot.boot_failures + 1 if failed_boot else 0
+        _log.error(
+            "worker %s pid %d died after %.1f s (%s)%s",
+            slot.label,
+            pid,
+            lifetime,
+            how,
+            " during boot" if failed_boot else "; replacing it",
+        )
+        if slot.boot_failures >= MAX_BOOT_FAILURES:
+            self._begin_stop(
+                f"worker {slot.label} failed to boot {slot.boot_failures} times in a row "
+                f"(last: {how}); giving up. See the log above for the worker's error.",
+                EX_WORKER_BOOT,
+            )
+            return
+        # Back off a little only while a slot keeps failing at boot; a crash respawns at once.
+        slot.respawn_at = time.monotonic() + (0.1 * slot.boot_failures if failed_boot else 0.0)
+
+    def _check_workers(self) -> None:
+        """Respawn due slots; SIGKILL workers whose heartbeat is too old."""
+        assert self.config is not None
+        now = time.monotonic()
+        timeout = float(self.config.records.get("proxy.config.heartbeat.timeout"))
+        for slot in self.slots:
+            if slot.pid == 0:
+                if slot.respawn_at is not None and now >= slot.respawn_at and not self._stopping:
+                    self._spawn(slot)
+                continue
+            if self._stopping:
+                continue
+            age = self._heartbeat_age(slot, now)
+            if age > timeout:
+                _log.error(
+                    "worker %s pid %d missed its heartbeat for %.1f s (proxy.config.heartbeat.timeout %g); "
+                    "killing it",
+                    slot.label,
+                    slot.pid,
+                    age,
+                    timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+
+    def _heartbeat_age(self, slot: _Slot, now_mono: float) -> float:
+        """Seconds since the worker's last heartbeat (since its fork before the first one)."""
+        try:
+            beat = self.stats.slot(slot.index).last_heartbeat
+        except (IndexError, AttributeError):
+            beat = 0.0
+        return now_mono - max(beat, slot.spawned_mono)
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_wakeup(self, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self._wakeup_r, 512):
+                pass
+
+    def _dispatch_signals(self) -> None:
+        while self._sig_queue:
+            signum = self._sig_queue.popleft()
+            name = signal.Signals(signum).name[3:].lower()
+            handler = getattr(self, f"handle_{name}", None)
+            if handler is not None:
+                handler()
+
+    def handle_term(self) -> None:
+        if self._stopping:
+            self._kill_all_workers()
+            return
+        self._begin_stop("SIGTERM received: stopping", EX_OK)
+
+    def handle_int(self) -> None:
+        if self._stopping:
+            self._kill_all_workers()
+            return
+        self._begin_stop("SIGINT received: stopping", EX_OK)
+
+    def handle_quit(self) -> None:
+        self._begin_stop("SIGQUIT received: stopping now", EX_OK)
+        self._kill_all_workers()
+
+    def handle_hup(self) -> None:
+        _log.info("SIGHUP received: reloading the configuration")
+        self.reload(None)
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    # ------------------------------------------------------------------ main loop
+
+    def _main_loop(self) -> int:
+        assert self.selector is not None
+        while True:
+            self._dispatch_signals()
+            self.reap_workers()
+            self._check_workers()
+            self._check_reload_deadline()
+            if self._stopping:
+                if all(slot.pid == 0 for slot in self.slots):
+                    break
+                if time.monotonic() >= self._stop_deadline:
+                    self._kill_all_workers()
+            for key, mask in self.selector.select(TICK):
+                key.data(mask)
+        return self._finish_stop()
+
+    def _begin_stop(self, reason: str, code: int) -> None:
+        if self._stopping:
+            return
+        assert self.config is not None
+        self._stopping = True
+        self._exit_code = code
+        (_log.error if code else _log.info)("%s", reason)
+        self._close_listeners()
+        timeout = float(self.config.records.get("proxy.config.stop.shutdown_timeout"))
+        self._stop_deadline = time.monotonic() + timeout + STOP_GRACE
+        for slot in self.slots:
+            slot.respawn_at = None
+            if slot.pid and not self._send(slot, {"cmd": "stop", "timeout": timeout}):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGTERM)
+
+    def _kill_all_workers(self) -> None:
+        for slot in self.slots:
+            if slot.pid:
+                _log.warning("worker %s pid %d still running; killing it", slot.label, slot.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+        self._stop_deadline = time.monotonic() + 5.0
+
+    def _finish_stop(self) -> int:
+        if self._reload is not None:
+            self._reload.deadline = 0.0
+            self._check_reload_deadline()
+        _log.info("tsproxy master %d stopped", os.getpid())
+        for responder in self._stop_waiters:
+            responder.result({"stopped": True, "pid": os.getpid(), "exit_code": self._exit_code})
+        return self._exit_code
+
+    def _cleanup(self) -> None:
+        self._close_listeners()
+        if self.selector is not None:
+            for slot in self.slots:
+                self._close_worker_sock(slot)
+        if self.control_server is not None:
+            self.control_server.close(unlink=True)
+            self.control_server = None
+        if self._pidfile_written and self.pidfile is not None:
+            if read_pidfile(self.pidfile) == os.getpid():
+                with contextlib.suppress(OSError):
+                    self.pidfile.unlink()
+            self._pidfile_written = False
+        if self._wakeup_w >= 0:
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(-1)
+            for sig in self.SIGNALS:
+                with contextlib.suppress(ValueError):
+                    signal.signal(sig, signal.SIG_DFL)
+            os.close(self._wakeup_r)
+            os.close(self._wakeup_w)
+            self._wakeup_r = self._wakeup_w = -1
+        if self.selector is not None:
+            self.selector.close()
+            self.selector = None
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self, responder: control.Responder | None) -> None:
+        """Validate the config dir; if clean, tell every worker to switch to it."""
+        from tsproxy.config import load_proxy_config
+
+        def fail(code: int, message: str, data: dict[str, Any] | None = None) -> None:
+            _log.error("reload failed: %s", message)
+            if responder is not None:
+                responder.error(code, message, data)
+
+        if self._stopping:
+            fail(control.E_BUSY, "tsproxy is stopping", {"exit_code": EX_UNAVAILABLE})
+            return
+        if self._reload is not None:
+            fail(control.E_BUSY, "a reload is already in progress", {"exit_code": EX_UNAVAILABLE})
+            return
+        assert self.config is not None and self.state_dir is not None
+        try:
+            new = load_proxy_config(self.config_dir, self.ticket_keys)
+        except ConfigError as exc:
+            data = {"path": exc.path, "line": exc.line, "exit_code": EX_CONFIG}
+            fail(control.E_CONFIG, str(exc), data)
+            return
+        except TSError as exc:
+            fail(control.E_CONFIG, str(exc), {"exit_code": exit_code_for(exc)})
+            return
+        old = self.config
+        changed = old.records.diff(new.records)
+        restart = old.records.restart_required(new.records)
+        fingerprints = self._config_files()
+        files = sorted(
+            name
+            for name in set(fingerprints) | set(self._fingerprints)
+            if fingerprints.get(name) != self._fingerprints.get(name)
+        )
+        for warning in new.warnings:
+            _log.warning("%s", warning)
+        self.generation += 1
+        self.config = new
+        self._fingerprints = fingerprints
+        pending = _PendingReload(
+            generation=self.generation,
+            changed=[n for n in changed if n not in restart],
+            restart_required=restart,
+            files=files,
+            waiting={},
+            replies={},
+            deadline=time.monotonic() + RELOAD_TIMEOUT,
+            responder=responder,
+        )
+        self._reload = pending
+        for slot in self.slots:
+            if slot.pid and self._send(slot, {"cmd": "reload", "generation": self.generation}):
+                pending.waiting[slot.index] = slot.pid
+        if not pending.waiting:
+            self._finish_reload()
+
+    def _config_files(self) -> dict[str, tuple[int, int]]:
+        skip = [p for p in (self.state_dir, self.log_dir) if p is not None]
+        return _file_fingerprints(self.config_dir, skip)
+
+    def _check_reload_deadline(self) -> None:
+        pending = self._reload
+        if pending is None or time.monotonic() < pending.deadline:
+            return
+        for index, pid in pending.waiting.items():
+            slot = self.slots[index]
+            pending.replies[index] = {
+                "slot": index,
+                "role": slot.role,
+                "pid": pid,
+                "ok": False,
+                "error": f"no answer within {RELOAD_TIMEOUT:g} s",
+            }
+        pending.waiting.clear()
+        self._finish_reload()
+
+    def _finish_reload(self) -> None:
+        pending, self._reload = self._reload, None
+        if pending is None:
+            return
+        workers = [pending.replies[i] for i in sorted(pending.replies)]
+        ok = all(w["ok"] for w in workers)
+        result = {
+            "ok": ok,
+            "generation": pending.generation,
+            "changed": pending.changed,
+            "restart_required": pending.restart_required,
+            "files": pending.files,
+            "workers": workers,
+        }
+        if ok:
+            _log.info(
+                "reloaded to generation %d: records changed %s; needs restart %s; files %s",
+                pending.generation,
+                pending.changed or "none",
+                pending.restart_required or "none",
+                pending.files or "none",
+            )
+        else:
+            for w in workers:
+                if not w["ok"]:
+                    _log.error("reload: worker %s[%d] pid %d: %s", w["role"], w["slot"], w["pid"], w["error"])
+        if pending.responder is not None:
+            pending.responder.result(result)
+
+    # ------------------------------------------------------------------ control methods
+
+    def _dispatch(self, method: str, params: Any, responder: control.Responder) -> None:
+        params = params if isinstance(params, dict) else {}
+        if method == "status":
+            responder.result(self.status())
+        elif method == "stop":
+            self._stop_waiters.append(responder)
+            self._begin_stop("stop requested on the control socket", EX_OK)
+        elif method == "reload":
+            self.reload(responder)
+        elif method in ("metric.get", "metric.zero", "metric.match"):
+            self._metric(method, params, responder)
+        else:
+            responder.error(control.METHOD_NOT_FOUND, f"unknown method {method!r}")
+
+    def _metric(self, method: str, params: dict[str, Any], responder: control.Responder) -> None:
+        if method == "metric.match":
+            regex = params.get("regex")
+            if not isinstance(regex, str):
+                responder.error(control.INVALID_PARAMS, "metric.match needs a 'regex' string")
+                return
+            try:
+                metrics = self.stats.match(regex)
+            except re.error as exc:
+                responder.error(control.INVALID_PARAMS, f"bad regex {regex!r}: {exc}")
+                return
+            responder.result({"metrics": [[name, value] for name, value in metrics]})
+            return
+        names = params.get("names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            responder.error(control.INVALID_PARAMS, f"{method} needs a non-empty 'names' list")
+            return
+        ids: list[int] = []
+        unknown: list[str] = []
+        for name in names:
+            try:
+                ids.append(self.stats.metric_id(name))
+            except KeyError:
+                unknown.append(name)
+        if unknown:
+            message = f"unknown metric {', '.join(unknown)}"
+            responder.error(control.E_NOT_FOUND, message, {"exit_code": EX_UNAVAILABLE})
+            return
+        if method == "metric.zero":
+            for metric_id in ids:
+                self.stats.zero(metric_id)
+        responder.result({"metrics": [[n, self.stats.sum(i)] for n, i in zip(names, ids, strict=True)]})
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        master = {
+            "role": "master",
+            "pid": os.getpid(),
+            "uptime": now - self.started_wall,
+            "cpu_percent": self._cpu(self._proc, self.started_wall),
+            "rss": self._rss(self._proc),
+            "connections": None,
+            "generation": self.generation,
+        }
+        workers = []
+        for slot in self.slots:
+            entry: dict[str, Any] = {
+                "slot": slot.index,
+                "role": slot.role,
+                "pid": slot.pid or None,
+                "ready": slot.ready,
+                "uptime": now - slot.spawned_wall if slot.pid else None,
+                "cpu_percent": None,
+                "rss": None,
+                "connections": None,
+                "generation": slot.generation,
+                "ports": [lst.descriptor.describe() for lst in slot.listeners],
+            }
+            if slot.pid:
+                if slot.proc is None or slot.proc.pid != slot.pid:
+                    with contextlib.suppress(psutil.Error):
+                        slot.proc = psutil.Process(slot.pid)
+                        slot.proc.cpu_percent(None)
+                if slot.proc is not None:
+                    entry["cpu_percent"] = self._cpu(slot.proc, slot.spawned_wall)
+                    entry["rss"] = self._rss(slot.proc)
+                stats = self.stats.slot(slot.index)
+                entry["connections"] = stats.get(METRIC_ID[CONNECTIONS_METRIC])
+                if stats.generation:
+                    entry["generation"] = stats.generation
+            workers.append(entry)
+        return {
+            "config_dir": str(self.config_dir),
+            "generation": self.generation,
+            "stopping": self._stopping,
+            "master": master,
+            "workers": workers,
+        }
+
+    @staticmethod
+    def _cpu(proc: psutil.Process, started_wall: float) -> float | None:
+        try:
+            value = proc.cpu_percent(None)
+            if value == 0.0:  # first sample: fall back to the lifetime average
+                times = proc.cpu_times()
+                value = 100.0 * (times.user + times.system) / max(time.time() - started_wall, 1e-3)
+            return round(value, 1)
+        except psutil.Error:
+            return None
+
+    @staticmethod
+    def _rss(proc: psutil.Process) -> int | None:
+        try:
+            return int(proc.memory_info().rss)
+        except psutil.Error:
+            return None

@@ -31,12 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from iocore.eventsystem.diags import DbgCtl
 from iocore.records.errors import ConfigError
 
 __all__ = ["RemapResult", "RemapRule", "RemapTable", "load_remap", "parse_remap"]
-
-_dbg = DbgCtl("url_rewrite")
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -167,8 +164,6 @@ class RemapTable:
                 new_path = to_path + rest
             else:
                 new_path = to_path
-            if _dbg.on:
-                _dbg("%r %r -> %s:%d %r (%s)", host, path, rule.to_host, rule.to_port, new_path, rule)
             return RemapResult(
                 rule.to_scheme, rule.to_host, rule.to_port, new_path, rule.host_header, rule, rule.options
             )

@@ -1,0 +1,658 @@
+# Theory of operation
+# -------------------
+# This module turns an SSLConfigParams snapshot into OpenSSL SSL_CTX objects (pyOpenSSL
+# Contexts), the way ATS's SSLUtils.cc does in SSLInitServerContext / SSLInitClientContext:
+#
+#   build_server_context  one context per ssl_multicert.config line.  Several cert/key pairs
+#                         go into the SAME context: OpenSSL keeps one certificate per key type
+#                         and picks the one the client's signature algorithms allow.
+#   build_client_context  the context for origin connections.
+#   verify_hostname/ip    RFC 6125 name checks, left to the caller after the handshake.
+#
+# Session resumption across worker processes and reloads.  OpenSSL encrypts session tickets
+# with keys it draws at random in SSL_CTX_new, so a ticket issued by one context is garbage
+# to any other.  We install the keys explicitly (SSL_CTX_set_tlsext_ticket_keys, which is the
+# macro SSL_CTX_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEYS=59, 80, buf)); every context built
+# with the same 80 key bytes then decrypts every other's tickets.  The session id context is
+# a constant for the same reason (OpenSSL refuses a session whose sid_ctx differs).
+#
+# pyOpenSSL's cffi binding (cryptography's _rust module, OpenSSL statically linked) does not
+# declare SSL_CTX_ctrl nor SSL_CTX_set_num_tickets, and the shared object does not export
+# them.  The object is not stripped, though: _PrivateOpenSSL reads its ELF symbol table,
+# finds the load address by anchoring on two cffi wrappers whose addresses the binding does
+# give us (_cffi_d_SSL_CTX_set_session_id_context, _cffi_d_SSL_CTX_set_options; both anchors
+# must agree), and calls the two functions through ctypes.  Every key installation is read
+# back with SSL_CTRL_GET_TLSEXT_TICKET_KEYS (58) and compared.  When any of this fails (other
+# platform, stripped build) the functions report "unsupported", contexts keep OpenSSL's own
+# per-context ticket keys (resumption then only works on the same context), and a warning
+# is logged once; nothing else depends on it.
+#
+# Invariants: no OpenSSL exception leaves this module (configuration problems become
+# ConfigError naming the file or record, anything else TLSError); every Context is fully
+# configured before it is returned (pyOpenSSL forbids changes after first use).
+"""OpenSSL contexts for the proxy's server side and origin side."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import ipaddress
+import logging
+import os
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+
+from iocore.net.ssl_config import SSLConfigParams, VerifyServerPolicy, VerifyServerProperties
+from iocore.net.tls.errors import TLSError
+from iocore.records.errors import ConfigError
+
+__all__ = [
+    "SESSION_ID_CONTEXT",
+    "TICKET_KEY_LEN",
+    "CertKeyPair",
+    "build_client_context",
+    "build_server_context",
+    "load_or_create_ticket_keys",
+    "num_tickets_supported",
+    "session_reused",
+    "ticket_keys_supported",
+    "verify_hostname",
+    "verify_ip",
+    "verify_result",
+]
+
+_log = logging.getLogger("tsproxy.ssl")
+
+# OpenSSL's SSL_CTX_set_tlsext_ticket_keys layout: 16 key name + 32 HMAC secret + 32 AES key.
+TICKET_KEY_LEN = 80
+# ATS's ticket_key.filename layout (ssl_ticket_key_block): 16 name + 16 HMAC + 16 AES per key.
+ATS_TICKET_KEY_LEN = 48
+SESSION_ID_CONTEXT = b"tsproxy"
+
+_SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+_SSL_OP_ALLOW_CLIENT_RENEGOTIATION = 1 << 8  # OpenSSL >= 3.0; not in the binding
+
+_PROTOCOLS = (
+    ("TLSv1", SSL.TLS1_VERSION, SSL.OP_NO_TLSv1),
+    ("TLSv1_1", SSL.TLS1_1_VERSION, SSL.OP_NO_TLSv1_1),
+    ("TLSv1_2", SSL.TLS1_2_VERSION, SSL.OP_NO_TLSv1_2),
+    ("TLSv1_3", SSL.TLS1_3_VERSION, SSL.OP_NO_TLSv1_3),
+)
+
+
+class CertKeyPair(NamedTuple):
+    """A certificate chain PEM (leaf first) and the PEM file holding its private key."""
+
+    cert: Path
+    key: Path
+
+
+# --------------------------------------------------------------------------------------
+# OpenSSL functions the binding lacks
+# --------------------------------------------------------------------------------------
+
+_CtrlFn = Callable[[int, int, int, Any], int]
+_NumTicketsFn = Callable[[int, int], int]
+
+
+class _PrivateOpenSSL(NamedTuple):
+    ctrl: _CtrlFn
+    set_num_tickets: _NumTicketsFn
+
+
+def _elf_function_symbols(path: str, wanted: frozenset[str]) -> dict[str, int]:
+    """st_value of the wanted FUNC symbols in an ELF64 little-endian file's .symtab."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return {}
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    found: dict[str, int] = {}
+    wanted_b = {w.encode(): w for w in wanted}
+    for sec in sections:
+        if sec[1] != 2:  # SHT_SYMTAB
+            continue
+        str_off = sections[sec[6]][4]
+        off, size, entsize = sec[4], sec[5], sec[9]
+        for i in range(size // entsize):
+            st_name, st_info, _other, shndx, value, _size = struct.unpack_from(
+                "<IBBHQQ", data, off + i * entsize
+            )
+            if st_info & 0xF != 2 or shndx == 0 or value == 0:  # STT_FUNC, defined
+                continue
+            start = str_off + st_name
+            name = data[start : data.index(b"\0", start)]
+            if name in wanted_b:
+                found[wanted_b[name]] = value
+    return found
+
+
+@functools.cache
+def _private_openssl() -> _PrivateOpenSSL | None:
+    """Locate SSL_CTX_ctrl and SSL_CTX_set_num_tickets inside cryptography's _rust module.
+
+    Cached for the life of the process: the answer depends only on the loaded binary.
+    """
+    try:
+        from cryptography.hazmat.bindings import _rust
+        from OpenSSL._util import ffi, lib
+
+        if not sys.platform.startswith("linux") or lib.OpenSSL_version_num() < 0x10101000:
+            return None
+        anchors = ("SSL_CTX_set_session_id_context", "SSL_CTX_set_options")
+        wanted = frozenset({"SSL_CTX_ctrl", "SSL_CTX_set_num_tickets"} | {f"_cffi_d_{a}" for a in anchors})
+        syms = _elf_function_symbols(str(_rust.__file__), wanted)
+        if set(syms) != wanted:
+            return None
+        bases = {
+            int(ffi.cast("uintptr_t", ffi.cast("void *", getattr(lib, a)))) - syms[f"_cffi_d_{a}"]
+            for a in anchors
+        }
+        if len(bases) != 1:
+            return None
+        (base,) = bases
+        ctrl = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)(
+            base + syms["SSL_CTX_ctrl"]
+        )
+        num = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)(
+            base + syms["SSL_CTX_set_num_tickets"]
+        )
+        return _PrivateOpenSSL(ctrl=ctrl, set_num_tickets=num)
+    except (OSError, ValueError, ImportError, AttributeError, struct.error, IndexError):
+        return None
+
+
+def _ctx_pointer(ctx: SSL.Context) -> int:
+    from OpenSSL._util import ffi
+
+    return int(ffi.cast("uintptr_t", ctx._context))
+
+
+def ticket_keys_supported() -> bool:
+    """True when build_server_context can install shared session ticket keys."""
+    return _private_openssl() is not None
+
+
+def num_tickets_supported() -> bool:
+    """True when the number of TLS 1.3 tickets per handshake can be set."""
+    return _private_openssl() is not None
+
+
+@functools.cache
+def _warn_unsupported_once(what: str) -> None:
+    _log.warning("%s is not available with this OpenSSL binding; using OpenSSL's default", what)
+
+
+def _set_ticket_keys(ctx: SSL.Context, keys: bytes) -> bool:
+    priv = _private_openssl()
+    if priv is None:
+        _warn_unsupported_once("setting session ticket keys")
+        return False
+    ptr = _ctx_pointer(ctx)
+    buf = ctypes.create_string_buffer(keys, TICKET_KEY_LEN)
+    if priv.ctrl(ptr, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEY_LEN, buf) != 1:
+        raise TLSError("SSL_CTX_set_tlsext_ticket_keys failed")
+    back = ctypes.create_string_buffer(TICKET_KEY_LEN)
+    if priv.ctrl(ptr, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, TICKET_KEY_LEN, back) != 1 or back.raw != keys:
+        raise TLSError("session ticket keys did not read back as installed")
+    return True
+
+
+def _set_num_tickets(ctx: SSL.Context, n: int) -> bool:
+    priv = _private_openssl()
+    if priv is None:
+        _warn_unsupported_once("SSL_CTX_set_num_tickets")
+        return False
+    if priv.set_num_tickets(_ctx_pointer(ctx), n) != 1:
+        raise TLSError(f"SSL_CTX_set_num_tickets({n}) failed")
+    return True
+
+
+def load_or_create_ticket_keys(filename: Path | None) -> bytes:
+    """The 80 ticket key bytes for build_server_context.
+
+    ``None`` (proxy.config.ssl.server.ticket_key.filename unset): 80 fresh random bytes; pass
+    the same bytes to every context of this process and hand them to forked workers so that
+    they all share tickets.  A file of exactly 80 bytes is OpenSSL's layout (name, HMAC,
+    AES) and used as is.  Otherwise the file must hold ATS's 48-byte keys (16 name, 16 HMAC,
+    16 AES), possibly several; the first (ATS's current key) is stretched to OpenSSL's
+    layout with HKDF-SHA256, so every proxy reading the same file derives the same keys.
+    Older keys in the file are ignored: honouring them needs the ticket key callback, which
+    the binding does not offer.  A 240-byte file is read as five ATS keys.
+    """
+    if filename is None:
+        return os.urandom(TICKET_KEY_LEN)
+    try:
+        data = filename.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            str(filename), None, f"cannot read session ticket key file: {exc.strerror}"
+        ) from exc
+    if len(data) == TICKET_KEY_LEN:
+        return data
+    if data and len(data) % ATS_TICKET_KEY_LEN == 0:
+        first = data[:ATS_TICKET_KEY_LEN]
+        secrets = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=b"tsproxy ticket key v1").derive(
+            first
+        )
+        return first[:16] + secrets
+    raise ConfigError(
+        str(filename),
+        None,
+        f"session ticket key file is {len(data)} bytes; expected 80 (OpenSSL) or a multiple of 48 (ATS)",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# helpers shared by both sides
+# --------------------------------------------------------------------------------------
+
+
+def _openssl_reason(exc: Exception) -> str:
+    if isinstance(exc, SSL.Error | crypto.Error) and exc.args and isinstance(exc.args[0], list):
+        parts = [str(e[2]) for e in exc.args[0] if isinstance(e, tuple) and len(e) == 3]
+        if parts:
+            return "; ".join(parts)
+    return str(exc) or type(exc).__name__
+
+
+def _check_readable(path: Path, what: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot read {what}: {exc.strerror}") from exc
+
+
+def _set_protocols(ctx: SSL.Context, switches: dict[str, bool], side: str) -> None:
+    enabled = [(v, no) for name, v, no in _PROTOCOLS if switches[name]]
+    if not enabled:
+        raise ConfigError("records.config", None, f"every TLS version is disabled for the {side} side")
+    ctx.set_min_proto_version(enabled[0][0])
+    ctx.set_max_proto_version(enabled[-1][0])
+    holes = 0
+    for name, version, no in _PROTOCOLS:
+        if enabled[0][0] < version < enabled[-1][0] and not switches[name]:
+            holes |= no
+    if holes:
+        ctx.set_options(holes)
+
+
+def _set_ciphers(ctx: SSL.Context, tls12: str, tls13: str, record_prefix: str) -> None:
+    if tls12:
+        try:
+            ctx.set_cipher_list(tls12.encode())
+        except SSL.Error as exc:
+            raise ConfigError(
+                "records.config", None, f"{record_prefix}.cipher_suite: {_openssl_reason(exc)}: {tls12!r}"
+            ) from exc
+    if tls13:
+        try:
+            ctx.set_tls13_ciphersuites(tls13.encode())
+        except SSL.Error as exc:
+            raise ConfigError(
+                "records.config",
+                None,
+                f"{record_prefix}.TLSv1_3.cipher_suites: {_openssl_reason(exc)}: {tls13!r}",
+            ) from exc
+
+
+def _load_private_key(key: Path, passphrase: bytes | None) -> Any:
+    """The key from a PEM file (other PEM blocks, e.g. the certificate, are skipped)."""
+    try:
+        pem = key.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(key), None, f"cannot read private key: {exc.strerror}") from exc
+    try:
+        try:
+            return serialization.load_pem_private_key(pem, passphrase)
+        except TypeError:
+            if passphrase is None:
+                raise ConfigError(
+                    str(key),
+                    None,
+                    "private key is encrypted and no passphrase source (ssl_key_dialog) is set",
+                ) from None
+            return serialization.load_pem_private_key(pem, None)  # not encrypted: passphrase unused
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(str(key), None, f"bad private key (or wrong passphrase): {exc}") from exc
+
+
+def _load_cert_and_key(ctx: SSL.Context, cert: Path, key: Path, passphrase: bytes | None = None) -> None:
+    """Load one chain + key into ctx; OpenSSL files it under the key's type."""
+    _check_readable(cert, "certificate")
+    pkey = _load_private_key(key, passphrase)
+    try:
+        ctx.use_certificate_chain_file(str(cert).encode())
+    except SSL.Error as exc:
+        raise ConfigError(str(cert), None, f"bad certificate chain: {_openssl_reason(exc)}") from exc
+    try:
+        ctx.use_privatekey(pkey)
+        ctx.check_privatekey()
+    except (SSL.Error, TypeError) as exc:
+        # OpenSSL files the key by type: a key of another type than the cert lands in an
+        # empty slot ("no certificate assigned"), one of the same type fails to match.
+        raise ConfigError(str(key), None, f"private key does not match certificate {cert}") from exc
+
+
+def _read_pem_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot read certificates: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(path), None, f"no valid PEM certificates: {exc}") from exc
+
+
+def _ca_dir_certs(path: Path) -> list[x509.Certificate]:
+    """Certificates in a CA directory (c_rehash style); unparsable files are skipped."""
+    out: list[x509.Certificate] = []
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot list CA directory: {exc.strerror}") from exc
+    for entry in entries:
+        try:
+            out.extend(x509.load_pem_x509_certificates(entry.read_bytes()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# server side
+# --------------------------------------------------------------------------------------
+
+
+def build_server_context(
+    params: SSLConfigParams,
+    certs: Sequence[CertKeyPair],
+    ca_chain_file: Path | None,
+    ticket_keys: bytes | None,
+    *,
+    ticket_enabled: bool | None = None,
+    ticket_number: int | None = None,
+    passphrase: bytes | None = None,
+) -> SSL.Context:
+    """One server SSL_CTX (ATS SSLInitServerContext) serving ``certs``.
+
+    ``ticket_enabled`` / ``ticket_number`` override the records for one ssl_multicert.config
+    line.  ``ticket_keys`` (80 bytes, see load_or_create_ticket_keys) are installed so that
+    tickets survive reloads and work across worker processes; None leaves OpenSSL's random
+    per-context keys.  ``passphrase`` unlocks encrypted private keys.  An empty ``certs`` gives
+    a context with no certificate (ATS's bootstrap default context).
+    """
+    if ticket_keys is not None and len(ticket_keys) != TICKET_KEY_LEN:
+        raise ValueError(f"ticket_keys must be {TICKET_KEY_LEN} bytes, got {len(ticket_keys)}")
+    enabled = params.session_ticket_enabled if ticket_enabled is None else ticket_enabled
+    number = params.session_ticket_number if ticket_number is None else ticket_number
+    try:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        _set_protocols(
+            ctx,
+            {
+                "TLSv1": params.tls_v1,
+                "TLSv1_1": params.tls_v1_1,
+                "TLSv1_2": params.tls_v1_2,
+                "TLSv1_3": params.tls_v1_3,
+            },
+            "server",
+        )
+        _set_ciphers(
+            ctx, params.server_cipher_suite, params.server_tls13_cipher_suites, "proxy.config.ssl.server"
+        )
+        options = SSL.OP_NO_COMPRESSION
+        if params.honor_cipher_order:
+            options |= SSL.OP_CIPHER_SERVER_PREFERENCE
+        if params.allow_client_renegotiation:
+            options |= _SSL_OP_ALLOW_CLIENT_RENEGOTIATION
+        else:
+            # CVE-2011-1473: refuse every renegotiation (TLS 1.2 and below).  OpenSSL 3
+            # already refuses client-initiated ones unless ALLOW_CLIENT_RENEGOTIATION.
+            options |= SSL.OP_NO_RENEGOTIATION
+        if not enabled:
+            options |= SSL.OP_NO_TICKET
+        ctx.set_options(options)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        ctx.set_session_id(SESSION_ID_CONTEXT)
+        for pair in certs:
+            _load_cert_and_key(ctx, pair.cert, pair.key, passphrase)
+        if ca_chain_file is not None:
+            for cert in _read_pem_certs(ca_chain_file):
+                ctx.add_extra_chain_cert(cert)
+
+        if params.certification_level > 0:
+            _setup_client_verification(ctx, params)
+
+        if enabled:
+            if ticket_keys is not None:
+                _set_ticket_keys(ctx, ticket_keys)
+            _set_num_tickets(ctx, number)
+        if params.keylog_file is not None:
+            ctx.set_keylog_callback(_keylog_writer(params.keylog_file))
+        return ctx
+    except (SSL.Error, crypto.Error) as exc:
+        raise TLSError(f"building server context: {_openssl_reason(exc)}") from exc
+
+
+def _setup_client_verification(ctx: SSL.Context, params: SSLConfigParams) -> None:
+    cafile, capath = params.ca_cert_filename, params.ca_cert_path
+    if cafile is None and capath is None:
+        raise ConfigError(
+            "records.config",
+            None,
+            f"proxy.config.ssl.client.certification_level={params.certification_level} needs "
+            "proxy.config.ssl.CA.cert.filename or proxy.config.ssl.CA.cert.path",
+        )
+    if cafile is not None:
+        _check_readable(cafile, "CA certificate file")
+    try:
+        ctx.load_verify_locations(
+            str(cafile).encode() if cafile else None, str(capath).encode() if capath else None
+        )
+    except SSL.Error as exc:
+        raise ConfigError(
+            str(cafile or capath), None, f"bad CA certificates: {_openssl_reason(exc)}"
+        ) from exc
+    names = _read_pem_certs(cafile) if cafile is not None else []
+    if capath is not None:
+        names += _ca_dir_certs(capath)
+    for cert in names:
+        ctx.add_client_ca(cert)
+    mode = SSL.VERIFY_PEER
+    if params.certification_level == 2:
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode)
+
+
+def _keylog_writer(path: Path) -> Callable[[SSL.Connection, bytes], None]:
+    def write(_conn: SSL.Connection, line: bytes) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line + b"\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            _log.debug("keylog %s: %s", path, exc)
+
+    return write
+
+
+# --------------------------------------------------------------------------------------
+# client side (origin connections)
+# --------------------------------------------------------------------------------------
+
+
+def build_client_context(params: SSLConfigParams, *, alpn_protocols: Sequence[bytes] = ()) -> SSL.Context:
+    """The origin-side SSL_CTX (ATS SSLInitClientContext).
+
+    With policy ENFORCED and properties SIGNATURE or ALL the context is VERIFY_PEER: a chain
+    that does not verify fails the handshake.  With PERMISSIVE, or properties NONE/NAME, it
+    is VERIFY_NONE: OpenSSL still verifies the chain, the handshake goes on, and the caller
+    reads verify_result(conn) to log (PERMISSIVE) the failure.  The host
+    name is never checked here: the caller runs verify_hostname / verify_ip on the peer
+    certificate, because only it knows which name the policy (sni_policy) wants.
+    """
+    try:
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        _set_protocols(
+            ctx,
+            {
+                "TLSv1": params.client_tls_v1,
+                "TLSv1_1": params.client_tls_v1_1,
+                "TLSv1_2": params.client_tls_v1_2,
+                "TLSv1_3": params.client_tls_v1_3,
+            },
+            "client",
+        )
+        _set_ciphers(
+            ctx, params.client_cipher_suite, params.client_tls13_cipher_suites, "proxy.config.ssl.client"
+        )
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+
+        cafile, capath = params.client_ca_cert_filename, params.client_ca_cert_path
+        if cafile is None and capath is None:
+            ctx.set_default_verify_paths()
+        else:
+            if cafile is not None:
+                _check_readable(cafile, "CA certificate file")
+            try:
+                ctx.load_verify_locations(
+                    str(cafile).encode() if cafile else None, str(capath).encode() if capath else None
+                )
+            except SSL.Error as exc:
+                raise ConfigError(
+                    str(cafile or capath), None, f"bad CA certificates: {_openssl_reason(exc)}"
+                ) from exc
+        ctx.set_verify_depth(params.client_verify_depth)
+
+        policy, props = params.client_verify_policy, params.client_verify_properties
+        if policy is VerifyServerPolicy.DISABLED:
+            ctx.set_verify(SSL.VERIFY_NONE)
+        elif policy is VerifyServerPolicy.ENFORCED and props in (
+            VerifyServerProperties.SIGNATURE,
+            VerifyServerProperties.ALL,
+        ):
+            ctx.set_verify(SSL.VERIFY_PEER)
+        else:
+            # OpenSSL verifies the chain anyway and keeps the result for verify_result();
+            # a pyOpenSSL callback that accepted would reset that result to X509_V_OK.
+            ctx.set_verify(SSL.VERIFY_NONE)
+
+        if params.client_cert_filename is not None:
+            key = params.client_private_key_filename or params.client_cert_filename
+            _load_cert_and_key(ctx, params.client_cert_filename, key)
+        if alpn_protocols:
+            ctx.set_alpn_protos(list(alpn_protocols))
+        return ctx
+    except (SSL.Error, crypto.Error) as exc:
+        raise TLSError(f"building client context: {_openssl_reason(exc)}") from exc
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """SSL_session_reused: did this handshake resume a session (pyOpenSSL has no method)?"""
+    from OpenSSL._util import lib
+
+    return bool(lib.SSL_session_reused(conn._ssl))
+
+
+def verify_result(conn: SSL.Connection) -> tuple[int, str]:
+    """SSL_get_verify_result and its text: (0, "ok") when the peer chain verified."""
+    from OpenSSL._util import ffi, lib
+
+    code = int(lib.SSL_get_verify_result(conn._ssl))
+    return code, ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+
+
+# --------------------------------------------------------------------------------------
+# RFC 6125 name checks
+# --------------------------------------------------------------------------------------
+
+
+def _as_cryptography(cert: crypto.X509 | x509.Certificate) -> x509.Certificate:
+    return cert.to_cryptography() if isinstance(cert, crypto.X509) else cert
+
+
+def _normalise_dns(name: str) -> str | None:
+    name = name.strip().rstrip(".").lower()
+    if not name:
+        return None
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return name
+
+
+def _dns_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 6.4.3: only a whole leftmost ``*`` label, matching exactly one label."""
+    pat = _normalise_dns(pattern)
+    if pat is None:
+        return False
+    if "*" not in pat:
+        return pat == name
+    first, _, rest = pat.partition(".")
+    if first != "*" or "*" in rest or "." not in rest:
+        return False  # partial (f*.a.com), non-leftmost, or too broad (*.com)
+    head, _, tail = name.partition(".")
+    return bool(head) and tail == rest
+
+
+def _dns_sans(cert: x509.Certificate) -> list[str] | None:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    return ext.value.get_values_for_type(x509.DNSName)
+
+
+def _ip_sans(cert: x509.Certificate) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    values = ext.value.get_values_for_type(x509.IPAddress)
+    return [ip for ip in values if isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address)]
+
+
+def verify_hostname(cert: crypto.X509 | x509.Certificate, name: str) -> bool:
+    """Does ``cert`` name the DNS host ``name``?  DNS SANs, else (no DNS SAN at all) the CN."""
+    c = _as_cryptography(cert)
+    host = _normalise_dns(name)
+    if host is None:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return False  # an IP literal is checked with verify_ip, never against DNS names
+    except ValueError:
+        pass
+    dns = _dns_sans(c)
+    if dns:
+        return any(_dns_matches(p, host) for p in dns)
+    cns = [a.value for a in c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return any(isinstance(cn, str) and _dns_matches(cn, host) for cn in cns)
+
+
+def verify_ip(cert: crypto.X509 | x509.Certificate, ip: str) -> bool:
+    """Does ``cert`` carry an IP address SAN equal to ``ip``?  (The CN is never used.)"""
+    try:
+        addr = ipaddress.ip_address(ip.strip().strip("[]"))
+    except ValueError:
+        return False
+    return addr in _ip_sans(_as_cryptography(cert))

@@ -187,7 +187,7 @@ class Master:
         self.log_level = log_level
         self.config: ProxyConfig | None = None
         self.generation = 1
-        self.ticket_keys = b""
+        self.ticket_keys: bytes | None = None
         self.state_dir: Path | None = None
         self.log_dir: Path | None = None
         self.pidfile: Path | None = None
@@ -236,8 +236,10 @@ class Master:
     def _boot(self) -> None:
         from tsproxy.config import load_proxy_config
 
-        self.ticket_keys = os.urandom(48)  # shared by all workers so session tickets resume anywhere
-        self.config = load_proxy_config(self.config_dir, self.ticket_keys)
+        self.config = load_proxy_config(self.config_dir, None, generation=self.generation)
+        # Reloads keep these keys (unless a ticket key file is configured), so session tickets
+        # issued by any worker before a reload still resume after it.
+        self.ticket_keys = self.config.ticket_keys
         records = self.config.records
         self.state_dir = records.resolve_path("proxy.config.local_state_dir") or self.config_dir
         self.log_dir = records.resolve_path("proxy.config.log.logfile_dir")
@@ -742,7 +744,7 @@ class Master:
             return
         assert self.config is not None and self.state_dir is not None
         try:
-            new = load_proxy_config(self.config_dir, self.ticket_keys)
+            new = load_proxy_config(self.config_dir, self.ticket_keys, generation=self.generation + 1)
         except ConfigError as exc:
             data = {"path": exc.path, "line": exc.line, "exit_code": EX_CONFIG}
             fail(control.E_CONFIG, str(exc), data)
@@ -914,8 +916,7 @@ class Master:
                     entry["rss"] = self._rss(slot.proc)
                 stats = self.stats.slot(slot.index)
                 entry["connections"] = stats.get(METRIC_ID[CONNECTIONS_METRIC])
-                if stats.generation:
-                    entry["generation"] = stats.generation
+                entry["generation"] = max(slot.generation, stats.generation)
             workers.append(entry)
         return {
             "config_dir": str(self.config_dir),

@@ -8,14 +8,13 @@ import socket
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ProxyProcess, run_tsproxy, subprocess_env, write_config_dir
+from conftest import ProxyProcess, run_tsproxy, write_config_dir
 
 from tsproxy.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_WORKER_BOOT
 
@@ -193,38 +192,31 @@ def test_master_logs_to_logfile_dir(tsproxy: ProxyProcess) -> None:
 
 
 def test_worker_failing_at_boot_stops_the_master(tmp_path: Path) -> None:
-    """A worker that dies at boot every time: the master gives up with EX_WORKER_BOOT.
+    """A plugin whose init raises (load_failure_fatal 1): every worker dies at boot.
 
-    The real worker has no switch to fail on purpose for a config the master accepts, so
-    this runs the real master (real fork, real signals) with an injected worker function.
+    The master only checks that plugin.config's files exist; importing and initialising the
+    plugin happens in each worker, so this is the natural "config accepted, worker cannot
+    boot" case. The master must give up with EX_WORKER_BOOT instead of looping.
     """
-    config_dir = write_config_dir(tmp_path / "etc", {"proxy.config.exec_thread.limit": 2})
-    script = textwrap.dedent(
-        """
-        import sys
-        from pathlib import Path
-        from tsproxy.master import Master
-
-        def broken_worker(boot):
-            raise RuntimeError("cannot boot on purpose")
-
-        sys.exit(Master(Path(sys.argv[1]), worker_target=broken_worker).run())
-        """
+    config_dir = write_config_dir(
+        tmp_path / "etc",
+        {"proxy.config.exec_thread.limit": 2},
+        files={
+            "plugin.config": "broken.py\n",
+            "plugins/broken.py": (
+                "def plugin_init(api, args):\n    raise RuntimeError('cannot boot on purpose')\n"
+            ),
+        },
     )
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(config_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=subprocess_env(),
-        check=False,
-    )
+    result = run_tsproxy("start", "--config-dir", str(config_dir), timeout=60)
     assert result.returncode == EX_WORKER_BOOT, result.stderr
     assert "failed to boot 5 times in a row" in result.stderr
-    assert "cannot boot on purpose" in result.stderr  # the worker's own error is logged
+    assert "cannot boot on purpose" in result.stderr  # the worker's own error is shown
+    assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 20
     assert not (config_dir / "run" / "tsproxy.pid").exists()
+    assert not (config_dir / "run" / "tsproxy.sock").exists()
 
 
 def test_reload_with_bad_records_changes_nothing(tsproxy: ProxyProcess) -> None:

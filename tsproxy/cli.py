@@ -104,9 +104,13 @@ def cli() -> None:
 @click.option("--debug", is_flag=True, help="Log at DEBUG level.")
 def start(config_dir: Path | None, debug: bool) -> None:
     """Start the proxy in the foreground (master + workers) until stopped."""
+    from tsproxy.api import load_plugins
     from tsproxy.master import Master
 
-    code = Master(resolve_config_dir(config_dir), log_level=10 if debug else None).run()
+    master = Master(
+        resolve_config_dir(config_dir), plugin_loader=load_plugins, log_level=10 if debug else None
+    )
+    code = master.run()
     sys.exit(code)
 
 

@@ -180,10 +180,15 @@ class Master:
         config_dir: Path,
         *,
         worker_target: WorkerTarget | None = None,
+        plugin_loader: Callable[..., Any] | None = None,
         log_level: int | None = None,
     ) -> None:
+        """``worker_target`` replaces ``tsproxy.worker.worker_main`` (tests); ``plugin_loader``
+        (``tsproxy.api.load_plugins``, injected by the CLI because the plugin facade sits above
+        this layer) is handed to each worker in its WorkerBoot."""
         self.config_dir = Path(config_dir).absolute()
         self.worker_target = worker_target
+        self.plugin_loader = plugin_loader
         self.log_level = log_level
         self.config: ProxyConfig | None = None
         self.generation = 1
@@ -404,6 +409,7 @@ class Master:
                     listeners=slot.listeners,
                     stats=self.stats,
                     control=worker_end,
+                    plugin_loader=self.plugin_loader,
                 )
                 target = self.worker_target
                 if target is None:

@@ -1,0 +1,135 @@
+"""IOBuffer and VIO: the byte pipes between state machines and VConnections (ATS I_IOBuffer.h,
+I_VIO.h).
+
+A MIOBuffer is a growable byte queue with a *water mark*: the producer (e.g. a NetVConnection's
+``net_read_io``) stops filling it once ``read_avail()`` reaches the water mark, and waits until the
+consumer drains it and re-enables the VIO. That is the whole of tsproxy's backpressure: a slow
+reader stops the socket read on the other side, so memory never grows with the body size.
+
+Readers (IOBufferReader) consume from the front; with several readers, bytes are dropped only
+after every reader consumed them.
+
+A VIO describes one direction of I/O on a VConnection: the continuation to call back, how many
+bytes are wanted (``nbytes``; ``INT64_MAX`` for "until EOS"), how many are done (``ndone``), the
+buffer, and ``reenable()`` to ask the VConnection to continue.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from iocore.eventsystem.event import Continuation
+
+INT64_MAX = (1 << 63) - 1
+DEFAULT_WATER_MARK = 256 * 1024
+
+
+class MIOBuffer:
+    """A byte queue with readers and a water mark."""
+
+    __slots__ = ("_buf", "readers", "water_mark")
+
+    def __init__(self, water_mark: int = DEFAULT_WATER_MARK) -> None:
+        self._buf = bytearray()
+        self.readers: list[IOBufferReader] = []
+        self.water_mark = water_mark
+
+    def alloc_reader(self) -> IOBufferReader:
+        """A new reader starts at the oldest byte any reader still needs."""
+        reader = IOBufferReader(self, min((r.pos for r in self.readers), default=0))
+        self.readers.append(reader)
+        return reader
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._buf += data
+        return len(data)
+
+    def max_read_avail(self) -> int:
+        return len(self._buf) - min((r.pos for r in self.readers), default=0)
+
+    def write_avail(self) -> int:
+        """How many bytes may still be added before the water mark is reached."""
+        return max(self.water_mark - self.max_read_avail(), 0)
+
+    def high_water(self) -> bool:
+        return self.max_read_avail() >= self.water_mark
+
+    def _trim(self) -> None:
+        # Drop consumed bytes when everything was consumed (cheap: clear) or when the consumed
+        # prefix is large; otherwise defer, so small consumes do not memmove the tail each time.
+        low = min(r.pos for r in self.readers)
+        if low == len(self._buf):
+            self._buf.clear()
+        elif low > 65536:
+            del self._buf[:low]
+        else:
+            return
+        for r in self.readers:
+            r.pos -= low
+
+
+class IOBufferReader:
+    """A consumer's position in a MIOBuffer."""
+
+    __slots__ = ("mbuf", "pos")
+
+    def __init__(self, mbuf: MIOBuffer, pos: int) -> None:
+        self.mbuf = mbuf
+        self.pos = pos
+
+    def read_avail(self) -> int:
+        return len(self.mbuf._buf) - self.pos
+
+    def is_read_avail_more_than(self, n: int) -> bool:
+        return self.read_avail() > n
+
+    def peek(self, n: int = -1) -> memoryview:
+        """A view of up to n available bytes (all when n < 0); valid until the next consume/write."""
+        buf = self.mbuf._buf
+        end = len(buf) if n < 0 else min(len(buf), self.pos + n)
+        return memoryview(buf)[self.pos : end]
+
+    def read(self, n: int = -1) -> bytes:
+        buf = self.mbuf._buf
+        end = len(buf) if n < 0 else min(len(buf), self.pos + n)
+        data = bytes(buf[self.pos : end])
+        self.consume(end - self.pos)
+        return data
+
+    def consume(self, n: int) -> None:
+        self.pos += n
+        self.mbuf._trim()
+
+
+class VIO:
+    """One direction of I/O on a VConnection (ATS VIO)."""
+
+    READ = 1
+    WRITE = 2
+
+    __slots__ = ("buffer", "cont", "nbytes", "ndone", "op", "reader", "vc")
+
+    def __init__(self, op: int) -> None:
+        self.op = op
+        self.cont: Continuation | None = None
+        self.nbytes = 0
+        self.ndone = 0
+        self.buffer: MIOBuffer | None = None  # read VIO: where the VC puts bytes
+        self.reader: IOBufferReader | None = None  # write VIO: where the VC takes bytes from
+        self.vc: Any = None
+
+    def ntodo(self) -> int:
+        return self.nbytes - self.ndone
+
+    def set_nbytes(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def reenable(self) -> None:
+        """Tell the VConnection the consumer/producer made room or data: continue the I/O."""
+        if self.vc is not None:
+            self.vc.reenable(self)
+
+    def disable(self) -> None:
+        if self.vc is not None:
+            self.vc.disable(self)

@@ -1,0 +1,900 @@
+"""SSLNetVConnection: TLS on top of NetVConnection, handshake as the seed describes it
+(ATS SSLNetVConnection.cc: sslStartHandShake, sslServerHandShakeEvent, read_raw_data, reenable).
+
+Theory of operation
+-------------------
+``net_read_io`` on a VC whose handshake is not complete calls
+``ssl_start_handshake(SSL_EVENT_SERVER)``; every readiness event advances the handshake by one
+step and the result code says what to wait for (``SSL_HANDSHAKE_WANT_READ`` / ``_WRITE``,
+``SSL_WAIT_FOR_HOOK``) or that it ended (``EVENT_DONE``, ``EVENT_ERROR``, or ``EVENT_CONT`` for
+"this became a blind tunnel").
+
+pyOpenSSL cannot pause inside OpenSSL's own callbacks, so the server side runs the hook phases
+*before* OpenSSL sees a byte: ``read_raw_data`` fills the handshake buffer from the socket, the
+sans-IO ClientHello parser says "need more" until the hello is complete, the hooks run, the
+certificate context is chosen (``set_context_cert``: SNI exact, SNI wildcard, local IP:port, IP,
+default), and only then the ``SSL.Connection`` is created with that context and the buffered
+bytes are replayed into its memory BIO. From there ``do_handshake`` runs over memory BIOs; the
+ciphertext it produces is flushed to the socket.
+
+Hook state (data, not flags): the pre-accept phase follows the seed's
+``SSLHookState`` INIT -> INVOKE -> ACTIVE -> DONE; the handshake phases follow
+``HandshakeHookState`` PRE -> CLIENT_HELLO -> SNI -> CERT -> DONE. Within a phase the hooks run
+in registration order, each exactly once. A hook that has not re-enabled leaves the VC in
+ACTIVE: ``SSL_WAIT_FOR_HOOK`` is returned and read interest is dropped, so a readable socket
+does not spin. ``reenable`` (synchronous, from a timer, from anywhere on the loop) moves it back
+to INVOKE and puts the VC on the read ready list.
+
+TS-4075: while a hook is active the VC is never freed under it; a client that went away is
+noticed after the hook re-enables (or by the handshake timeout), and VCONN_CLOSE hooks run
+exactly once for every VC whose VCONN_START phase began. A ``reenable`` after close is a no-op.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from OpenSSL import SSL
+from OpenSSL._util import lib as _ssl_lib
+
+from iocore.eventsystem.diags import DbgCtl
+from iocore.eventsystem.event import (
+    EVENT_CONT,
+    EVENT_DONE,
+    EVENT_ERROR,
+    VC_EVENT_ACTIVE_TIMEOUT,
+    VC_EVENT_EOS,
+    VC_EVENT_ERROR,
+    VC_EVENT_INACTIVITY_TIMEOUT,
+)
+from iocore.net.hooks import HookID, HookOp, HookRegistry
+from iocore.net.net_vconnection import EVENT_READ, EVENT_WRITE, NetVConnection
+from iocore.net.tls.client_hello import ClientHello, ClientHelloParser, looks_like_tls_handshake
+from iocore.net.tls.errors import TLSProtocolError
+from iocore.records.stats import METRIC_ID
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from iocore.net.net_handler import NetHandler
+    from iocore.net.ssl_cert_lookup import SSLCertContext, SSLCertLookup
+
+SSL_EVENT_SERVER = 0
+SSL_EVENT_CLIENT = 1
+
+# Handshake step results beyond EVENT_DONE / EVENT_ERROR / EVENT_CONT (ATS values).
+SSL_HANDSHAKE_WANT_READ = 6
+SSL_HANDSHAKE_WANT_WRITE = 7
+SSL_WAIT_FOR_HOOK = 9
+
+TLS_RECORD_MAX = 16384
+RAW_READ = 65536
+
+_dbg = DbgCtl("ssl")
+_dbg_err = DbgCtl("ssl.error")
+
+
+def _m(name: str) -> int:
+    return METRIC_ID["proxy.process.ssl." + name]
+
+
+M_ATTEMPTS_IN = _m("total_attempts_handshake_count_in")
+M_SUCCESS_IN = _m("total_success_handshake_count_in")
+M_HS_TIME = _m("total_handshake_time")
+M_ERROR_SSL = _m("ssl_error_ssl")
+M_ERROR_SYSCALL = _m("ssl_error_syscall")
+M_ERROR_ZERO_RETURN = _m("ssl_error_zero_return")
+M_TIMEOUT = _m("ssl_handshake_timeout_in")
+M_NO_CERT = _m("ssl_no_cert_context")
+M_ALPN_NO_ENDPOINT = _m("ssl_alpn_no_endpoint")
+M_UA_OTHER = _m("user_agent_other_errors")
+M_UA_WRONG_VERSION = _m("user_agent_wrong_version")
+M_UA_UNKNOWN_CA = _m("user_agent_unknown_ca")
+M_UA_EXPIRED = _m("user_agent_expired_cert")
+M_UA_BAD_CERT = _m("user_agent_bad_cert")
+M_UA_DECRYPT = _m("user_agent_decryption_failed")
+M_UA_VERIFY = _m("user_agent_cert_verify_failed")
+M_TLSV12 = _m("ssl_total_tlsv12")
+M_TLSV13 = _m("ssl_total_tlsv13")
+M_TICKETS_VERIFIED = _m("total_tickets_verified")
+
+# A fatal TLS alert record, sent raw when we refuse a hello before any SSL object exists:
+# content type 21 (alert), TLS 1.2 record version, length 2, level fatal (2), description.
+ALERT_HANDSHAKE_FAILURE = 40
+ALERT_DECODE_ERROR = 50
+ALERT_UNRECOGNIZED_NAME = 112
+
+
+def _alert_record(description: int) -> bytes:
+    return bytes((21, 3, 3, 0, 2, 2, description))
+
+
+# OpenSSL reason strings -> the user_agent_* counter they belong to (checked in order).
+_UA_ERROR_COUNTERS: tuple[tuple[str, int], ...] = (
+    ("unsupported protocol", M_UA_WRONG_VERSION),
+    ("wrong version", M_UA_WRONG_VERSION),
+    ("version too low", M_UA_WRONG_VERSION),
+    ("alert protocol version", M_UA_WRONG_VERSION),
+    ("unknown ca", M_UA_UNKNOWN_CA),
+    ("unable to get local issuer", M_UA_UNKNOWN_CA),
+    ("certificate expired", M_UA_EXPIRED),
+    ("certificate has expired", M_UA_EXPIRED),
+    ("peer did not return a certificate", M_UA_BAD_CERT),
+    ("bad certificate", M_UA_BAD_CERT),
+    ("certificate verify failed", M_UA_VERIFY),
+    ("decrypt", M_UA_DECRYPT),
+    ("bad record mac", M_UA_DECRYPT),
+)
+
+
+class SSLHookState(enum.Enum):
+    """Pre-accept (VCONN_START) hook phase, as the seed's sslPreAcceptHookState."""
+
+    INIT = 0
+    INVOKE = 1
+    ACTIVE = 2
+    DONE = 3
+
+
+class HandshakeHookState(enum.Enum):
+    """Phases after the ClientHello arrived (ATS sslHandshakeHookState)."""
+
+    PRE = 0
+    CLIENT_HELLO = 1
+    SNI = 2
+    CERT = 3
+    DONE = 4
+
+
+class Transport(enum.Enum):
+    DEFAULT = 0
+    BLIND_TUNNEL = 1
+
+
+_PHASE_HOOK = {
+    HandshakeHookState.CLIENT_HELLO: HookID.SSL_CLIENT_HELLO,
+    HandshakeHookState.SNI: HookID.SSL_SERVERNAME,
+    HandshakeHookState.CERT: HookID.SSL_CERT,
+}
+_NEXT_PHASE = {
+    HandshakeHookState.PRE: HandshakeHookState.CLIENT_HELLO,
+    HandshakeHookState.CLIENT_HELLO: HandshakeHookState.SNI,
+    HandshakeHookState.SNI: HandshakeHookState.CERT,
+    HandshakeHookState.CERT: HandshakeHookState.DONE,
+}
+
+
+class SSLAcceptConfig:
+    """Everything a server-side SSL VC needs, fixed for the VC's life (its config snapshot).
+
+    A reload builds a new one; handshakes in flight keep the one they started with.
+    """
+
+    __slots__ = (
+        "handshake_timeout",
+        "hooks",
+        "lookup",
+        "on_error",
+        "on_ready",
+        "on_tunnel",
+        "protocols",
+        "tr_pass",
+        "tunnel_route",
+    )
+
+    def __init__(
+        self,
+        *,
+        lookup: SSLCertLookup,
+        hooks: HookRegistry,
+        protocols: tuple[bytes, ...],
+        handshake_timeout: float,
+        tr_pass: bool,
+        tunnel_route: str | None,
+        on_ready: Callable[[SSLNetVConnection], None],
+        on_tunnel: Callable[[NetVConnection, bytes, str | None], None],
+    ) -> None:
+        self.lookup = lookup
+        self.hooks = hooks
+        self.protocols = protocols
+        self.handshake_timeout = handshake_timeout
+        self.tr_pass = tr_pass
+        self.tunnel_route = tunnel_route
+        self.on_ready = on_ready
+        self.on_tunnel = on_tunnel
+
+
+def session_reused(ssl: SSL.Connection) -> bool:
+    """SSL_session_reused (pyOpenSSL has no public wrapper)."""
+    return bool(_ssl_lib.SSL_session_reused(ssl._ssl))
+
+
+def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+    """ALPN selection with the server's preference (the VC's protocol set, in order)."""
+    vc = conn.get_app_data()
+    for proto in vc.npn_set:
+        if proto in offered:
+            return proto
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+class SSLNetVConnection(NetVConnection):
+    """A server-side (accepted) or client-side (origin) TLS connection."""
+
+    is_ssl = True
+
+    def __init__(self, sock: socket.socket, nh: NetHandler, config: SSLAcceptConfig | None = None) -> None:
+        super().__init__(sock, nh)
+        self.config = config
+        self.ssl: SSL.Connection | None = None
+        self.ssl_handshake_complete = False
+        self.ssl_handshake_begin_time = 0.0
+        self.handshake_buffer = bytearray()
+        self._hello_parser: ClientHelloParser | None = None
+        self.client_hello: ClientHello | None = None
+        self.server_name: str | None = None
+        self.ssl_pre_accept_hook_state = SSLHookState.INIT
+        self.ssl_handshake_hook_state = HandshakeHookState.PRE
+        self._hook_index = 0
+        self._hook_active = False
+        self._in_hook_call = False
+        self.hook_op_requested = HookOp.DEFAULT
+        self.tunnel_destination: str | None = None
+        self.cert_context: SSLCertContext | None = None
+        self.ssl_context: SSL.Context | None = None  # a CERT hook may set its own
+        self.attributes = Transport.DEFAULT
+        self.npn_set: tuple[bytes, ...] = config.protocols if config is not None else ()
+        self.negotiated_protocol: bytes | None = None
+        self.close_hooks_pending = False
+        self._out_raw = bytearray()
+        self._hs_want_read = False
+        self._hs_want_write = False
+        self._raw_eof = False
+        self.plugin_data: dict[Any, Any] = {}
+        self.hook_facade: Any = None
+
+    # -- entry from the acceptor -------------------------------------------------------------
+    def start_handshake(self) -> None:
+        """Begin the server handshake at accept time: VCONN_START hooks run before any read."""
+        self._handshake_step()
+
+    # -- net_read_io / write_to_net_io ---------------------------------------------------------
+    def _on_io_unguarded(self, mask: int) -> None:
+        if self.attributes is Transport.BLIND_TUNNEL or self.ssl_handshake_complete:
+            if mask & EVENT_WRITE and self._out_raw and not self._flush_raw():
+                return
+            NetVConnection._on_io_unguarded(self, mask)
+            return
+        self._handshake_step()
+
+    def net_read_io(self) -> None:
+        if self.attributes is Transport.BLIND_TUNNEL:
+            NetVConnection.net_read_io(self)
+        elif not self.ssl_handshake_complete:
+            self._handshake_step()
+        else:
+            self._ssl_read()
+
+    def write_to_net_io(self) -> None:
+        if self.attributes is Transport.BLIND_TUNNEL:
+            NetVConnection.write_to_net_io(self)
+        elif self.ssl_handshake_complete:
+            self._ssl_write()
+
+    def _wants_read(self) -> bool:
+        if self.attributes is Transport.BLIND_TUNNEL or self.ssl_handshake_complete:
+            return NetVConnection._wants_read(self)
+        return self._hs_want_read
+
+    def _wants_write(self) -> bool:
+        if self.attributes is Transport.BLIND_TUNNEL:
+            return self._write_blocked and self.write_enabled
+        return bool(self._out_raw) or self._hs_want_write
+
+    def _has_buffered_input(self) -> bool:
+        ssl = self.ssl
+        return self.ssl_handshake_complete and ssl is not None and (ssl.pending() > 0 or self._raw_eof)
+
+    # -- the handshake driver (ATS SSLNetVConnection::net_read_io, handshake part) --------------
+    def _handshake_step(self) -> None:
+        if self.closed:
+            return
+        event = SSL_EVENT_CLIENT if self.outbound else SSL_EVENT_SERVER
+        ret = self.ssl_start_handshake(event)
+        if self.closed:
+            return
+        self._hs_want_read = ret == SSL_HANDSHAKE_WANT_READ
+        self._hs_want_write = ret == SSL_HANDSHAKE_WANT_WRITE
+        if ret == EVENT_ERROR:
+            self._handshake_failed()
+        elif ret in (EVENT_DONE, EVENT_CONT):
+            if self.attributes is Transport.BLIND_TUNNEL:
+                self._become_tunnel()
+            elif self.hook_op_requested is HookOp.TERMINATE:
+                self._handshake_failed()
+            else:
+                self._handshake_done()
+        else:
+            self._update_interest()
+
+    def ssl_start_handshake(self, event: int) -> int:
+        """Set up the handshake on first call, then advance it one step."""
+        if self.ssl_handshake_begin_time == 0.0:
+            self.ssl_handshake_begin_time = time.monotonic()
+            cfg = self.config
+            if cfg is not None:
+                self.set_inactivity_timeout(cfg.handshake_timeout)
+            if event == SSL_EVENT_SERVER:
+                self.counters_incr(M_ATTEMPTS_IN)
+                self.close_hooks_pending = True
+                if _dbg.on:
+                    _dbg("IP context for [%s] -> [%s]", self.remote_addr, self.local_addr)
+        if event == SSL_EVENT_SERVER:
+            return self.ssl_server_handshake_event()
+        return self.ssl_client_handshake_event()
+
+    def counters_incr(self, metric: int, n: int = 1) -> None:
+        self.nh.counters[metric] += n
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _invoke_hooks(self, hook: HookID) -> bool:
+        """Run the remaining hooks of ``hook`` in order; False when one of them is still active."""
+        cfg = self.config
+        callbacks = cfg.hooks.get(hook) if cfg is not None else ()
+        while self._hook_index < len(callbacks):
+            callback = callbacks[self._hook_index]
+            self._hook_index += 1
+            self._hook_active = True
+            self._in_hook_call = True
+            try:
+                callback(hook, self)
+            except Exception as exc:  # a plugin bug fails this connection, never the worker
+                _dbg_err("hook %s raised %r; failing the connection", hook.name, exc)
+                self.hook_op_requested = HookOp.TERMINATE
+                self._hook_active = False
+            finally:
+                self._in_hook_call = False
+            if self.hook_op_requested is HookOp.TERMINATE:
+                self._hook_active = False
+                self._hook_index = len(callbacks)
+            if self._hook_active:
+                return False
+        self._hook_index = 0
+        return True
+
+    def reenable_hook(self, *, error: bool = False) -> None:
+        """TSVConnReenable / TSVConnReenableEx(TS_EVENT_ERROR) from a plugin."""
+        if self.closed or not self._hook_active:
+            _dbg("reenable on %s ignored (closed=%s, no hook active)", self, self.closed)
+            return
+        self._hook_active = False
+        if error:
+            self.hook_op_requested = HookOp.TERMINATE
+        if self.ssl_pre_accept_hook_state is SSLHookState.ACTIVE:
+            self.ssl_pre_accept_hook_state = SSLHookState.INVOKE
+        if not self._in_hook_call:
+            # Asynchronous reenable: continue on the loop (ATS readReschedule).
+            self.nh.read_ready_list[self] = None
+
+    def request_tunnel(self, destination: str | None) -> None:
+        """TSVConnTunnel: turn this VC into a blind tunnel once the current hook re-enables."""
+        self.hook_op_requested = HookOp.TUNNEL
+        self.tunnel_destination = destination
+
+    def net_read_io_ready(self) -> None:
+        self.nh.read_ready_list[self] = None
+
+    # -- server side ---------------------------------------------------------------------------
+    def ssl_server_handshake_event(self) -> int:
+        # Pre-accept (VCONN_START) hooks: once per VC, before any byte is read.
+        state = self.ssl_pre_accept_hook_state
+        if state is not SSLHookState.DONE:
+            if state is SSLHookState.ACTIVE and self._hook_active:
+                return SSL_WAIT_FOR_HOOK
+            self.ssl_pre_accept_hook_state = SSLHookState.INVOKE
+            if not self._invoke_hooks(HookID.VCONN_START):
+                self.ssl_pre_accept_hook_state = SSLHookState.ACTIVE
+                return SSL_WAIT_FOR_HOOK
+            self.ssl_pre_accept_hook_state = SSLHookState.DONE
+            if self.hook_op_requested is HookOp.TUNNEL:
+                # No data has been read yet: a tunnel with nothing to replay.
+                self.attributes = Transport.BLIND_TUNNEL
+                return EVENT_DONE
+            if self.hook_op_requested is HookOp.TERMINATE:
+                return EVENT_ERROR
+
+        if self.ssl is None:
+            ret = self._server_pre_ssl()
+            if ret is not None:
+                return ret
+
+        assert self.ssl is not None
+        if not self._ssl_bio_has_data:
+            retval = self.read_raw_data()
+            if retval == 0:
+                _dbg("SSL handshake error: EOF from %s", self.remote_addr)
+                self.counters_incr(M_ERROR_SYSCALL)
+                return EVENT_ERROR
+            if retval < 0 and retval != -11:
+                return EVENT_ERROR
+        return self._ssl_accept_step()
+
+    _ssl_bio_has_data = False
+
+    def _server_pre_ssl(self) -> int | None:
+        """ClientHello, hooks and context selection; None when the SSL object now exists."""
+        cfg = self.config
+        assert cfg is not None
+        if self.client_hello is None:
+            retval = self.read_raw_data()
+            if retval == 0:
+                _dbg("SSL handshake error: EOF before ClientHello from %s", self.remote_addr)
+                return EVENT_ERROR
+            if retval < 0:
+                return SSL_HANDSHAKE_WANT_READ if retval == -11 else EVENT_ERROR
+            if self._hello_parser is None:
+                self._hello_parser = ClientHelloParser()
+            try:
+                hello = self._hello_parser.feed(bytes(self.handshake_buffer[-retval:]))
+            except TLSProtocolError as exc:
+                if cfg.tr_pass and not looks_like_tls_handshake(bytes(self.handshake_buffer[:1])):
+                    _dbg("data does not look like SSL handshake, starting blind tunnel")
+                    self.attributes = Transport.BLIND_TUNNEL
+                    self.tunnel_destination = cfg.tunnel_route
+                    return EVENT_CONT
+                _dbg_err("bad ClientHello from %s: %s", self.remote_addr, exc.reason)
+                self.counters_incr(M_ERROR_SSL)
+                self.counters_incr(M_UA_OTHER)
+                self._send_raw_alert(ALERT_DECODE_ERROR)
+                return EVENT_ERROR
+            if hello is None:
+                return SSL_HANDSHAKE_WANT_READ
+            self.client_hello = hello
+            self.server_name = hello.server_name
+            self.ssl_handshake_hook_state = HandshakeHookState.CLIENT_HELLO
+            _dbg(
+                "ClientHello from %s: sni=%s alpn=%s",
+                self.remote_addr,
+                hello.server_name,
+                hello.alpn_protocols,
+            )
+
+        # CLIENT_HELLO -> (set_context_cert) SNI -> CERT, each phase's hooks in order.
+        while self.ssl_handshake_hook_state is not HandshakeHookState.DONE:
+            phase = self.ssl_handshake_hook_state
+            if self._hook_active:
+                return SSL_WAIT_FOR_HOOK
+            if phase is HandshakeHookState.SNI and self._hook_index == 0 and self.cert_context is None:
+                ret = self.set_context_cert()
+                if ret is not None:
+                    return ret
+            if not self._invoke_hooks(_PHASE_HOOK[phase]):
+                return SSL_WAIT_FOR_HOOK
+            if self.hook_op_requested is HookOp.TERMINATE:
+                return EVENT_ERROR
+            if self.hook_op_requested is HookOp.TUNNEL:
+                self.attributes = Transport.BLIND_TUNNEL
+                return EVENT_CONT
+            self.ssl_handshake_hook_state = _NEXT_PHASE[phase]
+
+        ctx = self.ssl_context or (self.cert_context.ctx if self.cert_context is not None else None)
+        if ctx is None:
+            _dbg_err("no certificate for sni=%s local=%s", self.server_name, self.local_addr)
+            self.counters_incr(M_NO_CERT)
+            self.counters_incr(M_ERROR_SSL)
+            self._send_raw_alert(ALERT_UNRECOGNIZED_NAME if self.server_name else ALERT_HANDSHAKE_FAILURE)
+            return EVENT_ERROR
+        try:
+            ssl = SSL.Connection(ctx, None)
+        except SSL.Error:
+            _dbg_err("failed to create SSL server session")
+            return EVENT_ERROR
+        ssl.set_app_data(self)
+        ssl.set_accept_state()
+        ssl.bio_write(bytes(self.handshake_buffer))
+        self._ssl_bio_has_data = True
+        self.handshake_buffer = bytearray()
+        self._hello_parser = None
+        self.ssl = ssl
+        return None
+
+    def set_context_cert(self) -> int | None:
+        """Choose the certificate context: SNI exact, SNI wildcard, then local IP:port, IP, default.
+
+        Returns a handshake result to stop with (tunnel), or None to go on.
+        """
+        cfg = self.config
+        assert cfg is not None
+        lookup = cfg.lookup
+        cc = None
+        name = self.server_name
+        if name:
+            cc = lookup.find(name)
+            if cc is not None and cc.ctx is None and cc.opt.name != "TUNNEL":
+                cc = None
+        if cc is None and self.local_addr:
+            cc = lookup.find_addr(str(self.local_addr[0]), int(self.local_addr[1]))
+        if cc is None:
+            cc = lookup.default_context
+        self.cert_context = cc
+        if cc is not None and cc.opt.name == "TUNNEL":
+            _dbg("action=tunnel for sni=%s", name)
+            self.hook_op_requested = HookOp.TUNNEL
+            self.tunnel_destination = cc.tunnel_route or cfg.tunnel_route
+            self.attributes = Transport.BLIND_TUNNEL
+            return EVENT_CONT
+        if _dbg.on:
+            _dbg(
+                "set_context_cert: %s context %s for requested name '%s'",
+                "found" if cc is not None and cc.ctx is not None else "no",
+                cc and cc.source,
+                name,
+            )
+        return None
+
+    def read_raw_data(self) -> int:
+        """Read from the socket into the handshake buffer (or the SSL read BIO).
+
+        Returns the byte count, 0 for EOF, or ``-errno`` (``-11`` = EAGAIN: nothing yet).
+        """
+        try:
+            data = self.sock.recv(RAW_READ)
+        except (BlockingIOError, InterruptedError):
+            return -11
+        except OSError as exc:
+            return -(exc.errno or 5)
+        if not data:
+            return 0
+        if self.ssl is None:
+            self.handshake_buffer += data
+        else:
+            self.ssl.bio_write(data)
+            self._ssl_bio_has_data = True
+        return len(data)
+
+    def _ssl_accept_step(self) -> int:
+        ssl = self.ssl
+        assert ssl is not None
+        try:
+            ssl.do_handshake()
+        except SSL.WantReadError:
+            self._ssl_bio_has_data = False
+            self._flush_ssl_output()
+            return SSL_HANDSHAKE_WANT_WRITE if self._out_raw else SSL_HANDSHAKE_WANT_READ
+        except SSL.ZeroReturnError:
+            self.counters_incr(M_ERROR_ZERO_RETURN)
+            return EVENT_ERROR
+        except SSL.SysCallError as exc:
+            self.counters_incr(M_ERROR_SYSCALL)
+            _dbg_err("SSL server handshake ERROR_SYSCALL from %s: %s", self.remote_addr, exc)
+            return EVENT_ERROR
+        except SSL.Error as exc:
+            self._flush_ssl_output()  # the alert OpenSSL queued
+            self._count_ssl_error(exc)
+            return EVENT_ERROR
+        self._ssl_bio_has_data = False
+        self._flush_ssl_output()
+        return EVENT_DONE
+
+    def _count_ssl_error(self, exc: SSL.Error) -> None:
+        self.counters_incr(M_ERROR_SSL)
+        text = str(exc).lower()
+        for needle, metric in _UA_ERROR_COUNTERS:
+            if needle in text:
+                self.counters_incr(metric)
+                break
+        else:
+            self.counters_incr(M_UA_OTHER)
+        _dbg_err("SSL server handshake ERROR_SSL from %s: %s", self.remote_addr, exc)
+
+    def _send_raw_alert(self, description: int) -> None:
+        try:
+            self.sock.send(_alert_record(description))
+        except OSError:
+            pass
+
+    # -- client side (origin connections) ---------------------------------------------------
+    def ssl_client_handshake_event(self) -> int:
+        ssl = self.ssl
+        if ssl is None:
+            return EVENT_ERROR
+        if self._out_raw and not self._flush_raw():
+            return SSL_HANDSHAKE_WANT_WRITE
+        if self._ssl_started:
+            retval = self.read_raw_data()
+            if retval == 0:
+                self.counters_incr(M_ERROR_SYSCALL)
+                return EVENT_ERROR
+            if retval < 0 and retval != -11:
+                return EVENT_ERROR
+        self._ssl_started = True
+        try:
+            ssl.do_handshake()
+        except SSL.WantReadError:
+            self._flush_ssl_output()
+            return SSL_HANDSHAKE_WANT_WRITE if self._out_raw else SSL_HANDSHAKE_WANT_READ
+        except SSL.ZeroReturnError:
+            self.counters_incr(M_ERROR_ZERO_RETURN)
+            return EVENT_ERROR
+        except SSL.SysCallError:
+            self.counters_incr(M_ERROR_SYSCALL)
+            return EVENT_ERROR
+        except SSL.Error as exc:
+            self._flush_ssl_output()
+            self.counters_incr(M_ERROR_SSL)
+            self.client_handshake_error = str(exc)
+            _dbg_err("SSL client handshake ERROR_SSL to %s: %s", self.remote_addr, exc)
+            return EVENT_ERROR
+        self._flush_ssl_output()
+        self.counters_incr(_m("total_success_handshake_count_out"))
+        return EVENT_DONE
+
+    _ssl_started = False
+    client_handshake_error: str | None = None
+    on_client_handshake: Callable[[SSLNetVConnection, bool], None] | None = None
+
+    def start_client_handshake(
+        self, ctx: SSL.Context, sni: str | None, done: Callable[[SSLNetVConnection, bool], None]
+    ) -> None:
+        """ssl_start_handshake(SSL_EVENT_CLIENT) on a connected origin socket."""
+        ssl = SSL.Connection(ctx, None)
+        ssl.set_app_data(self)
+        if sni:
+            ssl.set_tlsext_host_name(sni.encode("idna"))
+        ssl.set_connect_state()
+        self.ssl = ssl
+        self.outbound = True
+        self.on_client_handshake = done
+        self._handshake_step()
+
+    # -- endings ---------------------------------------------------------------------------------
+    def _handshake_done(self) -> None:
+        self.ssl_handshake_complete = True
+        self.cancel_inactivity_timeout()
+        ssl = self.ssl
+        assert ssl is not None
+        if self.outbound:
+            cb = self.on_client_handshake
+            if cb is not None:
+                cb(self, True)
+            return
+        elapsed = time.monotonic() - self.ssl_handshake_begin_time
+        counters = self.nh.counters
+        counters[M_SUCCESS_IN] += 1
+        counters[M_HS_TIME] += int(elapsed * 1e9)
+        version = ssl.get_protocol_version_name()
+        if version == "TLSv1.3":
+            counters[M_TLSV13] += 1
+        elif version == "TLSv1.2":
+            counters[M_TLSV12] += 1
+        reused = session_reused(ssl)
+        if reused:
+            counters[M_TICKETS_VERIFIED] += 1
+        proto = ssl.get_alpn_proto_negotiated()
+        if proto:
+            self.negotiated_protocol = proto
+            if proto not in (self.config.protocols if self.config else ()):
+                # Negotiated a protocol nothing serves (ATS PR 7981): fail cleanly.
+                _dbg_err("failed to find registered SSL endpoint for '%s'", proto)
+                counters[M_ALPN_NO_ENDPOINT] += 1
+                self.do_io_close()
+                return
+        _dbg(
+            "SSL server handshake completed: %s %s alpn=%s resumed=%s",
+            self.remote_addr,
+            version,
+            proto,
+            reused,
+        )
+        assert self.config is not None
+        self.config.on_ready(self)
+
+    def _handshake_failed(self) -> None:
+        if self.outbound:
+            cb = self.on_client_handshake
+            self.do_io_close()
+            if cb is not None:
+                cb(self, False)
+            return
+        self.do_io_close()
+
+    def _become_tunnel(self) -> None:
+        replay = bytes(self.handshake_buffer)
+        self.handshake_buffer = bytearray()
+        self.ssl = None
+        self.cancel_inactivity_timeout()
+        dest = self.tunnel_destination
+        if dest is None and self.config is not None:
+            dest = self.config.tunnel_route
+        _dbg("blind tunnel for %s to %s (%d bytes to replay)", self.remote_addr, dest, len(replay))
+        assert self.config is not None
+        self.config.on_tunnel(self, replay, dest)
+
+    def on_timeout(self, event: int) -> None:
+        if not self.ssl_handshake_complete and self.attributes is Transport.DEFAULT:
+            if event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT) and not self.outbound:
+                self.counters_incr(M_TIMEOUT)
+                _dbg("handshake timeout for %s", self.remote_addr)
+            self._handshake_failed()
+            return
+        NetVConnection.on_timeout(self, event)
+
+    def do_io_close(self, error: int = 0) -> None:
+        if self.closed:
+            return
+        if self.ssl is not None and self.ssl_handshake_complete and not self.eos:
+            try:
+                self.ssl.shutdown()
+            except SSL.Error:
+                pass
+            self._flush_ssl_output()
+        NetVConnection.do_io_close(self, error)
+        self._hook_active = False
+        if self.close_hooks_pending:
+            self.close_hooks_pending = False
+            cfg = self.config
+            for callback in cfg.hooks.get(HookID.VCONN_CLOSE) if cfg is not None else ():
+                try:
+                    callback(HookID.VCONN_CLOSE, self)
+                except Exception as exc:
+                    _dbg_err("VCONN_CLOSE hook raised %r", exc)
+        self.ssl = None
+
+    # -- TLS data path -----------------------------------------------------------------------
+    def _flush_ssl_output(self) -> None:
+        ssl = self.ssl
+        if ssl is None:
+            return
+        out = self._out_raw
+        while True:
+            try:
+                out += ssl.bio_read(262144)
+            except SSL.WantReadError:
+                break
+        if out:
+            self._flush_raw()
+
+    def _flush_raw(self) -> bool:
+        """Send pending ciphertext; True when all of it went out."""
+        out = self._out_raw
+        try:
+            n = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._out_raw = bytearray()
+            return True  # the read side will see the error
+        if n == len(out):
+            out.clear()
+            if self._mask & EVENT_WRITE:
+                self._update_interest()
+            return True
+        del out[:n]
+        if not self._mask & EVENT_WRITE:
+            self._update_interest()
+        return False
+
+    def _ssl_read(self) -> None:
+        vio = self.read
+        buf = vio.buffer
+        ssl = self.ssl
+        if self.closed or not self.read_enabled or buf is None or ssl is None:
+            self._update_interest()
+            return
+        got_raw = False
+        chunks: list[bytes] = []
+        room = min(buf.write_avail(), vio.nbytes - vio.ndone)
+        eos = False
+        error = False
+        while room > 0:
+            try:
+                data = ssl.recv(min(room, TLS_RECORD_MAX))
+            except SSL.WantReadError:
+                if got_raw or self._raw_eof:
+                    if self._raw_eof:
+                        eos = True
+                    break
+                got_raw = True
+                retval = self.read_raw_data()
+                if retval == -11:
+                    break
+                if retval <= 0:
+                    self._raw_eof = True
+                    ssl.bio_shutdown()
+                continue
+            except SSL.ZeroReturnError:
+                eos = True
+                break
+            except SSL.SysCallError:
+                eos = True  # EOF without close_notify: treat as end of stream
+                break
+            except SSL.Error as exc:
+                _dbg_err("SSL read error from %s: %s", self.remote_addr, exc)
+                error = True
+                break
+            chunks.append(data)
+            room -= len(data)
+        if self._out_raw or ssl.want_read() is False:
+            self._flush_ssl_output()
+        if chunks:
+            data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+            self._deliver(data)
+            if self.closed:
+                return
+        if error:
+            self.read_enabled = False
+            self._update_interest()
+            self._signal(vio, VC_EVENT_ERROR)
+        elif eos and not (ssl.pending() > 0):
+            self.eos = True
+            self.read_enabled = False
+            self._raw_eof = False
+            self._update_interest()
+            self._signal(vio, VC_EVENT_EOS)
+
+    def _ssl_write(self) -> None:
+        vio = self.write
+        reader = vio.reader
+        ssl = self.ssl
+        if self.closed or ssl is None:
+            return
+        if self._out_raw and not self._flush_raw():
+            return
+        if not self.write_enabled or reader is None:
+            self._update_interest()
+            return
+        todo = vio.nbytes - vio.ndone
+        avail = min(reader.read_avail(), todo)
+        wrote = 0
+        while avail > 0 and len(self._out_raw) < 262144:
+            try:
+                with reader.peek(min(avail, TLS_RECORD_MAX)) as chunk:
+                    n = ssl.send(chunk)
+            except SSL.Error as exc:
+                _dbg_err("SSL write error to %s: %s", self.remote_addr, exc)
+                self.write_enabled = False
+                self._signal(vio, VC_EVENT_ERROR)
+                return
+            reader.consume(n)
+            vio.ndone += n
+            avail -= n
+            wrote += n
+            try:
+                self._out_raw += ssl.bio_read(262144)
+            except SSL.WantReadError:
+                pass
+        if wrote:
+            self.net_activity()
+        if self._out_raw and not self._flush_raw():
+            return
+        if vio.ndone >= vio.nbytes:
+            self.write_enabled = False
+            self._update_interest()
+            self._signal(vio, 103)  # VC_EVENT_WRITE_COMPLETE
+        elif wrote:
+            if reader.read_avail():
+                self.nh.write_ready_list[self] = None
+            else:
+                self._signal(vio, 101)  # VC_EVENT_WRITE_READY
+
+    @property
+    def ssl_version(self) -> str | None:
+        return self.ssl.get_protocol_version_name() if self.ssl is not None else None
+
+
+__all__ = [
+    "EVENT_READ",
+    "SSL_EVENT_CLIENT",
+    "SSL_EVENT_SERVER",
+    "VC_EVENT_EOS",
+    "VC_EVENT_ERROR",
+    "HandshakeHookState",
+    "SSLAcceptConfig",
+    "SSLHookState",
+    "SSLNetVConnection",
+    "Transport",
+    "alpn_select",
+]

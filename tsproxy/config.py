@@ -1,0 +1,176 @@
+"""The whole configuration of a running tsproxy, loaded and validated in one place.
+
+``load_proxy_config`` reads records.config, the port descriptors, remap.config,
+ssl_multicert.config (building every SSL context) and plugin.config, and returns an immutable
+``ProxyConfig``. The master calls it to validate (start, ``config check``, reload) before any
+worker is touched; each worker calls it again on reload, so what a worker switches to is exactly
+what the master validated. Any problem raises ConfigError naming ``FILE:LINE``.
+
+When an ``ssl`` port is configured but ssl_multicert.config lists no certificate at all, a
+development CA and a localhost certificate are generated into the state directory so the
+shipped default config works out of the box; they are never used when real certificates are
+configured.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from OpenSSL import SSL
+
+from iocore.net.ports import PortDescriptor, parse_server_ports
+from iocore.net.ssl_cert_lookup import SSLCertLookup
+from iocore.net.ssl_config import SSLConfigParams
+from iocore.net.ssl_multicert import load_cert_lookup
+from iocore.net.ssl_net_vconnection import alpn_select
+from iocore.net.tls.context import CertKeyPair, build_server_context, load_or_create_ticket_keys
+from iocore.records.errors import ConfigError
+from iocore.records.parser import RecordsConfig, load_records
+from tsproxy.remap import RemapTable, load_remap
+
+SERVER_PORTS = "proxy.config.http.server_ports"
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One plugin.config line: a module path or dotted name, and its arguments."""
+
+    target: str
+    args: tuple[str, ...]
+    source: str  # "plugin.config:LINE"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    config_dir: Path
+    records: RecordsConfig
+    ports: list[PortDescriptor]
+    remap: RemapTable
+    ssl_params: SSLConfigParams | None
+    cert_lookup: SSLCertLookup | None
+    plugins: list[PluginSpec]
+    ticket_keys: bytes
+    generation: int = 1
+    dev_ca: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def state_dir(self) -> Path:
+        return _state_dir(self.records)
+
+
+def _state_dir(records: RecordsConfig) -> Path:
+    path = records.resolve_path("proxy.config.local_state_dir")
+    return path if path is not None else records.config_dir / "run"
+
+
+def parse_plugin_config(text: str, path: str, plugin_dir: Path) -> list[PluginSpec]:
+    """ATS plugin.config: one plugin per line, ``path/or.module arg1 arg2``, ``#`` comments."""
+    specs: list[PluginSpec] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            raise ConfigError(path, lineno, f"cannot split line: {exc}") from exc
+        if not words:
+            continue
+        target = words[0]
+        if target.endswith(".py") or "/" in target:
+            p = Path(target)
+            if not p.is_absolute():
+                p = plugin_dir / p
+            if not p.is_file():
+                raise ConfigError(path, lineno, f"plugin file {p} does not exist")
+            target = str(p)
+        specs.append(PluginSpec(target, tuple(words[1:]), f"{path}:{lineno}"))
+    return specs
+
+
+def load_proxy_config(
+    config_dir: Path, ticket_keys: bytes | None = None, generation: int = 1
+) -> ProxyConfig:
+    """Load and validate everything; raise ConfigError (FILE:LINE) on the first problem."""
+    config_dir = Path(config_dir).resolve()
+    records = load_records(config_dir)
+    warnings = list(records.warnings)
+    ports = parse_server_ports(
+        records.get_str(SERVER_PORTS), path=str(records.path), line=records.line_of(SERVER_PORTS)
+    )
+
+    remap_name = records.resolve_path("proxy.config.url_remap.filename")
+    if remap_name is None:
+        raise ConfigError(str(records.path), records.line_of("proxy.config.url_remap.filename"),
+                          "proxy.config.url_remap.filename is empty")
+    remap = load_remap(remap_name)
+
+    plugin_dir = records.resolve_path("proxy.config.plugin.plugin_dir") or config_dir
+    plugin_file = config_dir / "plugin.config"
+    plugins: list[PluginSpec] = []
+    if plugin_file.exists():
+        try:
+            text = plugin_file.read_text()
+        except OSError as exc:
+            raise ConfigError(str(plugin_file), None, f"cannot read: {exc.strerror}") from exc
+        plugins = parse_plugin_config(text, str(plugin_file), plugin_dir)
+
+    values = dict(records.items())
+    ssl_params: SSLConfigParams | None = None
+    lookup: SSLCertLookup | None = None
+    dev_ca: Path | None = None
+    if ticket_keys is None or values.get("proxy.config.ssl.server.ticket_key.filename"):
+        ssl_params0 = SSLConfigParams.from_records(values, config_dir)
+        ticket_keys = load_or_create_ticket_keys(ssl_params0.ticket_key_filename)
+    if any(p.ssl for p in ports):
+        ssl_params = SSLConfigParams.from_records(values, config_dir)
+        lookup = load_cert_lookup(ssl_params, ticket_keys)
+        warnings.extend(lookup.warnings)
+        if not any(cc.ctx is not None for cc in lookup.contexts) and not _multicert_has_entries(ssl_params):
+            from tsproxy.devcert import ensure_dev_certs
+
+            dev_ca, chain, key = ensure_dev_certs(_state_dir(records))
+            ctx = build_server_context(ssl_params, [CertKeyPair(chain, key)], None, ticket_keys)
+            lookup = _dev_lookup(ctx, chain)
+            warnings.append(
+                f"{ssl_params.multicert_filename}: no certificates configured; serving a development "
+                f"certificate for localhost (CA: {dev_ca})"
+            )
+        for cc in lookup.contexts:
+            if cc.ctx is not None:
+                cc.ctx.set_alpn_select_callback(alpn_select)
+    return ProxyConfig(
+        config_dir=config_dir,
+        records=records,
+        ports=ports,
+        remap=remap,
+        ssl_params=ssl_params,
+        cert_lookup=lookup,
+        plugins=plugins,
+        ticket_keys=ticket_keys,
+        generation=generation,
+        dev_ca=dev_ca,
+        warnings=warnings,
+    )
+
+
+def _multicert_has_entries(params: SSLConfigParams) -> bool:
+    path = params.multicert_filename
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    return any(line.strip() and not line.strip().startswith("#") for line in text.splitlines())
+
+
+def _dev_lookup(ctx: SSL.Context, chain: Path) -> SSLCertLookup:
+    from iocore.net.ssl_cert_lookup import CertOpt, SSLCertContext
+
+    lookup = SSLCertLookup()
+    cc = SSLCertContext(ctx=ctx, opt=CertOpt.NORMAL, tunnel_route=None, names=("localhost",),
+                        source=f"{chain} (development certificate)", ssl_ticket_enabled=True)
+    lookup.insert_name("localhost", cc)
+    lookup.set_default(cc)
+    return lookup

@@ -1,0 +1,717 @@
+"""The HTTP/1.1 reverse-proxy state machine (ATS HttpSM, Http1ClientSession, HttpSessionManager).
+
+Theory of operation
+-------------------
+An ``HttpClientSession`` owns one client VC (plain or TLS). It reads with a read VIO whose
+buffer has a water mark, feeds the bytes to the sans-IO ``RequestParser`` and processes the
+resulting events in order from ``pending``. Processing stops (``_blocked``) while
+
+* the transaction waits for its origin connection,
+* the origin's write buffer is above its water mark (a large upload), or
+* a pipelined request arrives before the current response ended.
+
+When nothing is consumed, the client buffer fills up, the VC stops reading, and TCP pushes back
+on the client: memory stays bounded by the water marks, never by body sizes.
+
+Responses flow the other way through an ``OriginConnection``: its bytes go to a
+``ResponseParser``; the head, then each body piece, is written to the client buffer. Once the
+client buffer is above its water mark the origin is no longer consumed (so the origin VC stops
+reading); the client VC's ``WRITE_READY`` (buffer drained) resumes it.
+
+Transactions end with the response's ``MessageEnded``: the origin connection returns to the
+per-worker ``OriginPool`` when both sides allow keep-alive, the client session then reads its
+next request or closes. Errors map to answers: no remap rule 404, malformed request 400/413/414/431
+(then close), origin unreachable 502, origin silent past
+``proxy.config.http.transaction_no_activity_timeout_out`` 504.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+from typing import TYPE_CHECKING, Any
+
+from iocore.eventsystem.diags import DbgCtl
+from iocore.eventsystem.event import (
+    NET_EVENT_OPEN,
+    NET_EVENT_OPEN_FAILED,
+    VC_EVENT_ACTIVE_TIMEOUT,
+    VC_EVENT_EOS,
+    VC_EVENT_ERROR,
+    VC_EVENT_INACTIVITY_TIMEOUT,
+    VC_EVENT_READ_COMPLETE,
+    VC_EVENT_READ_READY,
+    VC_EVENT_WRITE_COMPLETE,
+    VC_EVENT_WRITE_READY,
+    Continuation,
+)
+from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
+from iocore.net.net_accept import connect
+from iocore.records.stats import METRIC_ID
+from tsproxy.http.message import ChunkedEncoder, build_client_response_head, build_origin_request_head, \
+    client_framing, error_response
+from tsproxy.http.parser import (
+    BodyDataReceived,
+    BodyMode,
+    HTTPProtocolError,
+    MessageEnded,
+    RequestParser,
+    RequestReceived,
+    ResponseParser,
+    ResponseReceived,
+)
+
+if TYPE_CHECKING:
+    from iocore.net.net_handler import NetHandler
+    from iocore.net.net_vconnection import NetVConnection
+    from tsproxy.config import ProxyConfig
+    from tsproxy.remap import RemapResult
+
+_dbg = DbgCtl("http")
+
+CLIENT_WATER_MARK = 64 * 1024
+RESPONSE_WATER_MARK = 256 * 1024
+ORIGIN_WRITE_WATER_MARK = 256 * 1024
+MAX_IDLE_PER_ORIGIN = 128
+
+
+def _m(name: str) -> int:
+    return METRIC_ID["proxy.process.http." + name]
+
+
+M_INCOMING = _m("incoming_requests")
+M_OUTGOING = _m("outgoing_requests")
+M_COMPLETED = _m("completed_requests")
+M_CUR_CLIENT = _m("current_client_connections")
+M_TOTAL_CLIENT = _m("total_client_connections")
+M_CUR_SERVER = _m("current_server_connections")
+M_TOTAL_SERVER = _m("total_server_connections")
+M_REUSED = _m("origin_connections_reused")
+M_CLIENT_ABORT = _m("err_client_abort_count")
+M_CONNECT_FAIL = _m("err_connect_fail_count")
+M_STATUS = {2: _m("2xx_responses"), 3: _m("3xx_responses"), 4: _m("4xx_responses"), 5: _m("5xx_responses")}
+
+
+class HttpConfig:
+    """The HTTP records a session needs, read once per config generation."""
+
+    __slots__ = (
+        "connect_timeout",
+        "keep_alive_in",
+        "keep_alive_out",
+        "ka_timeout_in",
+        "ka_timeout_out",
+        "max_header_size",
+        "remap",
+        "request_via",
+        "response_via",
+        "txn_timeout_in",
+        "txn_timeout_out",
+        "xff",
+    )
+
+    def __init__(self, config: ProxyConfig) -> None:
+        rec = config.records
+        g = rec.get_int
+        name = rec.get_str("proxy.config.proxy_name").encode("ascii", "replace")
+        self.remap = config.remap
+        self.txn_timeout_in = g("proxy.config.http.transaction_no_activity_timeout_in")
+        self.txn_timeout_out = g("proxy.config.http.transaction_no_activity_timeout_out")
+        self.ka_timeout_in = g("proxy.config.http.keep_alive_no_activity_timeout_in")
+        self.ka_timeout_out = g("proxy.config.http.keep_alive_no_activity_timeout_out")
+        self.connect_timeout = g("proxy.config.http.connect_attempts_timeout")
+        self.keep_alive_in = bool(g("proxy.config.http.keep_alive_enabled_in"))
+        self.keep_alive_out = bool(g("proxy.config.http.keep_alive_enabled_out"))
+        self.request_via = name if g("proxy.config.http.insert_request_via_str") else None
+        self.response_via = name if g("proxy.config.http.insert_response_via_str") else None
+        self.xff = bool(g("proxy.config.http.insert_squid_x_forwarded_for"))
+        self.max_header_size = g("proxy.config.http.request_header_max_size")
+
+
+class Resolver:
+    """Host name -> address cache. Remap targets are resolved when the config loads; a miss
+    resolves synchronously (getaddrinfo blocks the loop: keep origins in remap.config)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int], tuple[int, tuple[Any, ...]]] = {}
+
+    def resolve(self, host: str, port: int) -> tuple[int, tuple[Any, ...]]:
+        key = (host, port)
+        hit = self._cache.get(key)
+        if hit is None:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, _, _, _, addr = infos[0]
+            hit = self._cache[key] = (family, addr)
+        return hit
+
+    def warm(self, config: ProxyConfig) -> None:
+        for rule in config.remap.rules:
+            try:
+                self.resolve(rule.to_host, rule.to_port)
+            except OSError as exc:
+                _dbg("cannot resolve %s: %s", rule.to_host, exc)
+
+
+class HttpProcessor:
+    """Per-worker HTTP state: config, origin pool, resolver."""
+
+    def __init__(self, nh: NetHandler, config: ProxyConfig) -> None:
+        self.nh = nh
+        self.counters = nh.counters
+        self.resolver = Resolver()
+        self.pool = OriginPool(self)
+        self.sessions: dict[HttpClientSession, None] = {}
+        self.draining = False
+        self.set_config(config)
+
+    def set_config(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.http = HttpConfig(config)
+        self.resolver = Resolver()
+        self.resolver.warm(config)
+
+    def new_session(self, vc: NetVConnection, scheme: str, port: int) -> HttpClientSession:
+        return HttpClientSession(self, vc, scheme, port)
+
+    def drain(self) -> None:
+        """Graceful stop: idle sessions close now, busy ones after their current response."""
+        self.draining = True
+        for session in list(self.sessions):
+            if session.idle():
+                session.close()
+        self.pool.close_all()
+
+
+class OriginPool:
+    """Idle keep-alive origin connections per (scheme, host, port)."""
+
+    def __init__(self, proc: HttpProcessor) -> None:
+        self.proc = proc
+        self.idle: dict[tuple[str, str, int], list[OriginConnection]] = {}
+
+    def get(self, key: tuple[str, str, int]) -> OriginConnection | None:
+        conns = self.idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if not conn.vc.closed:
+                return conn
+        return None
+
+    def put(self, conn: OriginConnection) -> None:
+        conns = self.idle.setdefault(conn.key, [])
+        if len(conns) >= MAX_IDLE_PER_ORIGIN or self.proc.draining:
+            conn.close()
+            return
+        conn.park(self.proc.http.ka_timeout_out)
+        conns.append(conn)
+
+    def remove(self, conn: OriginConnection) -> None:
+        conns = self.idle.get(conn.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+
+    def close_all(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.vc.do_io_close()
+        self.idle.clear()
+
+
+class OriginConnection(Continuation):
+    """One connection to an origin; owned by a session during a transaction, else by the pool."""
+
+    def __init__(self, proc: HttpProcessor, key: tuple[str, str, int], vc: NetVConnection) -> None:
+        super().__init__(self._handle_idle)
+        self.proc = proc
+        self.key = key
+        self.vc = vc
+        self.session: HttpClientSession | None = None
+        self.parser = ResponseParser()
+        self.read_buf = MIOBuffer(RESPONSE_WATER_MARK)
+        self.reader = self.read_buf.alloc_reader()
+        self.write_buf = MIOBuffer(ORIGIN_WRITE_WATER_MARK)
+        self.write_reader = self.write_buf.alloc_reader()
+        self.requests = 0
+        proc.counters[M_CUR_SERVER] += 1
+        proc.counters[M_TOTAL_SERVER] += 1
+
+    def attach(self, session: HttpClientSession) -> None:
+        self.session = session
+        self.set_handler(session.handle_origin_event)
+        vc = self.vc
+        vc.do_io_read(self, INT64_MAX, self.read_buf)
+        vc.do_io_write(self, INT64_MAX, self.write_reader)
+        vc.set_inactivity_timeout(self.proc.http.txn_timeout_out)
+
+    def park(self, timeout: float) -> None:
+        self.session = None
+        self.set_handler(self._handle_idle)
+        self.vc.set_inactivity_timeout(timeout)
+        if not self.vc.read_enabled:
+            self.vc.do_io_read(self, INT64_MAX, self.read_buf)
+
+    def _handle_idle(self, event: int, data: Any) -> None:
+        # Anything from an idle origin (close, junk, timeout) retires the connection.
+        self.proc.pool.remove(self)
+        self.close()
+
+    def close(self) -> None:
+        if not self.vc.closed:
+            self.vc.do_io_close()
+            self.proc.counters[M_CUR_SERVER] -= 1
+        self.session = None
+
+
+class _Connecting(Continuation):
+    """Receives NET_EVENT_OPEN / OPEN_FAILED for a session's new origin connection."""
+
+    __slots__ = ("key", "session")
+
+    def __init__(self, session: HttpClientSession, key: tuple[str, str, int]) -> None:
+        super().__init__(self._handle)
+        self.session = session
+        self.key = key
+
+    def _handle(self, event: int, data: Any) -> None:
+        self.session.origin_opened(event, data, self.key, self)
+
+
+class HttpClientSession(Continuation):
+    """One client connection and its sequence of transactions."""
+
+    def __init__(self, proc: HttpProcessor, vc: NetVConnection, scheme: str, port: int) -> None:
+        super().__init__(self.handle_client_event)
+        self.proc = proc
+        self.http = proc.http
+        self.vc = vc
+        self.scheme = scheme
+        self.port = port
+        self.parser = RequestParser(proc.http.max_header_size)
+        self.read_buf = MIOBuffer(CLIENT_WATER_MARK)
+        self.reader = self.read_buf.alloc_reader()
+        self.write_buf = MIOBuffer(RESPONSE_WATER_MARK)
+        self.write_reader = self.write_buf.alloc_reader()
+        self.pending: collections.deque[Any] = collections.deque()
+        self.closed = False
+        self.close_after_write = False
+        # current transaction
+        self.request: RequestReceived | None = None
+        self.remap: RemapResult | None = None
+        self.origin: OriginConnection | None = None
+        self.connecting: _Connecting | None = None
+        self.connect_vc: NetVConnection | None = None
+        self.request_done = False
+        self.response: ResponseReceived | None = None
+        self.framing = BodyMode.NONE
+        self.chunked: ChunkedEncoder | None = None
+        self.client_keep_alive = True
+        self.origin_paused = False
+        self.retried = False
+        self.origin_bytes = 0
+        proc.sessions[self] = None
+        counters = proc.counters
+        counters[M_CUR_CLIENT] += 1
+        counters[M_TOTAL_CLIENT] += 1
+        vc.do_io_read(self, INT64_MAX, self.read_buf)
+        vc.do_io_write(self, INT64_MAX, self.write_reader)
+        vc.set_inactivity_timeout(self.http.ka_timeout_in)
+
+    def idle(self) -> bool:
+        return self.request is None and not self.pending
+
+    # -- client side -----------------------------------------------------------------------------
+    def handle_client_event(self, event: int, data: Any) -> None:
+        if event == VC_EVENT_READ_READY or event == VC_EVENT_READ_COMPLETE:
+            self._process_client_input()
+        elif event == VC_EVENT_WRITE_READY:
+            if self.close_after_write and not self.write_reader.read_avail():
+                self.close()
+            elif self.origin_paused:
+                self.origin_paused = False
+                self._process_origin_input()
+        elif event == VC_EVENT_EOS:
+            if self.request is None and not self.pending:
+                self.close()
+            elif self.response is None and self.request is not None and self.request_done:
+                # Half-close after a complete request: answer, then close.
+                self.client_keep_alive = False
+            else:
+                self.proc.counters[M_CLIENT_ABORT] += 1
+                self.close()
+        elif event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT, VC_EVENT_ERROR):
+            if event == VC_EVENT_ERROR:
+                self.proc.counters[M_CLIENT_ABORT] += 1
+            self.close()
+
+    def _process_client_input(self) -> None:
+        if self.closed:
+            return
+        if self._blocked():
+            return
+        reader = self.reader
+        if reader.read_avail():
+            data = reader.read()
+            try:
+                self.pending.extend(self.parser.feed(data))
+            except HTTPProtocolError as exc:
+                self.pending.append(exc)
+        self._run_pending()
+        if not self.closed and not self._blocked():
+            self.vc.read.reenable()
+
+    def _blocked(self) -> bool:
+        if self.connecting is not None:
+            return True
+        origin = self.origin
+        if origin is not None and origin.write_buf.high_water():
+            return True
+        return False
+
+    def _run_pending(self) -> None:
+        pending = self.pending
+        while pending and not self.closed:
+            ev = pending[0]
+            if isinstance(ev, RequestReceived):
+                if self.request is not None:
+                    return  # pipelined: wait for the current response to end
+                pending.popleft()
+                self._start_transaction(ev)
+            elif isinstance(ev, BodyDataReceived):
+                if self._blocked():
+                    return
+                pending.popleft()
+                self._send_request_body(ev.data)
+            elif isinstance(ev, MessageEnded):
+                if self._blocked():
+                    return
+                pending.popleft()
+                self._request_ended()
+            else:  # HTTPProtocolError
+                pending.clear()
+                self._send_error(ev.status, ev.reason, close=True)
+                return
+
+    def _start_transaction(self, req: RequestReceived) -> None:
+        proc = self.proc
+        proc.counters[M_INCOMING] += 1
+        self.request = req
+        self.request_done = False
+        self.response = None
+        self.retried = False
+        self.client_keep_alive = req.keep_alive and self.http.keep_alive_in and not proc.draining
+        self.vc.set_inactivity_timeout(self.http.txn_timeout_in)
+        if req.method == b"CONNECT":
+            self._send_error(501, "CONNECT is not supported", close=True)
+            return
+        host = b""
+        for name, value in req.headers:
+            if len(name) == 4 and name.lower() == b"host":
+                host = value
+                break
+        target = req.target
+        if not target.startswith(b"/"):
+            # absolute-form: take the authority and path from the URL
+            scheme_end = target.find(b"://")
+            if scheme_end > 0:
+                rest = target[scheme_end + 3 :]
+                slash = rest.find(b"/")
+                host = rest if slash < 0 else rest[:slash]
+                target = b"/" if slash < 0 else rest[slash:]
+        remap = self.http.remap.lookup(self.scheme, host, self.port, target)
+        if remap is None:
+            _dbg("no remap rule for %s://%s%s", self.scheme, host, target)
+            self._send_error(404, "no remap rule matches this request", close=not self.client_keep_alive)
+            return
+        self.remap = remap
+        self._get_origin()
+
+    def _origin_key(self) -> tuple[str, str, int]:
+        r = self.remap
+        assert r is not None
+        return (r.origin_scheme, r.origin_host, r.origin_port)
+
+    def _get_origin(self) -> None:
+        key = self._origin_key()
+        proc = self.proc
+        conn = proc.pool.get(key) if self.http.keep_alive_out else None
+        if conn is not None:
+            proc.counters[M_REUSED] += 1
+            self._use_origin(conn)
+            return
+        try:
+            family, addr = proc.resolver.resolve(key[1], key[2])
+        except OSError as exc:
+            self._send_error(502, f"cannot resolve origin {key[1]}: {exc.strerror or exc}", close=False)
+            return
+        self.connecting = _Connecting(self, key)
+        self.connect_vc = connect(proc.nh, self.connecting, addr, family)
+        if self.connect_vc is not None:
+            self.connect_vc.set_inactivity_timeout(self.http.connect_timeout)
+            self.connect_vc.user_data = self
+
+    def origin_opened(self, event: int, data: Any, key: tuple[str, str, int], token: _Connecting) -> None:
+        if token is not self.connecting:
+            if event == NET_EVENT_OPEN:
+                data.do_io_close()
+            return
+        self.connecting = None
+        self.connect_vc = None
+        if self.closed:
+            if event == NET_EVENT_OPEN:
+                data.do_io_close()
+            return
+        if event == NET_EVENT_OPEN_FAILED:
+            self.proc.counters[M_CONNECT_FAIL] += 1
+            err = data if isinstance(data, int) else 0
+            _dbg("connect to %s:%s failed: errno %s", key[1], key[2], err)
+            self._send_error(502, f"origin {key[1]}:{key[2]} unreachable ({_strerror(err)})", close=False)
+            self._process_client_input()
+            return
+        vc: NetVConnection = data
+        if key[0] == "https":
+            self._send_error(502, "https origins are not supported yet", close=False)
+            vc.do_io_close()
+            return
+        self._use_origin(OriginConnection(self.proc, key, vc))
+        self._process_client_input()
+
+    def _use_origin(self, conn: OriginConnection) -> None:
+        req = self.request
+        remap = self.remap
+        assert req is not None and remap is not None
+        self.origin = conn
+        self.origin_bytes = 0
+        conn.attach(self)
+        conn.requests += 1
+        conn.parser.start(req.method)
+        head = build_origin_request_head(
+            req,
+            path=remap.path,
+            host_header=remap.host_header,
+            client_ip=self.vc.remote_ip,
+            via=self.http.request_via,
+            xff=self.http.xff,
+        )
+        self.proc.counters[M_OUTGOING] += 1
+        self.chunked_up = ChunkedEncoder() if req.body is BodyMode.CHUNKED else None
+        conn.write_buf.write(head)
+        conn.vc.write.reenable()
+        if req.body is BodyMode.NONE:
+            self.request_done = True
+
+    def _send_request_body(self, data: bytes) -> None:
+        origin = self.origin
+        if origin is None:
+            return  # the transaction already failed; drop the body
+        enc = self.chunked_up
+        origin.write_buf.write(enc.encode(data) if enc is not None else data)
+        origin.vc.write.reenable()
+
+    def _request_ended(self) -> None:
+        self.request_done = True
+        origin = self.origin
+        if origin is not None and self.chunked_up is not None:
+            origin.write_buf.write(self.chunked_up.end())
+            origin.vc.write.reenable()
+
+    # -- origin side --------------------------------------------------------------------------
+    def handle_origin_event(self, event: int, data: Any) -> None:
+        if event == VC_EVENT_READ_READY or event == VC_EVENT_READ_COMPLETE:
+            self._process_origin_input()
+        elif event == VC_EVENT_WRITE_READY:
+            # The origin drained the upload buffer: resume the client's body.
+            self._process_client_input()
+        elif event == VC_EVENT_WRITE_COMPLETE:
+            pass
+        elif event == VC_EVENT_EOS:
+            self._origin_eof()
+        elif event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT):
+            self._origin_failed(504, "origin did not answer in time")
+        elif event == VC_EVENT_ERROR:
+            self._origin_failed(502, "origin connection failed")
+
+    def _process_origin_input(self) -> None:
+        origin = self.origin
+        if origin is None or self.closed:
+            return
+        if self.write_buf.high_water():
+            self.origin_paused = True
+            return
+        reader = origin.reader
+        if reader.read_avail():
+            data = reader.read()
+            self.origin_bytes += len(data)
+            try:
+                events = origin.parser.feed(data)
+            except HTTPProtocolError as exc:
+                self._origin_failed(502, f"bad response from origin: {exc.reason}")
+                return
+            self._handle_response_events(events)
+        if self.origin is origin and not origin.vc.closed:
+            origin.vc.read.reenable()
+
+    def _handle_response_events(self, events: list[Any]) -> None:
+        write = self.write_buf.write
+        for ev in events:
+            if isinstance(ev, BodyDataReceived):
+                enc = self.chunked
+                write(enc.encode(ev.data) if enc is not None else ev.data)
+            elif isinstance(ev, ResponseReceived):
+                self._response_head(ev)
+            elif isinstance(ev, MessageEnded):
+                if self.chunked is not None:
+                    write(self.chunked.end())
+                self.vc.write.reenable()
+                self._transaction_done()
+                return
+        self.vc.write.reenable()
+
+    def _response_head(self, ev: ResponseReceived) -> None:
+        req = self.request
+        assert req is not None
+        if ev.status < 200:
+            if ev.status == 100 or ev.status == 103:
+                self.write_buf.write(build_client_response_head(ev, via=None, keep_alive=True))
+            return
+        self.response = ev
+        framing = client_framing(ev.body, req.http_version)
+        if req.method == b"HEAD" or ev.body is BodyMode.NONE:
+            framing = BodyMode.NONE
+        if framing is BodyMode.UNTIL_CLOSE:
+            self.client_keep_alive = False
+        self.framing = framing
+        # The parser hands bodies over de-chunked, so a chunked client body is always re-encoded.
+        self.chunked = ChunkedEncoder() if framing is BodyMode.CHUNKED else None
+        head = build_client_response_head(
+            ev,
+            via=self.http.response_via,
+            keep_alive=self.client_keep_alive,
+            framing=framing,
+            client_http_version=req.http_version,
+        )
+        self.write_buf.write(head)
+        metric = M_STATUS.get(ev.status // 100)
+        if metric is not None:
+            self.proc.counters[metric] += 1
+
+    def _origin_eof(self) -> None:
+        origin = self.origin
+        if origin is None:
+            return
+        try:
+            events = origin.parser.feed_eof()
+        except HTTPProtocolError as exc:
+            if self.response is None and self.origin_bytes == 0 and origin.requests > 1 and not self.retried \
+                    and self.request is not None and self.request.body is BodyMode.NONE:
+                # A pooled connection the origin had closed: retry once on a fresh one.
+                self.retried = True
+                self._drop_origin()
+                self._get_origin_fresh()
+                return
+            self._origin_failed(502, f"origin closed the connection: {exc.reason}")
+            return
+        self._handle_response_events(events)
+        if self.origin is origin:
+            self._drop_origin()
+
+    def _get_origin_fresh(self) -> None:
+        key = self._origin_key()
+        try:
+            family, addr = self.proc.resolver.resolve(key[1], key[2])
+        except OSError:
+            self._send_error(502, "cannot resolve origin", close=False)
+            return
+        self.connecting = _Connecting(self, key)
+        self.connect_vc = connect(self.proc.nh, self.connecting, addr, family)
+
+    def _origin_failed(self, status: int, reason: str) -> None:
+        self._drop_origin()
+        if self.response is None and self.request is not None:
+            self._send_error(status, reason, close=True)
+        else:
+            self.close()  # the head already went out: all we can do is cut the connection
+
+    def _drop_origin(self) -> None:
+        origin = self.origin
+        if origin is not None:
+            self.origin = None
+            origin.close()
+
+    def _transaction_done(self) -> None:
+        proc = self.proc
+        proc.counters[M_COMPLETED] += 1
+        origin = self.origin
+        resp = self.response
+        self.origin = None
+        if origin is not None:
+            if (
+                resp is not None
+                and resp.keep_alive
+                and self.request_done
+                and self.http.keep_alive_out
+                and origin.parser.reusable()
+            ):
+                proc.pool.put(origin)
+            else:
+                origin.close()
+        self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        self.request = None
+        self.remap = None
+        self.response = None
+        self.chunked = None
+        self.origin_paused = False
+        if not self.client_keep_alive or self.proc.draining:
+            self.close_after_write = True
+            self.vc.read.disable()
+            if not self.write_reader.read_avail():
+                self.close()
+            return
+        self.vc.set_inactivity_timeout(self.http.ka_timeout_in)
+        if self.pending or self.reader.read_avail():
+            self._process_client_input()
+
+    def _send_error(self, status: int, reason: str, *, close: bool) -> None:
+        _dbg("answering %d: %s", status, reason)
+        metric = M_STATUS.get(status // 100)
+        if metric is not None:
+            self.proc.counters[metric] += 1
+        if self.request is None or not self.request_done and self.request.body is not BodyMode.NONE:
+            close = True  # we cannot find the next request's start in an unread body
+        keep = self.client_keep_alive and not close
+        self.client_keep_alive = keep
+        self.write_buf.write(error_response(status, reason, close=not keep))
+        self.vc.write.reenable()
+        self._drop_origin()
+        if self.connecting is not None:
+            if self.connect_vc is not None:
+                self.connect_vc.do_io_close()
+            self.connecting = None
+            self.connect_vc = None
+        if not keep:
+            self.pending.clear()
+        self.proc.counters[M_COMPLETED] += 1
+        self._end_transaction()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._drop_origin()
+        if self.connect_vc is not None:
+            self.connect_vc.do_io_close()
+        self.connecting = None
+        self.vc.do_io_close()
+        proc = self.proc
+        proc.sessions.pop(self, None)
+        proc.counters[M_CUR_CLIENT] -= 1
+
+
+def _strerror(err: int) -> str:
+    import os
+
+    try:
+        return os.strerror(err)
+    except ValueError:
+        return str(err)

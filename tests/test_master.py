@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import ProxyProcess, run_tsproxy, write_config_dir
 
-from tsproxy.exitcodes import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_WORKER_BOOT
+from tsproxy.exitcodes import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, EX_WORKER_BOOT
 
 Factory = Callable[..., ProxyProcess]
 
@@ -257,3 +257,12 @@ def test_sighup_reloads(tsproxy: ProxyProcess) -> None:
     _wait_for(
         lambda: [w["generation"] for w in tsproxy.status()["workers"]] == [2], 10.0, "workers at generation 2"
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privileges are only dropped when started as root")
+def test_unknown_admin_user_is_a_clear_error(tmp_path: Path) -> None:
+    config_dir = write_config_dir(tmp_path / "etc", {"proxy.config.admin.user_id": "no-such-user-tsproxy"})
+    result = run_tsproxy("start", "--config-dir", str(config_dir), timeout=30)
+    assert result.returncode == EX_NOPERM
+    assert "proxy.config.admin.user_id: no such user 'no-such-user-tsproxy'" in result.stderr
+    assert not (config_dir / "run" / "tsproxy.pid").exists()

@@ -215,6 +215,12 @@ class Master:
         self._pidfile_written = False
         self._proc = psutil.Process()
 
+    @property
+    def region(self) -> StatsRegion:
+        """The shared stats region (exists once ``run()`` has made the slots)."""
+        assert self.stats is not None, "stats region not created yet"
+        return self.stats
+
     # ------------------------------------------------------------------ startup
 
     def run(self) -> int:
@@ -398,7 +404,7 @@ class Master:
             try:
                 master_end.close()
                 self._after_fork_in_child(slot)
-                self.stats.claim_slot(
+                self.region.claim_slot(
                     slot.index, os.getpid(), int(SlotRole[slot.role]), time.monotonic(), self.generation
                 )
                 boot = WorkerBoot(
@@ -407,7 +413,7 @@ class Master:
                     config_dir=self.config_dir,
                     config=self.config,
                     listeners=slot.listeners,
-                    stats=self.stats,
+                    stats=self.region,
                     control=worker_end,
                     plugin_loader=self.plugin_loader,
                 )
@@ -547,8 +553,8 @@ class Master:
         how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         self._close_worker_sock(slot)
         pid, slot.pid, slot.last_status = slot.pid, 0, code
-        self.stats.reset_gauges(slot.index)
-        self.stats.slot(slot.index).state = SlotState.EXITED
+        self.region.reset_gauges(slot.index)
+        self.region.slot(slot.index).state = SlotState.EXITED
         if self._reload is not None and slot.index in self._reload.waiting:
             del self._reload.waiting[slot.index]
             self._reload.replies[slot.index] = {
@@ -611,7 +617,7 @@ class Master:
     def _heartbeat_age(self, slot: _Slot, now_mono: float) -> float:
         """Seconds since the worker's last heartbeat (since its fork before the first one)."""
         try:
-            beat = self.stats.slot(slot.index).last_heartbeat
+            beat = self.region.slot(slot.index).last_heartbeat
         except (IndexError, AttributeError):
             beat = 0.0
         return now_mono - max(beat, slot.spawned_mono)
@@ -861,7 +867,7 @@ class Master:
                 responder.error(control.INVALID_PARAMS, "metric.match needs a 'regex' string")
                 return
             try:
-                metrics = self.stats.match(regex)
+                metrics = self.region.match(regex)
             except re.error as exc:
                 responder.error(control.INVALID_PARAMS, f"bad regex {regex!r}: {exc}")
                 return
@@ -875,7 +881,7 @@ class Master:
         unknown: list[str] = []
         for name in names:
             try:
-                ids.append(self.stats.metric_id(name))
+                ids.append(self.region.metric_id(name))
             except KeyError:
                 unknown.append(name)
         if unknown:
@@ -884,8 +890,8 @@ class Master:
             return
         if method == "metric.zero":
             for metric_id in ids:
-                self.stats.zero(metric_id)
-        responder.result({"metrics": [[n, self.stats.sum(i)] for n, i in zip(names, ids, strict=True)]})
+                self.region.zero(metric_id)
+        responder.result({"metrics": [[n, self.region.sum(i)] for n, i in zip(names, ids, strict=True)]})
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -920,7 +926,7 @@ class Master:
                 if slot.proc is not None:
                     entry["cpu_percent"] = self._cpu(slot.proc, slot.spawned_wall)
                     entry["rss"] = self._rss(slot.proc)
-                stats = self.stats.slot(slot.index)
+                stats = self.region.slot(slot.index)
                 entry["connections"] = stats.get(METRIC_ID[CONNECTIONS_METRIC])
                 entry["generation"] = max(slot.generation, stats.generation)
             workers.append(entry)
@@ -935,7 +941,7 @@ class Master:
     @staticmethod
     def _cpu(proc: psutil.Process, started_wall: float) -> float | None:
         try:
-            value = proc.cpu_percent(None)
+            value = float(proc.cpu_percent(None))
             if value == 0.0:  # first sample: fall back to the lifetime average
                 times = proc.cpu_times()
                 value = 100.0 * (times.user + times.system) / max(time.time() - started_wall, 1e-3)

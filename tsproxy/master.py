@@ -33,6 +33,7 @@ import re
 import selectors
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -424,11 +425,14 @@ class Master:
                     target = worker_main
                 code = target(boot)
             except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else EX_SOFTWARE
+                code = EX_OK if exc.code is None else exc.code if isinstance(exc.code, int) else EX_SOFTWARE
             except BaseException:
                 with contextlib.suppress(Exception):
                     _log.exception("worker %s failed", slot.label)
             finally:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
                 os._exit(code)
         # ---- parent
         worker_end.close()

@@ -649,7 +649,7 @@ class HttpClientSession(Continuation):
                 and resp.keep_alive
                 and self.request_done
                 and self.http.keep_alive_out
-                and origin.parser.reusable()
+                and origin.parser.reusable
             ):
                 proc.pool.put(origin)
             else:

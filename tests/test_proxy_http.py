@@ -1,0 +1,601 @@
+"""Integration tests of the HTTP/1.1 reverse proxy (issue 2): a real ``tsproxy start``, a real
+origin (tests/origin.py) and real clients (http.client, raw sockets).
+
+Every wait is a short polling loop with a deadline; nothing sleeps for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import pytest
+from origin import OriginServer, pattern, pattern_digest
+
+ORIGIN_HOST = "origin.test"
+DEAD_HOST = "dead.test"
+MiB = 1024 * 1024
+
+
+# -- fixtures and helpers -------------------------------------------------------------------------
+@pytest.fixture
+def origin() -> Iterator[OriginServer]:
+    server = OriginServer().start()
+    yield server
+    server.stop()
+
+
+def _dead_port() -> int:
+    """A port nobody listens on (connects are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def start_proxy(tsproxy_factory: Callable[..., Any], origin: OriginServer) -> Callable[..., Any]:
+    """Start tsproxy with origin.test -> the test origin and dead.test -> a refused port."""
+
+    def start(records: dict[str, Any] | None = None) -> Any:
+        remap = (
+            f"map http://{ORIGIN_HOST}/ http://{origin.authority}/\n"
+            f"map http://{DEAD_HOST}/ http://127.0.0.1:{_dead_port()}/\n"
+        )
+        return tsproxy_factory(records=records, files={"remap.config": remap})
+
+    return start
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[..., Any]) -> Any:
+    return start_proxy()
+
+
+def conn(proxy: Any, timeout: float = 5.0) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", proxy.port(), timeout=timeout)
+
+
+def get(
+    c: http.client.HTTPConnection, path: str, host: str = ORIGIN_HOST, method: str = "GET", **kw: Any
+) -> tuple[http.client.HTTPResponse, bytes]:
+    headers = {"Host": host, **kw.pop("headers", {})}
+    c.request(method, path, headers=headers, **kw)
+    resp = c.getresponse()
+    return resp, resp.read()
+
+
+@dataclass
+class RawResponse:
+    status: int
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    complete: bool
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+class RawClient:
+    """A socket speaking HTTP/1.x by hand: exact bytes out, strict parsing in."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.f = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self.f.close()
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self, method: str = "GET") -> RawResponse:
+        line = self.f.readline()
+        assert line, "connection closed before a response"
+        version, status, _ = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+        headers: list[tuple[str, str]] = []
+        while True:
+            h = self.f.readline()
+            assert h.endswith(b"\r\n"), f"bad header line {h!r}"
+            if h == b"\r\n":
+                break
+            k, _, v = h.decode("latin-1").partition(":")
+            headers.append((k.strip(), v.strip()))
+        resp = RawResponse(int(status), version, headers, b"", True)
+        code = resp.status
+        if method == "HEAD" or code in (204, 304) or code < 200:
+            return resp
+        te = resp.header("transfer-encoding")
+        cl = resp.header("content-length")
+        if te is not None:
+            assert te.lower() == "chunked"
+            parts = []
+            while True:
+                size_line = self.f.readline()
+                if not size_line:
+                    resp.complete = False
+                    break
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    assert self.f.readline() == b"\r\n"
+                    break
+                parts.append(self.f.read(size))
+                assert self.f.readline() == b"\r\n"
+            resp.body = b"".join(parts)
+        elif cl is not None:
+            resp.body = self._read_upto(int(cl))
+            resp.complete = len(resp.body) == int(cl)
+        else:
+            resp.body = self.f.read()
+        return resp
+
+    def _read_upto(self, n: int) -> bytes:
+        parts = []
+        while n:
+            piece = self.f.read1(min(n, 65536))
+            if not piece:
+                break
+            parts.append(piece)
+            n -= len(piece)
+        return b"".join(parts)
+
+    def at_eof(self) -> bool:
+        """True when the proxy closed the connection (no more bytes), within the socket timeout."""
+        try:
+            return self.f.read1(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def metric(proxy: Any, name: str) -> int:
+    out = proxy.ctl("metric", "get", name)
+    assert out.returncode == 0, out.stderr
+    got, value = out.stdout.split()
+    assert got == name
+    return int(value)
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RssSampler:
+    """Samples a process's RSS every few milliseconds in a thread; ``peak - baseline`` is the
+    growth during the measured interval."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.baseline = self.proc.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(psutil.Error):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+def warm_up(proxy: Any) -> None:
+    """One big-ish transfer first, so the worker's one-off allocations are in the baseline."""
+    c = conn(proxy)
+    resp, body = get(c, "/bytes?n=1000000")
+    assert resp.status == 200 and len(body) == 1000000
+    c.close()
+
+
+# -- keep-alive and pooling -----------------------------------------------------------------------
+def test_keep_alive_client_and_pooled_origin(proxy: Any, origin: OriginServer) -> None:
+    c = conn(proxy)
+    sizes = [0, 1, 5000, 70000, 300000]
+    for n in sizes:
+        resp, body = get(c, f"/bytes?n={n}")
+        assert resp.status == 200
+        assert body == pattern(n)
+        assert not resp.will_close
+    first_sock = c.sock
+    resp, body = get(c, "/echo")
+    assert c.sock is first_sock, "the proxy closed a keep-alive client connection"
+    # A second client connection reuses the pooled origin connection too.
+    c2 = conn(proxy)
+    for _ in range(3):
+        resp, body = get(c2, "/bytes?n=10")
+        assert body == pattern(10)
+    c.close()
+    c2.close()
+    assert len(origin.requests) == len(sizes) + 4
+    assert origin.connections == 1, f"origin saw {origin.connections} connections for 9 requests"
+
+
+# -- chunked bodies -------------------------------------------------------------------------------
+def test_chunked_download(proxy: Any) -> None:
+    c = conn(proxy)
+    resp, body = get(c, "/chunked?n=300001&chunk=777")
+    assert resp.status == 200
+    assert resp.getheader("Transfer-Encoding") == "chunked"
+    assert body == pattern(300001)
+    # The connection is still in sync afterwards.
+    resp, body = get(c, "/bytes?n=3")
+    assert body == pattern(3)
+    c.close()
+
+
+def test_until_close_origin_body_rechunked_for_http11_client(proxy: Any) -> None:
+    c = conn(proxy)
+    resp, body = get(c, "/untilclose?n=100000")
+    assert resp.status == 200
+    assert body == pattern(100000)
+    assert not resp.will_close, "an HTTP/1.1 client should keep its connection"
+    resp, body = get(c, "/bytes?n=7")
+    assert body == pattern(7)
+    c.close()
+
+
+def test_chunked_upload(proxy: Any, origin: OriginServer) -> None:
+    data = pattern(250000)
+    pieces = [data[i : i + 9999] for i in range(0, len(data), 9999)]
+    c = conn(proxy)
+    c.request("POST", "/echo", body=iter(pieces), headers={"Host": ORIGIN_HOST}, encode_chunked=True)
+    resp = c.getresponse()
+    seen = json.loads(resp.read())
+    assert resp.status == 200
+    assert seen["body_chunked"] is True
+    assert seen["body_len"] == len(data)
+    assert seen["body_sha256"] == hashlib.sha256(data).hexdigest()
+    resp, body = get(c, "/bytes?n=4")
+    assert body == pattern(4)
+    c.close()
+
+
+# -- large bodies, bounded memory -----------------------------------------------------------------
+def test_20mib_download_to_slow_reader_keeps_rss_flat(proxy: Any) -> None:
+    n = 20 * MiB
+    warm_up(proxy)
+    (pid,) = proxy.worker_pids()
+    with RawClient(proxy.port(), timeout=10) as client, RssSampler(pid) as rss:
+        client.send(f"GET /big?n={n} HTTP/1.1\r\nHost: {ORIGIN_HOST}\r\n\r\n".encode())
+        line = client.f.readline()
+        assert line.startswith(b"HTTP/1.1 200")
+        while client.f.readline() != b"\r\n":
+            pass
+        h = hashlib.sha256()
+        got = 0
+        while got < n:
+            piece = client.f.read1(65536)
+            assert piece, f"connection closed after {got} of {n} bytes"
+            h.update(piece)
+            got += len(piece)
+            time.sleep(0.004)  # a slow reader: ~16 MB/s at most
+    assert got == n
+    assert h.hexdigest() == pattern_digest(n)
+    print(f"worker RSS growth during 20 MiB slow read: {rss.growth / MiB:.2f} MiB")
+    assert rss.growth < 8 * MiB, f"worker RSS grew {rss.growth / MiB:.1f} MiB for a {n / MiB:.0f} MiB body"
+
+
+def test_20mib_upload_streams_to_slow_origin(proxy: Any, origin: OriginServer) -> None:
+    n = 20 * MiB
+    warm_up(proxy)
+    (pid,) = proxy.worker_pids()
+    origin.read_pause = 0.004  # the origin reads 64 KiB then pauses: the proxy must push back
+    body = pattern(n)
+    with RssSampler(pid) as rss:
+        c = conn(proxy, timeout=20)
+        resp, out = get(c, "/echo", method="POST", body=body)
+        c.close()
+    seen = json.loads(out)
+    assert resp.status == 200
+    assert seen["body_len"] == n
+    assert seen["body_sha256"] == pattern_digest(n)
+    print(f"worker RSS growth during 20 MiB upload: {rss.growth / MiB:.2f} MiB")
+    assert rss.growth < 8 * MiB, f"worker RSS grew {rss.growth / MiB:.1f} MiB for a {n / MiB:.0f} MiB upload"
+
+
+# -- header rewriting -----------------------------------------------------------------------------
+def test_origin_sees_rewritten_headers(proxy: Any, origin: OriginServer) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(
+            b"GET /echo?x=1 HTTP/1.1\r\n"
+            b"Host: origin.test\r\n"
+            b"Connection: keep-alive, X-Hop-Named\r\n"
+            b"X-Hop-Named: secret\r\n"
+            b"Keep-Alive: timeout=5\r\n"
+            b"Proxy-Connection: keep-alive\r\n"
+            b"TE: trailers\r\n"
+            b"Via: 1.1 upstream\r\n"
+            b"X-Forwarded-For: 10.1.2.3\r\n"
+            b"X-End-To-End: kept\r\n"
+            b"\r\n"
+        )
+        resp = client.response()
+    assert resp.status == 200
+    seen = origin.requests[-1]
+    assert seen.target == "/echo?x=1"
+    assert seen.header("Host") == origin.authority
+    assert seen.header("X-End-To-End") == "kept"
+    via = seen.header("Via")
+    assert via is not None and via.startswith("1.1 upstream, ") and "tsproxy" in via.split(",")[-1]
+    assert seen.header("X-Forwarded-For") == "10.1.2.3, 127.0.0.1"
+    names = seen.header_names()
+    for hop in ("x-hop-named", "keep-alive", "proxy-connection", "te"):
+        assert hop not in names, f"hop-by-hop header {hop} reached the origin"
+    conn_header = seen.header("Connection")
+    assert conn_header is None or "x-hop-named" not in conn_header.lower()
+
+
+# -- error answers --------------------------------------------------------------------------------
+def test_no_remap_rule_is_404_and_keeps_connection(proxy: Any, origin: OriginServer) -> None:
+    c = conn(proxy)
+    resp, _ = get(c, "/bytes", host="nowhere.test")
+    assert resp.status == 404
+    resp, body = get(c, "/bytes?n=9")
+    assert resp.status == 200 and body == pattern(9)
+    c.close()
+    assert [r.target for r in origin.requests] == ["/bytes?n=9"]
+
+
+def test_origin_refused_is_502(proxy: Any) -> None:
+    c = conn(proxy)
+    resp, _ = get(c, "/x", host=DEAD_HOST)
+    assert resp.status == 502
+    if not resp.will_close:
+        resp, body = get(c, "/bytes?n=9")
+        assert resp.status == 200 and body == pattern(9)
+    c.close()
+
+
+def test_origin_silent_is_504_after_no_activity_timeout(start_proxy: Callable[..., Any]) -> None:
+    proxy = start_proxy({"proxy.config.http.transaction_no_activity_timeout_out": 1})
+    c = conn(proxy, timeout=8)
+    t0 = time.monotonic()
+    resp, _ = get(c, "/silent")
+    elapsed = time.monotonic() - t0
+    assert resp.status == 504
+    assert 0.9 <= elapsed < 4, f"504 after {elapsed:.2f} s (timeout 1 s)"
+    c.close()
+
+
+def test_malformed_request_400_then_close(proxy: Any, origin: OriginServer) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(
+            b"GET /bytes HTTP/1.1\r\nHost: origin.test\r\nBad Header Line\r\n\r\n"
+            b"GET /bytes?n=3 HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+        )
+        resp = client.response()
+        assert resp.status == 400
+        assert (resp.header("Connection") or "").lower() == "close"
+        assert client.at_eof(), "the proxy kept the connection open after a 400"
+    assert origin.requests == []
+
+
+# -- methods and status codes without bodies ------------------------------------------------------
+def test_head_has_no_body(proxy: Any) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(b"HEAD /bytes?n=1000 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        resp = client.response("HEAD")
+        assert resp.status == 200
+        assert resp.header("Content-Length") == "1000"
+        # Any body byte would be read as the next status line.
+        client.send(b"HEAD /chunked?n=1000 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        resp = client.response("HEAD")
+        assert resp.status == 200
+        client.send(b"GET /bytes?n=11 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        resp = client.response()
+        assert resp.status == 200 and resp.body == pattern(11)
+
+
+@pytest.mark.parametrize("code", [204, 304])
+def test_no_body_statuses(proxy: Any, code: int) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(f"GET /status?code={code} HTTP/1.1\r\nHost: origin.test\r\n\r\n".encode())
+        resp = client.response()
+        assert resp.status == code
+        assert resp.header("Transfer-Encoding") is None
+        if code == 204:
+            assert resp.header("Content-Length") is None
+        client.send(b"GET /bytes?n=12 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        resp = client.response()
+        assert resp.status == 200 and resp.body == pattern(12)
+
+
+# -- HTTP/1.0 and pipelining ----------------------------------------------------------------------
+def test_http10_client(proxy: Any) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(b"GET /bytes?n=1000 HTTP/1.0\r\nHost: origin.test\r\n\r\n")
+        resp = client.response()
+        assert resp.status == 200 and resp.body == pattern(1000)
+        assert client.at_eof(), "an HTTP/1.0 request without keep-alive must end with a close"
+    with RawClient(proxy.port()) as client:
+        # A chunked origin body reaches an HTTP/1.0 client unchunked, delimited by the close.
+        client.send(b"GET /chunked?n=5000&chunk=100 HTTP/1.0\r\nHost: origin.test\r\n\r\n")
+        resp = client.response()
+        assert resp.status == 200
+        assert resp.header("Transfer-Encoding") is None
+        assert resp.body == pattern(5000)
+    with RawClient(proxy.port()) as client:
+        client.send(b"GET /bytes?n=10 HTTP/1.0\r\nHost: origin.test\r\nConnection: keep-alive\r\n\r\n")
+        resp = client.response()
+        assert resp.body == pattern(10)
+        assert (resp.header("Connection") or "").lower() == "keep-alive"
+        client.send(b"GET /bytes?n=20 HTTP/1.0\r\nHost: origin.test\r\n\r\n")
+        resp = client.response()
+        assert resp.body == pattern(20)
+
+
+def test_pipelined_requests_answered_in_order(proxy: Any) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(
+            b"GET /slow?delay=0.3&n=11 HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+            b"GET /chunked?n=2222&chunk=100 HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /bytes?n=33 HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n"
+        )
+        r1 = client.response()
+        r2 = client.response()
+        r3 = client.response()
+        r4 = client.response()
+        assert [r1.status, r2.status, r3.status, r4.status] == [200] * 4
+        assert r1.body == pattern(11)
+        assert r2.body == pattern(2222)
+        seen = json.loads(r3.body)
+        assert seen["method"] == "POST" and seen["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+        assert r4.body == pattern(33)
+        assert client.at_eof()
+
+
+# -- broken peers ---------------------------------------------------------------------------------
+def test_client_disconnect_mid_response(proxy: Any, origin: OriginServer) -> None:
+    (pid,) = proxy.worker_pids()
+    with RawClient(proxy.port()) as client:
+        client.send(f"GET /big?n={20 * MiB} HTTP/1.1\r\nHost: {ORIGIN_HOST}\r\n\r\n".encode())
+        assert client.f.readline().startswith(b"HTTP/1.1 200")
+        client.f.read(100000)
+    # The proxy gives up the origin connection instead of draining 20 MiB for nobody.
+    wait_for(lambda: origin.send_failures >= 1, what="the proxy to close the origin connection")
+    c = conn(proxy)
+    resp, body = get(c, "/bytes?n=50")
+    assert resp.status == 200 and body == pattern(50)
+    c.close()
+    assert proxy.worker_pids() == [pid]
+
+
+def test_origin_closes_mid_response_cuts_client(proxy: Any) -> None:
+    with RawClient(proxy.port(), timeout=5) as client:
+        client.send(b"GET /cut?n=100000&send=1000 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        t0 = time.monotonic()
+        resp = client.response()
+        assert resp.status == 200
+        assert not resp.complete and len(resp.body) < 100000
+        assert time.monotonic() - t0 < 4
+    # A chunked body cut by the origin must not reach the client with a clean last-chunk.
+    with RawClient(proxy.port(), timeout=5) as client:
+        client.send(b"GET /cutchunked HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        resp = client.response()
+        assert resp.status == 200
+        assert not resp.complete, "a cut chunked body was passed on as complete"
+    c = conn(proxy)
+    resp, body = get(c, "/bytes?n=8")
+    assert body == pattern(8)
+    c.close()
+
+
+# -- process lifecycle ----------------------------------------------------------------------------
+def test_stop_completes_in_flight_request(proxy: Any, origin: OriginServer) -> None:
+    result: dict[str, Any] = {}
+
+    def client() -> None:
+        try:
+            c = conn(proxy, timeout=10)
+            resp, body = get(c, "/slow?delay=1&n=200000")
+            result["status"] = resp.status
+            result["body"] = body
+            c.close()
+        except Exception as exc:  # reported by the assertions below
+            result["error"] = repr(exc)
+
+    t = threading.Thread(target=client)
+    t.start()
+    assert origin.request_seen.wait(5)
+    stop = proxy.ctl("stop", timeout=20)
+    t.join(10)
+    assert stop.returncode == 0, stop.stderr
+    assert "error" not in result, result.get("error")
+    assert result["status"] == 200
+    assert result["body"] == pattern(200000)
+    assert proxy.wait_exit(5) == 0
+
+
+def test_worker_sigkill_replaced_while_serving(start_proxy: Callable[..., Any]) -> None:
+    proxy = start_proxy({"proxy.config.exec_thread.limit": 2})
+    before = set(proxy.worker_pids())
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    killed_at = 0.0
+    replaced_after = None
+    for i in range(300):
+        c = conn(proxy)
+        resp, body = get(c, f"/bytes?n={i}", headers={"Connection": "close"})
+        c.close()
+        assert resp.status == 200 and body == pattern(i), f"request {i} failed after the kill"
+        if i == 5:
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+        if killed_at and replaced_after is None:
+            pids = set(proxy.worker_pids())
+            if len(pids) == 2 and victim not in pids and all(pids):
+                replaced_after = time.monotonic() - killed_at
+        if replaced_after is not None and i >= 30:
+            break
+        if killed_at and time.monotonic() - killed_at > 5:
+            break
+    assert replaced_after is not None, "the killed worker was not replaced within 5 s"
+    assert replaced_after < 1.5, f"replacement took {replaced_after:.2f} s"
+    proxy.wait_ready(5)
+
+
+def test_two_workers_both_serve(start_proxy: Callable[..., Any]) -> None:
+    proxy = start_proxy({"proxy.config.exec_thread.limit": 2})
+    pids = proxy.worker_pids()
+    assert len(pids) == 2
+    # Freeze one worker at a time: a request can then only be served by the other one.
+    for frozen in pids:
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            c = conn(proxy, timeout=3)
+            resp, body = get(c, "/bytes?n=77", headers={"Connection": "close"})
+            c.close()
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        assert resp.status == 200 and body == pattern(77)
+    assert sorted(proxy.worker_pids()) == sorted(pids)
+
+
+def test_metrics_move(proxy: Any) -> None:
+    before = metric(proxy, "proxy.process.http.incoming_requests")
+    c = conn(proxy)
+    for _ in range(3):
+        resp, _ = get(c, "/bytes?n=1")
+        assert resp.status == 200
+    resp, _ = get(c, "/x", host="nowhere.test")
+    assert resp.status == 404
+    c.close()
+    after = metric(proxy, "proxy.process.http.incoming_requests")
+    assert after - before == 4

@@ -32,6 +32,7 @@ exactly once for every VC whose VCONN_START phase began. A ``reenable`` after cl
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import socket
 import time
@@ -214,7 +215,7 @@ def session_reused(ssl: SSL.Connection) -> bool:
 
 def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
     """ALPN selection with the server's preference (the VC's protocol set, in order)."""
-    vc = conn.get_app_data()
+    vc: SSLNetVConnection = conn.get_app_data()
     for proto in vc.npn_set:
         if proto in offered:
             return proto
@@ -295,8 +296,14 @@ class SSLNetVConnection(NetVConnection):
         return bool(self._out_raw) or self._hs_want_write
 
     def _has_buffered_input(self) -> bool:
+        # Decrypted bytes, or ciphertext already in the read BIO that OpenSSL has not looked
+        # at yet (application data that arrived with the client's Finished).
         ssl = self.ssl
-        return self.ssl_handshake_complete and ssl is not None and (ssl.pending() > 0 or self._raw_eof)
+        return (
+            self.ssl_handshake_complete
+            and ssl is not None
+            and (ssl.pending() > 0 or self._raw_eof or self._ssl_bio_has_data)
+        )
 
     # -- the handshake driver (ATS SSLNetVConnection::net_read_io, handshake part) --------------
     def _handshake_step(self) -> None:
@@ -575,7 +582,9 @@ class SSLNetVConnection(NetVConnection):
             self._flush_ssl_output()  # the alert OpenSSL queued
             self._count_ssl_error(exc)
             return EVENT_ERROR
-        self._ssl_bio_has_data = False
+        # The read BIO may still hold records that came after the client's Finished (a client
+        # that sends its request in the same flight): keep the flag so the first read looks.
+        self._ssl_bio_has_data = True
         self._flush_ssl_output()
         return EVENT_DONE
 
@@ -591,10 +600,8 @@ class SSLNetVConnection(NetVConnection):
         _dbg_err("SSL server handshake ERROR_SSL from %s: %s", self.remote_addr, exc)
 
     def _send_raw_alert(self, description: int) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.send(_alert_record(description))
-        except OSError:
-            pass
 
     # -- client side (origin connections) ---------------------------------------------------
     def ssl_client_handshake_event(self) -> int:
@@ -726,10 +733,8 @@ class SSLNetVConnection(NetVConnection):
         if self.closed:
             return
         if self.ssl is not None and self.ssl_handshake_complete and not self.eos:
-            try:
+            with contextlib.suppress(SSL.Error):
                 self.ssl.shutdown()
-            except SSL.Error:
-                pass
             self._flush_ssl_output()
         NetVConnection.do_io_close(self, error)
         self._hook_active = False
@@ -793,6 +798,7 @@ class SSLNetVConnection(NetVConnection):
             try:
                 data = ssl.recv(min(room, TLS_RECORD_MAX))
             except SSL.WantReadError:
+                self._ssl_bio_has_data = False  # OpenSSL consumed everything in the read BIO
                 if got_raw or self._raw_eof:
                     if self._raw_eof:
                         eos = True
@@ -862,10 +868,8 @@ class SSLNetVConnection(NetVConnection):
             vio.ndone += n
             avail -= n
             wrote += n
-            try:
+            with contextlib.suppress(SSL.WantReadError):
                 self._out_raw += ssl.bio_read(262144)
-            except SSL.WantReadError:
-                pass
         if wrote:
             self.net_activity()
         if self._out_raw and not self._flush_raw():

@@ -23,6 +23,12 @@ per-worker ``OriginPool`` when both sides allow keep-alive, the client session t
 next request or closes. Errors map to answers: no remap rule 404, malformed request 400/413/414/431
 (then close), origin unreachable 502, origin silent past
 ``proxy.config.http.transaction_no_activity_timeout_out`` 504.
+
+An inactivity timeout counts against the side that keeps the transaction waiting: an origin
+idle only because backpressure from a slow client stopped its reads (or because it waits for
+request body bytes the client has not sent) is re-armed, not answered 504; a client idle only
+because the origin has not answered yet is re-armed likewise. The two conditions exclude each
+other, so a stalled transaction always ends by one side's timeout.
 """
 
 from __future__ import annotations
@@ -338,6 +344,9 @@ class HttpClientSession(Continuation):
             else:
                 self.proc.counters[M_CLIENT_ABORT] += 1
                 self.close()
+        elif event == VC_EVENT_INACTIVITY_TIMEOUT and self._waiting_on_origin():
+            # The client is idle because the origin is: the origin side's timeout governs.
+            self.vc.set_inactivity_timeout(self.http.txn_timeout_in)
         elif event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT, VC_EVENT_ERROR):
             if event == VC_EVENT_ERROR:
                 self.proc.counters[M_CLIENT_ABORT] += 1
@@ -525,10 +534,36 @@ class HttpClientSession(Continuation):
             pass
         elif event == VC_EVENT_EOS:
             self._origin_eof()
+        elif event == VC_EVENT_INACTIVITY_TIMEOUT and self._waiting_on_client():
+            # The origin is idle because the client is (a slow reader, a slow upload): not a 504;
+            # the client side's timeout governs.
+            origin = self.origin
+            if origin is not None:
+                origin.vc.set_inactivity_timeout(self.http.txn_timeout_out)
         elif event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT):
             self._origin_failed(504, "origin did not answer in time")
         elif event == VC_EVENT_ERROR:
             self._origin_failed(502, "origin connection failed")
+
+    def _waiting_on_origin(self) -> bool:
+        """A transaction is in progress and nothing waits for the client: the whole request was
+        read (or reading it waits for the origin) and no response bytes wait to be sent."""
+        return (
+            self.request is not None
+            and not self.write_reader.read_avail()
+            and (self.request_done or self._blocked())
+        )
+
+    def _waiting_on_client(self) -> bool:
+        """The origin connection is idle because of the client: response bytes wait for a slow
+        reader, or the origin has every request byte so far and more must come from the client.
+        Never true together with _waiting_on_origin, so one side's timeout always fires."""
+        origin = self.origin
+        if origin is None:
+            return False
+        if self.origin_paused and self.write_reader.read_avail():
+            return True
+        return not self.request_done and not origin.write_reader.read_avail()
 
     def _process_origin_input(self) -> None:
         origin = self.origin

@@ -13,6 +13,9 @@ can assert what the proxy forwarded. Endpoints (the path selects, query argument
                             body sha256, whether it came chunked; the body is never held whole
 * ``/cut?n=N&send=K``       announces N bytes, sends K, then closes the connection
 * ``/cutchunked``           one 1000-byte chunk, then closes without the last chunk
+* ``/stale``                answers like /bytes on a fresh connection; on a reused one it
+                            closes without answering (an origin that dropped an idle connection)
+* ``/stall?n=N&send=K``     announces N bytes, sends K, then falls silent
 * ``/status?code=C``        answers status C (204/304: no body; 304 keeps a Content-Length)
 * ``/close``                answers 5 bytes with ``Connection: close`` and closes
 * ``/untilclose?n=N``       N bytes with neither Content-Length nor chunked, ended by close
@@ -84,6 +87,7 @@ class _Conn:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.served = 0  # responses finished on this connection
 
     def _fill(self) -> None:
         data = self.sock.recv(PIECE)
@@ -205,6 +209,7 @@ class OriginServer:
             while not self._stop.is_set():
                 if not self._one_request(conn, conn_id):
                     break
+                conn.served += 1
         except (_Closed, OSError):
             pass
         finally:
@@ -233,6 +238,8 @@ class OriginServer:
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         handler = getattr(self, "_ep_" + (url.path.strip("/").split("/")[0] or "bytes"), self._ep_bytes)
         keep = seen.header("connection") != "close" and version == "HTTP/1.1"
+        if url.path == "/stale" and conn.served:
+            return False  # as if the origin had timed out this idle connection: close, no answer
         return bool(handler(conn.sock, seen, q)) and keep
 
     def _read_body(self, conn: _Conn, seen: SeenRequest) -> None:
@@ -357,6 +364,14 @@ class OriginServer:
             self._head(200, "OK", [("Transfer-Encoding", "chunked")]) + b"3e8\r\n" + pattern(1000) + b"\r\n"
         )
         return False
+
+    _ep_stale = _ep_bytes
+
+    def _ep_stall(self, sock: socket.socket, seen: SeenRequest, q: dict[str, str]) -> bool:
+        # Announce n bytes, send k, then fall silent (until the peer closes or the server stops).
+        n = int(q.get("n", 100000))
+        sock.sendall(self._head(200, "OK", [("Content-Length", str(n))]) + pattern(int(q.get("send", 1000))))
+        return self._ep_silent(sock, seen, q)
 
     def _ep_status(self, sock: socket.socket, seen: SeenRequest, q: dict[str, str]) -> bool:
         code = int(q.get("code", 200))

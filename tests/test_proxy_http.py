@@ -329,6 +329,52 @@ def test_20mib_upload_streams_to_slow_origin(proxy: Any, origin: OriginServer) -
     assert rss.growth < 8 * MiB, f"worker RSS grew {rss.growth / MiB:.1f} MiB for a {n / MiB:.0f} MiB upload"
 
 
+def test_slow_reader_pausing_past_origin_timeout_is_not_cut(start_proxy: Callable[..., Any]) -> None:
+    # The origin connection idles because the proxy stopped reading it (backpressure from a
+    # client that paused): that is not an origin timeout, the download must complete.
+    proxy = start_proxy({"proxy.config.http.transaction_no_activity_timeout_out": 1})
+    n = 20 * MiB
+    with RawClient(proxy.port(), timeout=10) as client:
+        client.send(f"GET /big?n={n} HTTP/1.1\r\nHost: {ORIGIN_HOST}\r\n\r\n".encode())
+        assert client.f.readline().startswith(b"HTTP/1.1 200")
+        while client.f.readline() != b"\r\n":
+            pass
+        h = hashlib.sha256()
+        got = 0
+        paused = False
+        while got < n:
+            piece = client.f.read1(65536)
+            assert piece, f"download cut after {got} of {n} bytes"
+            h.update(piece)
+            got += len(piece)
+            if got >= MiB and not paused:
+                paused = True
+                time.sleep(2.2)  # past the 1 s origin timeout (the cop sweeps every second)
+    assert h.hexdigest() == pattern_digest(n)
+
+
+def test_slow_upload_client_is_not_a_504(start_proxy: Callable[..., Any]) -> None:
+    # The origin waits for body bytes the client has not sent yet: not the origin's silence.
+    proxy = start_proxy({"proxy.config.http.transaction_no_activity_timeout_out": 1})
+    with RawClient(proxy.port(), timeout=8) as client:
+        client.send(b"POST /echo HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 10\r\n\r\nhello")
+        time.sleep(2.2)
+        client.send(b"world")
+        resp = client.response()
+        assert resp.status == 200
+        assert json.loads(resp.body)["body_sha256"] == hashlib.sha256(b"helloworld").hexdigest()
+
+
+def test_slow_origin_within_timeout_out_is_answered(start_proxy: Callable[..., Any]) -> None:
+    # The client idles because the origin is slow: its transaction timeout must not cut it while
+    # the origin is still within proxy.config.http.transaction_no_activity_timeout_out.
+    proxy = start_proxy({"proxy.config.http.transaction_no_activity_timeout_in": 1})
+    c = conn(proxy, timeout=8)
+    resp, body = get(c, "/slow?delay=2.2&n=10")
+    assert resp.status == 200 and body == pattern(10)
+    c.close()
+
+
 # -- header rewriting -----------------------------------------------------------------------------
 def test_origin_sees_rewritten_headers(proxy: Any, origin: OriginServer) -> None:
     with RawClient(proxy.port()) as client:
@@ -404,6 +450,39 @@ def test_malformed_request_400_then_close(proxy: Any, origin: OriginServer) -> N
         assert (resp.header("Connection") or "").lower() == "close"
         assert client.at_eof(), "the proxy kept the connection open after a 400"
     assert origin.requests == []
+
+
+def test_request_body_to_refused_origin_is_502(proxy: Any) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(b"POST /x HTTP/1.1\r\nHost: dead.test\r\nContent-Length: 1000000\r\n\r\n")
+        with contextlib.suppress(OSError):  # the proxy may stop reading the body it cannot forward
+            client.send(pattern(1000000))
+        resp = client.response()
+        assert resp.status == 502
+
+
+def test_stale_pooled_origin_connection_is_retried(proxy: Any, origin: OriginServer) -> None:
+    # The origin drops its idle keep-alive connection as the next request arrives on it: the
+    # proxy retries once on a fresh connection instead of answering 502.
+    c = conn(proxy)
+    resp, body = get(c, "/bytes?n=5")
+    assert body == pattern(5)
+    resp, body = get(c, "/stale?n=6")
+    assert resp.status == 200 and body == pattern(6)
+    c.close()
+    assert origin.connections == 2
+
+
+def test_origin_connection_close_keeps_client_connection(proxy: Any, origin: OriginServer) -> None:
+    c = conn(proxy)
+    resp, body = get(c, "/close")
+    assert resp.status == 200 and body == b"close"
+    assert not resp.will_close, "the origin's Connection: close is hop-by-hop"
+    first_sock = c.sock
+    resp, body = get(c, "/bytes?n=6")
+    assert body == pattern(6) and c.sock is first_sock
+    c.close()
+    assert origin.connections == 2
 
 
 # -- methods and status codes without bodies ------------------------------------------------------
@@ -543,6 +622,20 @@ def test_stop_completes_in_flight_request(proxy: Any, origin: OriginServer) -> N
     assert proxy.wait_exit(5) == 0
 
 
+def test_stop_closes_idle_keep_alive_connections_at_once(proxy: Any) -> None:
+    with RawClient(proxy.port()) as client:
+        client.send(b"GET /bytes?n=5 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
+        assert client.response().body == pattern(5)
+        t0 = time.monotonic()
+        stop = proxy.ctl("stop", timeout=20)
+        elapsed = time.monotonic() - t0
+        assert stop.returncode == 0, stop.stderr
+        assert client.at_eof()
+    # shutdown_timeout is 5 s: an idle connection must not make stop wait for it.
+    assert elapsed < 3, f"tsproxy stop took {elapsed:.1f} s with one idle keep-alive client"
+    assert proxy.wait_exit(5) == 0
+
+
 def test_worker_sigkill_replaced_while_serving(start_proxy: Callable[..., Any]) -> None:
     proxy = start_proxy({"proxy.config.exec_thread.limit": 2})
     before = set(proxy.worker_pids())
@@ -599,3 +692,7 @@ def test_metrics_move(proxy: Any) -> None:
     c.close()
     after = metric(proxy, "proxy.process.http.incoming_requests")
     assert after - before == 4
+    wait_for(
+        lambda: metric(proxy, "proxy.process.http.current_client_connections") == 0,
+        what="current_client_connections back to 0 after the client closed",
+    )

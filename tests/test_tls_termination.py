@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
-import re
 import shutil
 import socket
 import ssl
@@ -47,6 +46,7 @@ class Certs:
     files: dict[str, bytes]  # config-dir relative name -> PEM (key + chain)
     client: trustme.LeafCert
     rogue_client: trustme.LeafCert
+    rogue_ca_file: Path
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,29 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         "dual-ec": ca.issue_cert("dual.test", key_type=trustme.KeyType.ECDSA),
         "dual-rsa": ca.issue_cert("dual.test", key_type=trustme.KeyType.RSA),
     }
-    files = {f"certs/{name}.pem": leaf.private_key_and_cert_chain_pem.bytes() for name, leaf in leaves.items()}
+    files = {
+        f"certs/{name}.pem": leaf.private_key_and_cert_chain_pem.bytes() for name, leaf in leaves.items()
+    }
     files["certs/ca.pem"] = ca.cert_pem.bytes()
     d = tmp_path_factory.mktemp("ca")
     ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    return Certs(ca, d / "ca.pem", files, ca.issue_cert("client.test"), rogue_ca.issue_cert("client.test"))
+    rogue_ca.cert_pem.write_to_path(str(d / "rogue-ca.pem"))
+    return Certs(
+        ca,
+        d / "ca.pem",
+        files,
+        ca.issue_cert("client.test"),
+        rogue_ca.issue_cert("client.test"),
+        d / "rogue-ca.pem",
+    )
 
 
 def client_context(
-    certs: Certs, version: str | None = None, *, alpn: list[str] | None = None, cert: trustme.LeafCert | None = None
+    certs: Certs,
+    version: str | None = None,
+    *,
+    alpn: list[str] | None = None,
+    cert: trustme.LeafCert | None = None,
 ) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(certs.ca_file))
     ctx.check_hostname = False  # selection tests look at which certificate came back
@@ -100,7 +114,9 @@ def peer_dns_names(sock: ssl.SSLSocket) -> list[str]:
     return [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
 
 
-def served_name(certs: Certs, port: int, sni: str | None, host: str = "127.0.0.1", version: str = "1.3") -> str:
+def served_name(
+    certs: Certs, port: int, sni: str | None, host: str = "127.0.0.1", version: str = "1.3"
+) -> str:
     with tls_connect(client_context(certs, version), port, sni, host) as s:
         names = peer_dns_names(s)
     assert len(names) == 1, names
@@ -119,13 +135,17 @@ def http_get(sock: socket.socket, host: str = "origin.test", path: str = "/") ->
     return b"".join(chunks)
 
 
-def handshake_fails(ctx: ssl.SSLContext, port: int, sni: str | None, timeout: float = 5.0) -> bool:
-    """True when the handshake (or, for TLS 1.3 post-handshake failures, the first exchange) fails."""
+def failure_reason(ctx: ssl.SSLContext, port: int, sni: str | None, timeout: float = 5.0) -> str | None:
+    """Why the handshake (or, for TLS 1.3 failures after the client's Finished, the first exchange)
+    failed: the OpenSSL reason (the alert the client received), or None when it was served."""
     try:
         with tls_connect(ctx, port, sni, timeout=timeout) as s:
-            return not http_get(s).startswith(b"HTTP/1.1 200")
-    except (ssl.SSLError, ConnectionError):
-        return True
+            response = http_get(s)
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+    except ConnectionError as exc:
+        return type(exc).__name__
+    return None if response.startswith(b"HTTP/1.1 200") else f"bad response {response[:40]!r}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +390,9 @@ def test_no_matching_certificate_fails_with_alert(
     assert tp.worker_pids() == worker
 
 
-def s_client(port: int, *args: str, stdin: bytes = b"", timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+def s_client(
+    port: int, *args: str, stdin: bytes = b"", timeout: float = 10.0
+) -> subprocess.CompletedProcess[str]:
     """``openssl s_client -connect 127.0.0.1:PORT ARGS`` with ``stdin``; never raises on failure."""
     return subprocess.run(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", *args],
@@ -402,8 +424,16 @@ def test_ecdsa_and_rsa_chains_for_one_name(
         multicert="ssl_cert_name=certs/dual-ec.pem,certs/dual-rsa.pem\n",
     )
     out = s_client(
-        tp.ports[0], "-servername", "dual.test", "-CAfile", str(certs.ca_file), "-verify_hostname", "dual.test",
-        "-verify_return_error", S_CLIENT_VERSION[version], *capability,
+        tp.ports[0],
+        "-servername",
+        "dual.test",
+        "-CAfile",
+        str(certs.ca_file),
+        "-verify_hostname",
+        "dual.test",
+        "-verify_return_error",
+        S_CLIENT_VERSION[version],
+        *capability,
     )
     # the chain verifies for dual.test, and its key type is the one the client can use
     assert "Verify return code: 0 (ok)" in out.stdout, out.stdout + out.stderr
@@ -531,10 +561,18 @@ def test_multicert_action_tunnel(
     [(["http/1.1"], "http/1.1"), (["h2", "http/1.1"], "http/1.1"), (["h2"], None), (None, None)],
 )
 def test_alpn(
-    tsproxy_factory: Factory, certs: Certs, origin: int, version: str, offer: list[str] | None, expected: str | None
+    tsproxy_factory: Factory,
+    certs: Certs,
+    origin: int,
+    version: str,
+    offer: list[str] | None,
+    expected: str | None,
 ) -> None:
     tp = start_proxy(
-        tsproxy_factory, certs, ports=["{p0}:ssl:ip-in=127.0.0.1"], multicert="ssl_cert_name=certs/exact.pem\n",
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="ssl_cert_name=certs/exact.pem\n",
         origin=origin,
     )
     with tls_connect(client_context(certs, version, alpn=offer), tp.ports[0], "exact.test") as s:
@@ -542,3 +580,539 @@ def test_alpn(
         response = http_get(s)
     assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"origin saw /"), response
     assert tp.metric("ssl_alpn_no_endpoint") == 0
+
+
+# --------------------------------------------------------------------------------------------
+# session resumption across workers
+# --------------------------------------------------------------------------------------------
+
+GET_CLOSE = b"GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n"
+
+
+@needs_openssl
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_session_resumption_across_two_workers(
+    tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path, version: str
+) -> None:
+    log = tmp_path / "hooks.log"
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+        records={"proxy.config.exec_thread.limit": 2},
+        plugins=[f"{{plugins}}/record_hooks.py {log}"],
+    )
+    workers = set(tp.worker_pids())
+    assert len(workers) == 2
+    sess = tmp_path / "session.pem"
+    common = (
+        "-servername",
+        "exact.test",
+        "-CAfile",
+        str(certs.ca_file),
+        S_CLIENT_VERSION[version],
+        "-ign_eof",
+    )
+
+    def starts() -> list[int]:
+        return [int(words[0]) for words in read_lines(log) if words[1] == "VCONN_START"]
+
+    first = s_client(tp.ports[0], *common, "-sess_out", str(sess), stdin=GET_CLOSE)
+    assert "New, " in first.stdout and b"origin saw /" in first.stdout.encode(), first.stdout + first.stderr
+    assert sess.stat().st_size > 0
+    served_by: list[int] = []
+    resumed = 0
+    # Repeat until each worker resumed a session the other one (or itself) issued.
+    for _ in range(40):
+        out = s_client(tp.ports[0], *common, "-sess_in", str(sess), stdin=GET_CLOSE)
+        assert "Reused, " in out.stdout, out.stdout + out.stderr
+        assert "origin saw /" in out.stdout
+        resumed += 1
+        served_by = starts()
+        if set(served_by) == workers and resumed >= 4:
+            break
+    assert set(served_by) == workers, f"connections only reached {set(served_by)} of {workers}"
+    assert tp.wait_metric("total_tickets_verified", resumed) == resumed
+    assert tp.metric("total_success_handshake_count_in") == resumed + 1
+
+
+# --------------------------------------------------------------------------------------------
+# handshake hooks (plugins in tests/plugins)
+# --------------------------------------------------------------------------------------------
+
+HOOK_ORDER = ["VCONN_START", "SSL_CLIENT_HELLO", "SSL_SERVERNAME", "SSL_CERT", "VCONN_CLOSE"]
+
+
+def hooks_of(log: Path, client_port: int) -> list[str]:
+    return [words[1] for words in read_lines(log) if words[2] == str(client_port)]
+
+
+def wait_hooks(log: Path, client_port: int, last: str = "VCONN_CLOSE", timeout: float = 5.0) -> list[str]:
+    wait_for(lambda: last in hooks_of(log, client_port), timeout, f"{last} for client port {client_port}")
+    time.sleep(0.1)  # a duplicate would show up right behind it
+    return hooks_of(log, client_port)
+
+
+def start_hook_proxy(
+    factory: Factory,
+    certs: Certs,
+    origin: int,
+    plugins: list[str],
+    records: dict[str, Any] | None = None,
+    fmt_extra: dict[str, Any] | None = None,
+) -> TLSProxy:
+    return start_proxy(
+        factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1", "{p1}:ssl:ip-in=127.0.0.1"],
+        multicert="ssl_cert_name=certs/exact.pem\ndest_ip=* ssl_cert_name=certs/default.pem\n",
+        origin=origin,
+        plugins=plugins,
+        records=records,
+        fmt_extra=fmt_extra,
+    )
+
+
+class SansIOClient:
+    """An ``ssl.SSLObject`` client over memory BIOs, driven over a raw socket by the test."""
+
+    def __init__(self, certs: Certs, sni: str | None, version: str | None = None) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = client_context(certs, version).wrap_bio(self.incoming, self.outgoing, server_hostname=sni)
+        with pytest.raises(ssl.SSLWantReadError):
+            self.obj.do_handshake()
+        self.client_hello = self.outgoing.read()
+
+    def finish_handshake(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pending = self.outgoing.read()
+                if pending:
+                    sock.sendall(pending)
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("EOF during the handshake") from None
+                self.incoming.write(data)
+                continue
+            sock.sendall(self.outgoing.read())
+            return
+
+    def request(self, sock: socket.socket) -> bytes:
+        self.obj.write(GET_CLOSE)
+        sock.sendall(self.outgoing.read())
+        chunks = []
+        while True:
+            try:
+                data = self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                raw = sock.recv(65536)
+                if not raw:
+                    break
+                self.incoming.write(raw)
+                continue
+            except ssl.SSLZeroReturnError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_hooks_fire_in_order_once_each(
+    tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path, version: str
+) -> None:
+    log = tmp_path / "hooks.log"
+    tp = start_hook_proxy(tsproxy_factory, certs, origin, [f"{{plugins}}/record_hooks.py {log}"])
+    with tls_connect(client_context(certs, version), tp.ports[0], "EXACT.test") as s:
+        port = s.getsockname()[1]
+        assert http_get(s).endswith(b"origin saw /")
+    assert wait_hooks(log, port) == HOOK_ORDER
+    lines = [words for words in read_lines(log) if words[2] == str(port)]
+    assert lines[0][4] == "-"  # no SNI known at VCONN_START
+    assert {words[4] for words in lines[1:]} == {"exact.test"}  # then the name, lower-cased
+    # a failed handshake (no certificate for the name) still closes exactly once
+    no_cert = start_proxy(
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="ssl_cert_name=certs/exact.pem\n",
+        plugins=[f"{{plugins}}/record_hooks.py {tmp_path / 'fail.log'}"],
+    )
+    raw = socket.create_connection(("127.0.0.1", no_cert.ports[0]), timeout=5)
+    port = raw.getsockname()[1]
+    with (
+        raw,
+        pytest.raises(ssl.SSLError),
+        client_context(certs, version).wrap_socket(raw, server_hostname="no.test"),
+    ):
+        pass
+    assert wait_hooks(tmp_path / "fail.log", port) == HOOK_ORDER
+
+
+def test_paused_start_hook_does_not_block_the_worker(
+    tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path
+) -> None:
+    log = tmp_path / "stall.log"
+    tp = start_hook_proxy(
+        tsproxy_factory, certs, origin, [f"{{plugins}}/stall_hook.py VCONN_START port={{p0}} 1.0 {log}"]
+    )
+    assert len(tp.worker_pids()) == 1
+    result: dict[str, Any] = {}
+
+    def paused_client() -> None:
+        t0 = time.monotonic()
+        try:
+            with tls_connect(client_context(certs), tp.ports[0], "exact.test") as s:
+                result["handshake"] = time.monotonic() - t0
+                result["response"] = http_get(s)
+        except Exception as exc:  # reported by the assertions below
+            result["error"] = exc
+
+    thread = threading.Thread(target=paused_client)
+    thread.start()
+    try:
+        wait_for(lambda: any(w[0] == "paused" for w in read_lines(log)), 2, "the START hook to pause")
+        t0 = time.monotonic()
+        assert_serves(tp, certs, 1)  # same worker, other port: not held up by the paused hook
+        assert time.monotonic() - t0 < 0.5
+        assert "handshake" not in result and "error" not in result, result
+    finally:
+        thread.join(5)
+    assert "error" not in result, result
+    assert 0.9 <= result["handshake"] < 3.0, result
+    assert result["response"].endswith(b"origin saw /"), result
+    assert [w[0] for w in read_lines(log)][:2] == ["paused", "reenable"]
+
+
+@pytest.mark.parametrize(("hook", "match"), [("VCONN_START", "port={p0}"), ("SSL_CERT", "sni=exact.test")])
+def test_client_closing_while_hook_paused(
+    tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path, hook: str, match: str
+) -> None:
+    rec, stall = tmp_path / "hooks.log", tmp_path / "stall.log"
+    tp = start_hook_proxy(
+        tsproxy_factory,
+        certs,
+        origin,
+        [f"{{plugins}}/record_hooks.py {rec}", f"{{plugins}}/stall_hook.py {hook} {match} 1.0 {stall}"],
+    )
+    worker = tp.worker_pids()
+    client = SansIOClient(certs, "exact.test")
+    with socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5) as raw:
+        port = raw.getsockname()[1]
+        raw.sendall(client.client_hello)
+        wait_for(
+            lambda: any(w[:2] == ["paused", str(port)] for w in read_lines(stall)), 2, "the hook to pause"
+        )
+    # the client is gone while the hook is paused; the timer re-enables later (twice, even)
+    wait_for(lambda: any(w[:2] == ["reenable", str(port)] for w in read_lines(stall)), 3, "the re-enable")
+    assert wait_hooks(rec, port)[-1] == "VCONN_CLOSE"
+    assert hooks_of(rec, port).count("VCONN_CLOSE") == 1
+    assert [w[0] for w in read_lines(stall) if w[1] == str(port)].count("close") == 1
+    assert tp.worker_pids() == worker
+    assert_serves(tp, certs, 1)
+    assert tp.metric("total_success_handshake_count_in") == 1
+
+
+def test_hook_that_never_reenables_is_ended_by_handshake_timeout(
+    tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path
+) -> None:
+    rec, stall = tmp_path / "hooks.log", tmp_path / "stall.log"
+    tp = start_hook_proxy(
+        tsproxy_factory,
+        certs,
+        origin,
+        [
+            f"{{plugins}}/record_hooks.py {rec}",
+            f"{{plugins}}/stall_hook.py SSL_CLIENT_HELLO sni=exact.test -1 {stall}",
+        ],
+        records={"proxy.config.ssl.handshake_timeout_in": 1},
+    )
+    raw = socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5)
+    port = raw.getsockname()[1]
+    t0 = time.monotonic()
+    with raw, pytest.raises((ssl.SSLError, ConnectionError)):
+        client_context(certs).wrap_socket(raw, server_hostname="exact.test")
+    assert time.monotonic() - t0 < 4.0
+    assert wait_hooks(rec, port) == ["VCONN_START", "SSL_CLIENT_HELLO", "VCONN_CLOSE"]
+    assert tp.wait_metric("ssl_handshake_timeout_in", 1) == 1
+    assert [w[0] for w in read_lines(stall)] == ["paused", "close"]
+    assert_serves(tp, certs, 0, sni="default.test")
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_hook_actions_raise_error_swap_tunnel(
+    tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path, tls_backend: TLSBackend, version: str
+) -> None:
+    rec = tmp_path / "hooks.log"
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert=(
+            "ssl_cert_name=certs/exact.pem\nssl_cert_name=certs/wild.pem\n"
+            "dest_ip=* ssl_cert_name=certs/default.pem\n"
+        ),
+        origin=origin,
+        plugins=[
+            f"{{plugins}}/record_hooks.py {rec}",
+            "{plugins}/sni_actions.py a.wild.test=raise b.wild.test=error c.wild.test=swap:exact.test"
+            " d.wild.test=tunnel:127.0.0.1:{backend}",
+        ],
+        fmt_extra={"backend": tls_backend.port},
+    )
+    worker = tp.worker_pids()
+    ctx = client_context(certs, version)
+
+    def failed_port(sni: str) -> int:
+        raw = socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5)
+        port = raw.getsockname()[1]
+        with raw, pytest.raises((ssl.SSLError, ConnectionError)):
+            ctx.wrap_socket(raw, server_hostname=sni)
+        return port
+
+    # a raising hook fails only that connection (and CLOSE still runs once)
+    port = failed_port("a.wild.test")
+    assert wait_hooks(rec, port) == ["VCONN_START", "SSL_CLIENT_HELLO", "VCONN_CLOSE"]
+    assert_serves(tp, certs, sni="x.wild.test")
+    # reenable(error=True) in SSL_CERT: the client sees a failed handshake
+    port = failed_port("b.wild.test")
+    assert wait_hooks(rec, port) == HOOK_ORDER
+    # a CERT hook that swaps the context: exact.test's certificate for c.wild.test
+    assert served_name(certs, tp.ports[0], "c.wild.test", version=version) == "exact.test"
+    # a hook that tunnels: the client's handshake is the backend's
+    with tls_connect(ctx, tp.ports[0], "d.wild.test") as s:
+        assert peer_dns_names(s) == ["backend.test"]
+        s.sendall(b"ping\n")
+        assert s.recv(1024) == b"backend saw ping\n"
+    assert tp.worker_pids() == worker
+    assert_serves(tp, certs)
+    assert tp.wait_metric("total_success_handshake_count_in", 3) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# ClientHello edge cases, versions
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"\x16\x03\x01\x00\x04\x63\x00\x00\x00",  # a handshake record that is not a ClientHello
+        b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\xff",  # a ClientHello of 1 byte, which cannot be
+        b"\x16\xff\xff\xff\xff" + b"\x00" * 64,  # a record too long to be TLS
+        b"\x16" + os.urandom(300),
+    ],
+)
+def test_malformed_client_hello_is_closed_and_counted(
+    tsproxy_factory: Factory, certs: Certs, origin: int, junk: bytes
+) -> None:
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+    )
+    worker = tp.worker_pids()
+    with socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5) as s:
+        s.sendall(junk)
+        assert wait_closed(s, 3.0) < 2.0  # closed at once, not by the (30 s) handshake timeout
+    assert tp.wait_metric("ssl_error_ssl", 1) == 1
+    assert tp.metric("user_agent_other_errors") == 1
+    assert tp.metric("total_success_handshake_count_in") == 0
+    assert tp.worker_pids() == worker
+    assert_serves(tp, certs)
+
+
+@pytest.mark.parametrize("records", [1, 3])
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_client_hello_split_across_segments(
+    tsproxy_factory: Factory, certs: Certs, origin: int, version: str, records: int
+) -> None:
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+    )
+    client = SansIOClient(certs, "exact.test", version)
+    hello = client.client_hello
+    assert len(hello) > 150 and hello[0] == 0x16 and int.from_bytes(hello[3:5], "big") == len(hello) - 5
+    if records > 1:  # the same handshake message fragmented over several TLS records
+        body, size = hello[5:], -(-(len(hello) - 5) // records)
+        frags = [body[i : i + size] for i in range(0, len(body), size)]
+        hello = b"".join(hello[:3] + len(f).to_bytes(2, "big") + f for f in frags)
+    with socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # byte by byte through the record header and the first bytes, then in small pieces
+        pieces = [hello[i : i + 1] for i in range(12)]
+        pieces += [hello[i : i + 37] for i in range(12, len(hello), 37)]
+        for piece in pieces:
+            s.sendall(piece)
+            time.sleep(0.005)
+        client.finish_handshake(s)
+        assert client.obj.version() == f"TLSv{version}"
+        response = client.request(s)
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"origin saw /"), response
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_old_tls_versions_refused_by_default(
+    tsproxy_factory: Factory, certs: Certs, origin: int, version: ssl.TLSVersion
+) -> None:
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+    )
+    ctx = client_context(certs)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.minimum_version = ctx.maximum_version = version
+    with pytest.raises(ssl.SSLError) as info:
+        tls_connect(ctx, tp.ports[0], "exact.test").close()
+    assert "VERSION" in info.value.reason, info.value  # the server answered protocol_version
+    assert tp.wait_metric("user_agent_wrong_version", 1) == 1
+    assert tp.metric("total_success_handshake_count_in") == 0
+    assert_serves(tp, certs)
+
+
+# --------------------------------------------------------------------------------------------
+# client certificates
+# --------------------------------------------------------------------------------------------
+
+
+def mtls_proxy(factory: Factory, certs: Certs, origin: int, level: int) -> TLSProxy:
+    return start_proxy(
+        factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+        records={
+            "proxy.config.ssl.client.certification_level": level,
+            "proxy.config.ssl.CA.cert.filename": "certs/ca.pem",
+        },
+    )
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_client_certificate_required(
+    tsproxy_factory: Factory, certs: Certs, origin: int, version: str
+) -> None:
+    tp = mtls_proxy(tsproxy_factory, certs, origin, 2)
+    port = tp.ports[0]
+    missing = "SSLV3_ALERT_HANDSHAKE_FAILURE" if version == "1.2" else "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    assert failure_reason(client_context(certs, version), port, "exact.test") == missing
+    assert tp.wait_metric("user_agent_bad_cert", 1) == 1
+    reason = failure_reason(client_context(certs, version, cert=certs.rogue_client), port, "exact.test")
+    assert reason == "TLSV1_ALERT_UNKNOWN_CA"
+    assert tp.wait_metric("user_agent_cert_verify_failed", 1) == 1
+    with tls_connect(client_context(certs, version, cert=certs.client), port, "exact.test") as s:
+        assert http_get(s).endswith(b"origin saw /")
+    assert tp.wait_metric("total_success_handshake_count_in", 1) == 1
+    assert tp.metric("ssl_error_ssl") == 2
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_client_certificate_requested(
+    tsproxy_factory: Factory, certs: Certs, origin: int, version: str
+) -> None:
+    tp = mtls_proxy(tsproxy_factory, certs, origin, 1)
+    port = tp.ports[0]
+    for cert in (None, certs.client):  # none, or a good one: both served
+        with tls_connect(client_context(certs, version, cert=cert), port, "exact.test") as s:
+            assert http_get(s).endswith(b"origin saw /")
+    # one that does not verify is refused
+    reason = failure_reason(client_context(certs, version, cert=certs.rogue_client), port, "exact.test")
+    assert reason == "TLSV1_ALERT_UNKNOWN_CA"
+    assert tp.wait_metric("user_agent_cert_verify_failed", 1) == 1
+    assert tp.metric("total_success_handshake_count_in") == 2
+
+
+# --------------------------------------------------------------------------------------------
+# counters, debug log, curl
+# --------------------------------------------------------------------------------------------
+
+
+@needs_curl
+def test_curl_counters_and_debug_log(tsproxy_factory: Factory, certs: Certs, origin: int) -> None:
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        ports=["{p0}:ssl:ip-in=127.0.0.1"],
+        multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+        records={"proxy.config.diags.debug.enabled": 1, "proxy.config.diags.debug.tags": "ssl"},
+    )
+    port = tp.ports[0]
+    ports = []
+    for flag in ("--tlsv1.2 --tls-max 1.2", "--tlsv1.3"):
+        base = [
+            "curl",
+            "-sS",
+            *flag.split(),
+            "-w",
+            "\\n%{local_port}",
+            "--resolve",
+            f"exact.test:{port}:127.0.0.1",
+            "-H",
+            "Host: origin.test",
+            f"https://exact.test:{port}/curl",
+        ]
+        # a CA that did not sign our certificate: curl refuses it with an unknown_ca alert
+        out = subprocess.run(
+            [*base, "--cacert", str(certs.rogue_ca_file)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        assert out.returncode == 60, out
+        out = subprocess.run(
+            [*base, "--cacert", str(certs.ca_file)], capture_output=True, text=True, timeout=10, check=False
+        )
+        assert out.returncode == 0, out
+        body, local_port = out.stdout.rsplit("\n", 1)
+        assert body == "origin saw /curl"
+        ports.append(local_port)
+    result = tp.proxy.ctl(
+        "metric",
+        "get",
+        *(
+            SSL_PREFIX + n
+            for n in (
+                "total_attempts_handshake_count_in",
+                "total_success_handshake_count_in",
+                "ssl_total_tlsv12",
+                "ssl_total_tlsv13",
+                "user_agent_unknown_ca",
+            )
+        ),
+    )
+    assert result.returncode == 0, result.stderr
+    values = dict(line.split() for line in result.stdout.splitlines())
+    assert values == {
+        SSL_PREFIX + "total_attempts_handshake_count_in": "4",
+        SSL_PREFIX + "total_success_handshake_count_in": "2",
+        SSL_PREFIX + "ssl_total_tlsv12": "1",
+        SSL_PREFIX + "ssl_total_tlsv13": "1",
+        SSL_PREFIX + "user_agent_unknown_ca": "2",  # the alert curl sent when it did not trust us
+    }, result.stdout
+    match = tp.proxy.ctl("metric", "match", r"proxy\.process\.ssl\.total_.*handshake.*_in")
+    assert match.returncode == 0 and SSL_PREFIX + "total_handshake_time" not in match.stdout
+    assert (SSL_PREFIX + "total_success_handshake_count_in 2") in match.stdout.splitlines()
+    log = tp.config_dir / "log" / "tsproxy.log"
+    text = wait_for(lambda: log.exists() and log.read_text(), 5, "the log file")
+    for local_port in ports:
+        lines = [line for line in text.splitlines() if f"'127.0.0.1', {local_port})" in line]
+        assert any("<ssl> ClientHello from" in line and "sni=exact.test" in line for line in lines), lines
+        assert any("<ssl> SSL server handshake completed" in line for line in lines), lines

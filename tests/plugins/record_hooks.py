@@ -10,7 +10,13 @@ import os
 
 from tsproxy.api import HookID, PluginAPI, VConn
 
-HOOKS = (HookID.VCONN_START, HookID.SSL_CLIENT_HELLO, HookID.SSL_SERVERNAME, HookID.SSL_CERT, HookID.VCONN_CLOSE)
+HOOKS = (
+    HookID.VCONN_START,
+    HookID.SSL_CLIENT_HELLO,
+    HookID.SSL_SERVERNAME,
+    HookID.SSL_CERT,
+    HookID.VCONN_CLOSE,
+)
 
 
 def plugin_init(api: PluginAPI, args: list[str]) -> None:
@@ -19,7 +25,8 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
     def record(hook: HookID, vc: VConn) -> None:
         client = vc.client_address
         local = vc.local_address
-        line = f"{os.getpid()} {hook.name} {client[1] if client else '-'} {local[1] if local else '-'} {vc.sni or '-'}\n"
+        ports = f"{client[1] if client else '-'} {local[1] if local else '-'}"
+        line = f"{os.getpid()} {hook.name} {ports} {vc.sni or '-'}\n"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())

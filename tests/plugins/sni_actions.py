@@ -21,7 +21,7 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
         if action == "raise":
             raise RuntimeError("test plugin raising on purpose")
         if action.startswith("tunnel:"):
-            vc.tunnel(action[len("tunnel:"):])
+            vc.tunnel(action[len("tunnel:") :])
         vc.reenable()
 
     def cert(hook: HookID, vc: VConn) -> None:
@@ -30,7 +30,7 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
             vc.reenable(error=True)
             return
         if action.startswith("swap:"):
-            ctx = api.ssl_context_find_by_name(action[len("swap:"):])
+            ctx = api.ssl_context_find_by_name(action[len("swap:") :])
             assert ctx is not None, action
             vc.set_ssl_context(ctx)
         vc.reenable()

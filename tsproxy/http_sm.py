@@ -658,6 +658,8 @@ class HttpClientSession(Continuation):
             return
         self.connecting = _Connecting(self, key)
         self.connect_vc = connect(self.proc.nh, self.connecting, addr, family)
+        if self.connect_vc is not None:
+            self.connect_vc.set_inactivity_timeout(self.http.connect_timeout)
 
     def _origin_failed(self, status: int, reason: str) -> None:
         self._drop_origin()

@@ -7,7 +7,8 @@ closed at once and counted as throttled), and hands each new VC to the ``on_acce
 EMFILE/ENFILE pause accepting for a short back-off instead of spinning on a readable listener.
 
 ``connect`` starts a non-blocking connect and calls back ``NET_EVENT_OPEN`` with the VC or
-``NET_EVENT_OPEN_FAILED`` with the errno.
+``NET_EVENT_OPEN_FAILED`` with the errno (ETIMEDOUT when the VC's inactivity timeout, the
+caller's connect timeout, expires first).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class _Connector:
     def on_writable(self, mask: int) -> None:
         nh = self.nh
         nh.thread.unregister(self.sock.fileno())
+        self.vc.connect_waiter = None
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if self.vc.closed:  # the caller gave up (timeout) before the connect finished
             return
@@ -162,6 +164,7 @@ def connect(
     vc = make_vc(sock, nh)
     vc.outbound = True
     nh.add_vc(vc)
+    vc.connect_waiter = cont  # an inactivity timeout before the connect finishes fails it
     connector = _Connector(nh, cont, sock, vc)
     nh.thread.register(sock.fileno(), selectors.EVENT_WRITE, connector.on_writable)
     return vc

@@ -21,6 +21,7 @@ when the wanted mask changes. Closing is idempotent; after ``do_io_close`` no ca
 
 from __future__ import annotations
 
+import errno
 import logging
 import selectors
 import socket
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from iocore.eventsystem.event import (
+    NET_EVENT_OPEN_FAILED,
     VC_EVENT_EOS,
     VC_EVENT_ERROR,
     VC_EVENT_READ_COMPLETE,
@@ -75,6 +77,9 @@ class NetVConnection(Continuation):
         self.remote_addr: tuple[Any, ...] = ()
         self.local_addr: tuple[Any, ...] = ()
         self.user_data: Any = None
+        # Who waits for NET_EVENT_OPEN while an outbound connect is in progress (set by connect):
+        # a timeout before the connect finished is reported to it as NET_EVENT_OPEN_FAILED.
+        self.connect_waiter: Continuation | None = None
         self.stats = nh.stats
 
     # -- addresses --------------------------------------------------------------------------
@@ -172,7 +177,11 @@ class NetVConnection(Continuation):
         """Deliver an inactivity/active timeout to whoever listens, or close the VC."""
         cont = self.read.cont if self.read.cont is not None else self.write.cont
         if cont is None:
+            waiter = self.connect_waiter
+            self.connect_waiter = None
             self.do_io_close()
+            if waiter is not None:
+                waiter.handle_event(NET_EVENT_OPEN_FAILED, errno.ETIMEDOUT)
         else:
             cont.handle_event(event, self.read if self.read.cont is not None else self.write)
 

@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -426,6 +427,41 @@ def test_origin_refused_is_502(proxy: Any) -> None:
         resp, body = get(c, "/bytes?n=9")
         assert resp.status == 200 and body == pattern(9)
     c.close()
+
+
+def test_origin_connect_timeout_is_502(tsproxy_factory: Callable[..., Any]) -> None:
+    # A listener whose accept queue is full drops SYNs: connects to it hang, like a firewalled
+    # origin. proxy.config.http.connect_attempts_timeout must end the wait with a 502.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            fillers.append(s)
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        probe = fillers[-1]
+        _, writable, _ = select.select([], [probe], [], 0.3)
+        if writable and probe.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            pytest.skip("this kernel does not drop SYNs on a full accept queue")
+        proxy = tsproxy_factory(
+            records={"proxy.config.http.connect_attempts_timeout": 1},
+            files={"remap.config": f"map http://{ORIGIN_HOST}/ http://127.0.0.1:{port}/\n"},
+        )
+        c = conn(proxy, timeout=8)
+        t0 = time.monotonic()
+        resp, _ = get(c, "/x")
+        elapsed = time.monotonic() - t0
+        c.close()
+        assert resp.status == 502
+        assert elapsed < 4, f"502 after {elapsed:.1f} s with a 1 s connect timeout"
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
 
 
 def test_origin_silent_is_504_after_no_activity_timeout(start_proxy: Callable[..., Any]) -> None:

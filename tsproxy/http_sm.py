@@ -327,6 +327,15 @@ class HttpClientSession(Continuation):
 
     # -- client side -----------------------------------------------------------------------------
     def handle_client_event(self, event: int, data: Any) -> None:
+        try:
+            self._client_event(event)
+        except Exception:
+            # The VC's guard closes only the VC that raised: fail the whole session so neither
+            # the client nor the origin connection is left waiting for a transaction that died.
+            self.close()
+            raise
+
+    def _client_event(self, event: int) -> None:
         if event == VC_EVENT_READ_READY or event == VC_EVENT_READ_COMPLETE:
             self._process_client_input()
         elif event == VC_EVENT_WRITE_READY:
@@ -525,6 +534,13 @@ class HttpClientSession(Continuation):
 
     # -- origin side --------------------------------------------------------------------------
     def handle_origin_event(self, event: int, data: Any) -> None:
+        try:
+            self._origin_event(event)
+        except Exception:
+            self.close()  # as in handle_client_event
+            raise
+
+    def _origin_event(self, event: int) -> None:
         if event == VC_EVENT_READ_READY or event == VC_EVENT_READ_COMPLETE:
             self._process_origin_input()
         elif event == VC_EVENT_WRITE_READY:

@@ -7,6 +7,7 @@ the other test plugins do (hooks run in registration order).
 from __future__ import annotations
 
 import os
+import time
 
 from tsproxy.api import HookID, PluginAPI, VConn
 
@@ -26,7 +27,7 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
         client = vc.client_address
         local = vc.local_address
         ports = f"{client[1] if client else '-'} {local[1] if local else '-'}"
-        line = f"{os.getpid()} {hook.name} {ports} {vc.sni or '-'}\n"
+        line = f"{os.getpid()} {hook.name} {ports} {vc.sni or '-'} {time.monotonic():.3f}\n"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())

@@ -10,6 +10,7 @@ Connections that do not match are re-enabled at once.
 from __future__ import annotations
 
 import os
+import time
 
 from tsproxy.api import HookID, PluginAPI, VConn
 
@@ -47,7 +48,7 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
             return
 
         def later() -> None:
-            log(f"reenable {port_of(vc)} closed={vc.closed}")
+            log(f"reenable {port_of(vc)} closed={vc.closed} {time.monotonic():.3f}")
             vc.reenable()
             vc.reenable()  # a second call must be harmless too
 

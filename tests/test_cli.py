@@ -61,7 +61,14 @@ def test_missing_config_dir_is_a_config_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("status",), ("stop",), ("reload",), ("metric", "get", "proxy.process.http.incoming_requests")],
+    [
+        ("status",),
+        ("stop",),
+        ("reload",),
+        ("restart",),
+        ("top", "--iterations", "1"),
+        ("metric", "get", "proxy.process.http.incoming_requests"),
+    ],
 )
 def test_commands_say_clearly_when_nothing_runs(tmp_path: Path, args: tuple[str, ...]) -> None:
     config_dir = write_config_dir(tmp_path / "etc")

@@ -1,4 +1,4 @@
-"""The ``tsproxy`` command (click): start, stop, status, reload, metric, config check.
+"""The ``tsproxy`` command (click): start, stop, restart, status, top, reload, metric, config check.
 
 Every subcommand takes ``--config-dir DIR`` (default: ``$TSPROXY_CONFIG_DIR``, else the
 shipped ``etc/tsproxy/``). Commands other than ``start`` and ``config check`` talk to the
@@ -158,16 +158,13 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-@cli.command()
-@_config_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-def status(config_dir: Path | None, as_json: bool) -> None:
-    """Show the master and each worker: role, pid, uptime, CPU, RSS, connections, generation."""
-    result = _call(config_dir, "status")
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    rows = [("ROLE", "SLOT", "PID", "UPTIME", "CPU%", "RSS", "CONNS", "GEN", "PORTS")]
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def status_lines(result: dict[str, Any]) -> list[str]:
+    """The ``tsproxy status`` table (also each frame of ``tsproxy top``) for a status result."""
+    rows = [("ROLE", "SLOT", "PID", "UPTIME", "CPU%", "RSS", "CONNS", "HS/S", "REQ/S", "GEN", "PORTS")]
     m = result["master"]
     rows.append(
         (
@@ -178,11 +175,18 @@ def status(config_dir: Path | None, as_json: bool) -> None:
             _fmt(m["cpu_percent"]),
             _fmt_rss(m["rss"]),
             "-",
+            "-",
+            "-",
             str(m["generation"]),
             "",
         )
     )
+    booting = False
+    total_hs = total_req = 0.0
     for w in result["workers"]:
+        booting = booting or bool(w["pid"] and not w["ready"])
+        total_hs += w.get("handshakes_per_s") or 0.0
+        total_req += w.get("requests_per_s") or 0.0
         rows.append(
             (
                 w["role"],
@@ -192,17 +196,106 @@ def status(config_dir: Path | None, as_json: bool) -> None:
                 _fmt(w["cpu_percent"]),
                 _fmt_rss(w["rss"]),
                 _fmt(w["connections"]),
+                _fmt_rate(w.get("handshakes_per_s")),
+                _fmt_rate(w.get("requests_per_s")),
                 _fmt(w["generation"]),
                 " ".join(w.get("ports", [])),
             )
         )
+    draining = result.get("draining", [])
+    for d in draining:
+        rows.append(
+            (
+                d["role"],
+                str(d["slot"]),
+                f"{d['pid']}~",
+                _fmt_uptime(d["uptime"]),
+                "-",
+                "-",
+                _fmt(d["connections"]),
+                "-",
+                "-",
+                "-",
+                "(old worker)",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
-    click.echo(
-        f"config dir {result['config_dir']}, generation {result['generation']}"
-        + (" (stopping)" if result.get("stopping") else "")
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
+    period = result.get("rate_period", 1.0)
+    lines.append(
+        f"total {total_hs:.1f} handshakes/s, {total_req:.1f} requests/s (rates over the last {period:g} s)"
     )
+    legend = [
+        *(["* booting"] if booting else []),
+        *(["~ replaced by a restart, draining"] if draining else []),
+    ]
+    if legend:
+        lines.append("; ".join(legend))
+    state = " (stopping)" if result.get("stopping") else " (restarting)" if result.get("restarting") else ""
+    lines.append(f"config dir {result['config_dir']}, generation {result['generation']}{state}")
+    return lines
+
+
+@cli.command()
+@_config_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(config_dir: Path | None, as_json: bool) -> None:
+    """Show the master and each worker: role, pid, uptime, CPU, RSS, connections, handshakes/s,
+    requests/s, config generation.
+
+    Rates are per worker process over the master's last one-second sample ("-" during a
+    worker's first second).
+    """
+    result = _call(config_dir, "status")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for line in status_lines(result):
+        click.echo(line)
+
+
+@cli.command()
+@_config_dir_option
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--iterations",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Stop after this many refreshes (default: until Ctrl-C).",
+)
+def top(config_dir: Path | None, interval: float, iterations: int) -> None:
+    """Show the ``tsproxy status`` table live, refreshed every INTERVAL seconds.
+
+    Ctrl-C quits (exit status 0). On a terminal each refresh clears the screen; otherwise the
+    frames are printed one after another, separated by a blank line.
+    """
+    cdir = resolve_config_dir(config_dir)
+    tty = sys.stdout.isatty()
+    frames = 0
+    try:
+        while True:
+            result = _call(cdir, "status")
+            stamp = time.strftime("%H:%M:%S")
+            header = f"tsproxy top - {stamp} - every {interval:g} s, Ctrl-C to quit"
+            if tty:
+                click.clear()
+            elif frames:
+                click.echo("")
+            click.echo("\n".join([header, *status_lines(result)]))
+            frames += 1
+            if iterations and frames >= iterations:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        if tty:
+            click.echo("")
+        return
 
 
 @cli.command()
@@ -225,6 +318,44 @@ def reload(config_dir: Path | None) -> None:
     if failed:
         sys.exit(EX_FAILURE)
     click.echo(f"reloaded {len(result['workers'])} workers")
+
+
+@cli.command()
+@_config_dir_option
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Seconds to wait for the whole restart (default: generous, from shutdown_timeout).",
+)
+def restart(config_dir: Path | None, timeout: float | None) -> None:
+    """Restart the workers one at a time, without closing the listening sockets.
+
+    For each worker: fork a replacement, wait until it is ready, then tell the old worker to
+    drain (stop accepting, finish open transactions up to proxy.config.stop.shutdown_timeout,
+    close idle keep-alive connections) and go on with the next. Clients see no error; at most
+    an idle keep-alive connection is closed between two responses. Prints old -> new pid per
+    worker and exits 0 once every old worker has exited.
+
+    Limit: the master forks the replacements, so they run the code the master loaded when it
+    started. A restart picks up the current configuration and plugin code loaded by the
+    workers, but upgrading tsproxy itself needs a master restart (tsproxy stop, then start).
+    """
+    from tsproxy.master import RESTART_BOOT_TIMEOUT, STOP_GRACE
+
+    cdir = resolve_config_dir(config_dir)
+    if timeout is None:
+        n = len(_call(cdir, "status")["workers"])
+        timeout = _shutdown_timeout(cdir) + STOP_GRACE + n * RESTART_BOOT_TIMEOUT + 10.0
+    result = _call(cdir, "restart", timeout=timeout)
+    replaced = 0
+    for w in result["workers"]:
+        if w["old_pid"] is None:
+            click.echo(f"{w['role']}[{w['slot']}]: pid {_fmt(w['new_pid'])} was starting; left alone")
+        else:
+            replaced += 1
+            click.echo(f"{w['role']}[{w['slot']}]: pid {w['old_pid']} -> pid {w['new_pid']}")
+    click.echo(f"restarted {replaced} workers in {result['seconds']:.2f} s")
 
 
 @cli.group()

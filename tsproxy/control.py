@@ -8,9 +8,10 @@ here only frames and dispatches: ``ControlServer`` is driven by the master's sel
 the responder may answer at once or later (``reload`` waits for the workers, ``stop`` answers
 once the master has stopped). ``call`` is the small blocking client used by the CLI.
 
-Methods (served by tsproxy.master): ``status``, ``stop``, ``reload``, ``metric.get``
-(``{"names": [...]}``), ``metric.match`` (``{"regex": "..."}``), ``metric.zero``
-(``{"names": [...]}``).
+Methods (served by tsproxy.master): ``status``, ``stop``, ``reload``, ``restart`` (answers
+once every old worker has exited; E_WORKERS when a replacement failed to boot, E_BUSY while
+stopping, reloading or restarting), ``metric.get`` (``{"names": [...]}``), ``metric.match``
+(``{"regex": "..."}``), ``metric.zero`` (``{"names": [...]}``).
 
 Unix socket paths are limited to 107 bytes; longer paths are reached through
 ``/proc/self/fd/N/`` of the directory, so a deep config dir still works.
@@ -42,9 +43,9 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 E_CONFIG = 1  # data: {"path", "line"}; the message is FILE:LINE: reason
-E_BUSY = 2  # e.g. a reload is already in progress, or the master is stopping
+E_BUSY = 2  # e.g. a reload or restart is already in progress, or the master is stopping
 E_NOT_FOUND = 3  # unknown metric name
-E_WORKERS = 4  # some worker rejected or missed a command
+E_WORKERS = 4  # some worker rejected or missed a command (or a restart's replacement died)
 
 
 class NotRunningError(TSError):

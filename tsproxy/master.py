@@ -21,6 +21,30 @@ only append the signal number to a queue; the loop calls ``handle_<name>``. Inva
   SIGKILLed after it; pidfile and control socket are removed last.
 * Reload: the master validates the files first; only a config that loads cleanly is sent to
   the workers (``reload`` with a new generation), and workers forked later boot with it.
+* Stop: the listening sockets are ``shutdown()`` before the master closes its copies, so the
+  kernel refuses new connections at once even though draining workers still hold the fds.
+
+Restart (``restart`` on the control socket, ``tsproxy restart``) replaces the workers one at a
+time while the listening sockets stay open in the master: for each slot, fork the replacement,
+wait for its ``ready``, then send the old worker ``stop`` (it stops accepting, finishes its
+open transactions up to ``proxy.config.stop.shutdown_timeout``, closes idle keep-alive
+connections) and go on with the next slot without waiting for the drain. The answer comes once
+every old worker has exited. A replacement that dies or stays silent before ``ready`` aborts the
+restart and the old worker keeps its slot.
+
+Stats slots vs worker slots: a worker writes its counters without locks, so two live processes
+must never share a stats slot, and the old worker keeps counting while it drains. The region
+therefore has two stats slots per worker slot; ``_Slot.stats_index`` says which one the current
+worker uses, and a replacement takes a free one. The drained worker's slot keeps its counters
+(sums run over every stats slot, so totals survive restarts); once that worker has exited its
+gauges are zeroed and the slot goes back to the free list, where a later replacement carries
+its counters on. Rates in ``status`` are per worker process: the master samples each worker's
+handshake and request counters every ``RATE_PERIOD`` and reports the last period's rate.
+
+A restart forks the replacements from this master, so they run the code the master imported
+when it started: it applies config (including restart-only records that a worker reads at
+boot, like plugin.config's plugin_dir) and clears a worker's state, but a tsproxy *code*
+upgrade needs a master restart (``tsproxy stop`` + ``tsproxy start``, or the supervisor's).
 """
 
 from __future__ import annotations
@@ -49,6 +73,7 @@ from iocore.records.stats import METRIC_ID, SlotRole, SlotState, StatsRegion
 from tsproxy import control
 from tsproxy.exitcodes import (
     EX_CONFIG,
+    EX_FAILURE,
     EX_NOPERM,
     EX_OK,
     EX_SOFTWARE,
@@ -72,6 +97,10 @@ TICK = 0.2
 ET_NET = "ET_NET"
 ET_SSL = "ET_SSL"
 CONNECTIONS_METRIC = "proxy.process.net.connections_currently_open"
+HANDSHAKES_METRIC = "proxy.process.ssl.total_success_handshake_count_in"
+REQUESTS_METRIC = "proxy.process.http.incoming_requests"
+RATE_PERIOD = 1.0  # seconds between the master's samples of each worker's counters
+RESTART_BOOT_TIMEOUT = 30.0  # a replacement silent this long after its fork aborts a restart
 
 _log = get_logger("tsproxy.master")
 
@@ -110,10 +139,47 @@ class _Slot:
     last_status: int | None = None
     respawn_at: float | None = None
     proc: psutil.Process | None = None
+    stats_index: int = -1  # the stats slot the current worker writes (see "Stats slots")
+    rate_key: tuple[int, int] = (0, -1)  # (pid, stats_index) the last sample was taken for
+    rate_sample: tuple[float, int, int] | None = None  # (monotonic, handshakes, requests)
+    rates: tuple[float, float] | None = None  # handshakes/s, requests/s over the last period
 
     @property
     def label(self) -> str:
         return f"{self.role}[{self.index}]"
+
+
+@dataclass(eq=False)  # identity: ``in`` / ``remove`` on the retiree list
+class _Retiree:
+    """An old worker replaced by ``restart``: serving until its replacement is ready, then draining."""
+
+    slot: int
+    role: str
+    pid: int
+    stats_index: int
+    sock: socket.socket | None
+    spawned_mono: float
+    spawned_wall: float
+    generation: int
+    rbuf: bytearray = field(default_factory=bytearray)
+    deadline: float = 0.0  # 0: not told to stop yet; else SIGKILL after this monotonic time
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}[{self.slot}]"
+
+
+@dataclass
+class _PendingRestart:
+    todo: deque[int]  # worker slots still to restart
+    responder: control.Responder | None
+    started: float
+    current: int | None = None  # the slot whose replacement is booting
+    old: _Retiree | None = None  # that slot's old worker
+    boot_deadline: float = 0.0
+    pids: set[int] = field(default_factory=set)  # old workers of this restart not yet exited
+    results: list[dict[str, Any]] = field(default_factory=list)
+    abort_reason: str | None = None
 
 
 @dataclass
@@ -215,6 +281,10 @@ class Master:
         self._fingerprints: dict[str, tuple[int, int]] = {}
         self._pidfile_written = False
         self._proc = psutil.Process()
+        self._retirees: list[_Retiree] = []
+        self._free_stats: list[int] = []
+        self._restart: _PendingRestart | None = None
+        self._next_sample = 0.0
 
     @property
     def region(self) -> StatsRegion:
@@ -333,8 +403,12 @@ class Master:
                 raise err from exc
             self.listeners.append(Listener(descriptor=desc, sock=sock))
 
-    def _close_listeners(self) -> None:
+    def _close_listeners(self, *, shutdown: bool = False) -> None:
+        """Close the master's listening sockets; ``shutdown`` first stops them for every process."""
         for lst in self.listeners:
+            if shutdown:
+                with contextlib.suppress(OSError):
+                    lst.sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 lst.sock.close()
         self.listeners = []
@@ -376,8 +450,14 @@ class Master:
         else:
             net_listeners, ssl_listeners = list(self.listeners), []
         roles = [(ET_NET, net_listeners)] * n_net + [(ET_SSL, ssl_listeners)] * n_ssl
-        self.slots = [_Slot(index=i, role=r, listeners=lsts) for i, (r, lsts) in enumerate(roles)]
-        self.stats = StatsRegion(len(self.slots))
+        self.slots = [
+            _Slot(index=i, role=r, listeners=lsts, stats_index=i) for i, (r, lsts) in enumerate(roles)
+        ]
+        # Twice as many stats slots as workers: a restart's replacement and the old worker it
+        # replaces both count while the old one drains (see "Stats slots" above).
+        n = len(self.slots)
+        self.stats = StatsRegion(max(2 * n, 1))
+        self._free_stats = list(range(n, 2 * n))
 
     def _install_signals(self) -> None:
         assert self.selector is not None
@@ -406,11 +486,11 @@ class Master:
                 master_end.close()
                 self._after_fork_in_child(slot)
                 self.region.claim_slot(
-                    slot.index, os.getpid(), int(SlotRole[slot.role]), time.monotonic(), self.generation
+                    slot.stats_index, os.getpid(), int(SlotRole[slot.role]), time.monotonic(), self.generation
                 )
                 boot = WorkerBoot(
                     role=slot.role,
-                    slot=slot.index,
+                    slot=slot.stats_index,
                     config_dir=self.config_dir,
                     config=self.config,
                     listeners=slot.listeners,
@@ -446,7 +526,8 @@ class Master:
         slot.spawned_wall = time.time()
         slot.proc = None
         self.selector.register(master_end, selectors.EVENT_READ, lambda _m, s=slot: self._on_worker_io(s))
-        _log.info("spawned worker %s pid %d", slot.label, pid)
+        where = "" if slot.stats_index == slot.index else f" (stats slot {slot.stats_index})"
+        _log.info("spawned worker %s pid %d%s", slot.label, pid, where)
 
     def _after_fork_in_child(self, slot: _Slot) -> None:
         """In the forked worker: default signals, and close every fd that is not its own."""
@@ -456,7 +537,8 @@ class Master:
         for fd in (self._wakeup_r, self._wakeup_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for other in self.slots:
+        others: list[_Slot | _Retiree] = [*self.slots, *self._retirees]
+        for other in others:
             if other.sock is not None:
                 with contextlib.suppress(OSError):
                     other.sock.close()
@@ -509,6 +591,9 @@ class Master:
         if kind == "ready":
             slot.ready = True
             _log.info("worker %s pid %d ready", slot.label, slot.pid)
+            restart = self._restart
+            if restart is not None and restart.current == slot.index:
+                self._restart_slot_ready(restart, slot)
         elif kind == "reloaded":
             generation = event.get("generation")
             if event.get("ok") and isinstance(generation, int):
@@ -547,18 +632,24 @@ class Master:
                 continue
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
             for slot in self.slots:
                 if slot.pid == pid:
-                    self._on_worker_exit(slot, os.waitstatus_to_exitcode(status))
+                    self._on_worker_exit(slot, code)
                     break
+            else:
+                for retiree in self._retirees:
+                    if retiree.pid == pid:
+                        self._on_retiree_exit(retiree, code)
+                        break
 
     def _on_worker_exit(self, slot: _Slot, code: int) -> None:
         lifetime = time.monotonic() - slot.spawned_mono
         how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         self._close_worker_sock(slot)
         pid, slot.pid, slot.last_status = slot.pid, 0, code
-        self.region.reset_gauges(slot.index)
-        self.region.slot(slot.index).state = SlotState.EXITED
+        self.region.reset_gauges(slot.stats_index)
+        self.region.slot(slot.stats_index).state = SlotState.EXITED
         if self._reload is not None and slot.index in self._reload.waiting:
             del self._reload.waiting[slot.index]
             self._reload.replies[slot.index] = {
@@ -572,6 +663,10 @@ class Master:
                 self._finish_reload()
         if self._stopping:
             _log.info("worker %s pid %d exited (%s)", slot.label, pid, how)
+            return
+        restart = self._restart
+        if restart is not None and restart.current == slot.index and restart.old in self._retirees:
+            self._abort_restart_slot(restart, slot, pid, f"exited before it was ready ({how})")
             return
         failed_boot = not slot.ready or lifetime < BOOT_WINDOW
         slot.boot_failures = slot.boot_failures + 1 if failed_boot else 0
@@ -598,6 +693,26 @@ class Master:
         assert self.config is not None
         now = time.monotonic()
         timeout = float(self.config.records.get("proxy.config.heartbeat.timeout"))
+        if now >= self._next_sample:
+            self._next_sample = now + RATE_PERIOD
+            self._sample_rates(now)
+        for retiree in self._retirees:
+            if retiree.deadline and now >= retiree.deadline:
+                _log.warning(
+                    "old worker %s pid %d still draining after the shutdown timeout; killing it",
+                    retiree.label,
+                    retiree.pid,
+                )
+                retiree.deadline = now + 5.0
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(retiree.pid, signal.SIGKILL)
+        restart = self._restart
+        if restart is not None and restart.current is not None and now >= restart.boot_deadline:
+            slot = self.slots[restart.current]
+            if slot.pid and not slot.ready and restart.abort_reason is None:
+                restart.abort_reason = f"did not report ready within {RESTART_BOOT_TIMEOUT:g} s"
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
         for slot in self.slots:
             if slot.pid == 0:
                 if slot.respawn_at is not None and now >= slot.respawn_at and not self._stopping:
@@ -621,7 +736,7 @@ class Master:
     def _heartbeat_age(self, slot: _Slot, now_mono: float) -> float:
         """Seconds since the worker's last heartbeat (since its fork before the first one)."""
         try:
-            beat = self.region.slot(slot.index).last_heartbeat
+            beat = self.region.slot(slot.stats_index).last_heartbeat
         except (IndexError, AttributeError):
             beat = 0.0
         return now_mono - max(beat, slot.spawned_mono)
@@ -674,7 +789,7 @@ class Master:
             self._check_workers()
             self._check_reload_deadline()
             if self._stopping:
-                if all(slot.pid == 0 for slot in self.slots):
+                if all(slot.pid == 0 for slot in self.slots) and not self._retirees:
                     break
                 if time.monotonic() >= self._stop_deadline:
                     self._kill_all_workers()
@@ -689,7 +804,6 @@ class Master:
         self._stopping = True
         self._exit_code = code
         (_log.error if code else _log.info)("%s", reason)
-        self._close_listeners()
         timeout = float(self.config.records.get("proxy.config.stop.shutdown_timeout"))
         self._stop_deadline = time.monotonic() + timeout + STOP_GRACE
         for slot in self.slots:
@@ -697,13 +811,23 @@ class Master:
             if slot.pid and not self._send(slot, {"cmd": "stop", "timeout": timeout}):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGTERM)
+        for retiree in self._retirees:
+            if not retiree.deadline:
+                self._stop_retiree(retiree, timeout)
+        # After "stop" went out (so no worker spins on a dead listener for long): shutdown()
+        # stops the shared listening sockets in every process, so new connections are refused
+        # at once although the draining workers still hold the fds.
+        self._close_listeners(shutdown=True)
+        if self._restart is not None:
+            self._finish_restart(error="tsproxy is stopping")
 
     def _kill_all_workers(self) -> None:
-        for slot in self.slots:
-            if slot.pid:
-                _log.warning("worker %s pid %d still running; killing it", slot.label, slot.pid)
+        workers: list[_Slot | _Retiree] = [*self.slots, *self._retirees]
+        for w in workers:
+            if w.pid:
+                _log.warning("worker %s pid %d still running; killing it", w.label, w.pid)
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signal.SIGKILL)
+                    os.kill(w.pid, signal.SIGKILL)
         self._stop_deadline = time.monotonic() + 5.0
 
     def _finish_stop(self) -> int:
@@ -720,6 +844,8 @@ class Master:
         if self.selector is not None:
             for slot in self.slots:
                 self._close_worker_sock(slot)
+            for retiree in self._retirees:
+                self._close_retiree_sock(retiree)
         if self.control_server is not None:
             self.control_server.close(unlink=True)
             self.control_server = None
@@ -848,6 +974,186 @@ class Master:
         if pending.responder is not None:
             pending.responder.result(result)
 
+    # ------------------------------------------------------------------ restart
+
+    def restart(self, responder: control.Responder | None) -> None:
+        """Replace the workers one at a time; the listeners stay open (see the module doc)."""
+        busy = (
+            "tsproxy is stopping"
+            if self._stopping
+            else "a restart is already in progress"
+            if self._restart is not None
+            else "a reload is in progress"
+            if self._reload is not None
+            else None
+        )
+        if busy is not None:
+            _log.error("restart refused: %s", busy)
+            if responder is not None:
+                responder.error(control.E_BUSY, busy, {"exit_code": EX_UNAVAILABLE})
+            return
+        _log.info("restarting %d workers one at a time", len(self.slots))
+        self._restart = _PendingRestart(
+            todo=deque(s.index for s in self.slots), responder=responder, started=time.monotonic()
+        )
+        self._restart_next()
+
+    def _restart_next(self) -> None:
+        restart = self._restart
+        assert restart is not None and self.selector is not None
+        restart.current = restart.old = None
+        while restart.todo:
+            slot = self.slots[restart.todo.popleft()]
+            if not slot.pid or not slot.ready or not self._free_stats:
+                # No worker or one still booting: it runs this master's code already.
+                restart.results.append(
+                    {"slot": slot.index, "role": slot.role, "old_pid": None, "new_pid": slot.pid or None}
+                )
+                continue
+            old = _Retiree(
+                slot=slot.index,
+                role=slot.role,
+                pid=slot.pid,
+                stats_index=slot.stats_index,
+                sock=slot.sock,
+                spawned_mono=slot.spawned_mono,
+                spawned_wall=slot.spawned_wall,
+                generation=slot.generation,
+                rbuf=slot.rbuf,
+            )
+            if old.sock is not None:
+                self.selector.modify(old.sock, selectors.EVENT_READ, lambda _m, r=old: self._on_retiree_io(r))
+            slot.sock = None
+            self._retirees.append(old)
+            restart.pids.add(old.pid)
+            restart.current, restart.old = slot.index, old
+            restart.boot_deadline = time.monotonic() + RESTART_BOOT_TIMEOUT
+            slot.stats_index = self._free_stats.pop(0)
+            slot.boot_failures = 0
+            self._spawn(slot)
+            return
+        self._check_restart_done()
+
+    def _restart_slot_ready(self, restart: _PendingRestart, slot: _Slot) -> None:
+        """The replacement in ``slot`` is ready: drain the old worker, go on with the next slot."""
+        old = restart.old
+        assert old is not None and self.config is not None
+        restart.results.append(
+            {"slot": slot.index, "role": slot.role, "old_pid": old.pid, "new_pid": slot.pid}
+        )
+        _log.info("worker %s: pid %d replaces pid %d, which now drains", slot.label, slot.pid, old.pid)
+        if old in self._retirees and not old.deadline:
+            self._stop_retiree(old, float(self.config.records.get("proxy.config.stop.shutdown_timeout")))
+        self._restart_next()
+
+    def _abort_restart_slot(self, restart: _PendingRestart, slot: _Slot, new_pid: int, how: str) -> None:
+        """The replacement died before ``ready``: give the slot back to the old worker, stop here."""
+        old = restart.old
+        assert old is not None and self.selector is not None
+        reason = restart.abort_reason or how
+        self._free_stats.append(slot.stats_index)
+        self._retirees.remove(old)
+        restart.pids.discard(old.pid)
+        slot.pid, slot.sock, slot.rbuf = old.pid, old.sock, old.rbuf
+        slot.stats_index, slot.generation = old.stats_index, old.generation
+        slot.spawned_mono, slot.spawned_wall = old.spawned_mono, old.spawned_wall
+        slot.ready, slot.proc, slot.respawn_at = True, None, None
+        if slot.sock is not None:
+            self.selector.modify(slot.sock, selectors.EVENT_READ, lambda _m, s=slot: self._on_worker_io(s))
+        restart.current = restart.old = None
+        restart.todo.clear()
+        self._finish_restart(
+            error=f"new worker for {slot.label} (pid {new_pid}) {reason}; "
+            f"the old worker pid {old.pid} keeps serving; restart stopped"
+        )
+
+    def _stop_retiree(self, retiree: _Retiree, timeout: float) -> None:
+        retiree.deadline = time.monotonic() + timeout + STOP_GRACE
+        sent = False
+        if retiree.sock is not None:
+            with contextlib.suppress(OSError):
+                retiree.sock.send(json.dumps({"cmd": "stop", "timeout": timeout}).encode() + b"\n")
+                sent = True
+        if not sent:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(retiree.pid, signal.SIGTERM)
+
+    def _on_retiree_io(self, retiree: _Retiree) -> None:
+        assert retiree.sock is not None
+        try:
+            data = retiree.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_retiree_sock(retiree)
+        # Anything else an old worker says (a late "ready" or "reloaded") no longer matters.
+
+    def _close_retiree_sock(self, retiree: _Retiree) -> None:
+        if retiree.sock is None:
+            return
+        assert self.selector is not None
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(retiree.sock)
+        retiree.sock.close()
+        retiree.sock = None
+
+    def _on_retiree_exit(self, retiree: _Retiree, code: int) -> None:
+        how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        _log.info("old worker %s pid %d exited (%s)", retiree.label, retiree.pid, how)
+        self._close_retiree_sock(retiree)
+        self._retirees.remove(retiree)
+        self.region.reset_gauges(retiree.stats_index)
+        self.region.slot(retiree.stats_index).state = SlotState.EXITED
+        self._free_stats.append(retiree.stats_index)
+        restart = self._restart
+        if restart is not None:
+            restart.pids.discard(retiree.pid)
+            self._check_restart_done()
+
+    def _check_restart_done(self) -> None:
+        restart = self._restart
+        if restart is not None and restart.current is None and not restart.todo and not restart.pids:
+            self._finish_restart(error=None)
+
+    def _finish_restart(self, error: str | None) -> None:
+        restart, self._restart = self._restart, None
+        if restart is None:
+            return
+        seconds = round(time.monotonic() - restart.started, 3)
+        if error is None:
+            _log.info("restart done: %d workers replaced in %.1f s", len(restart.results), seconds)
+            if restart.responder is not None:
+                restart.responder.result({"ok": True, "workers": restart.results, "seconds": seconds})
+            return
+        _log.error("restart failed: %s", error)
+        if restart.responder is not None:
+            code = control.E_BUSY if self._stopping else control.E_WORKERS
+            exit_code = EX_UNAVAILABLE if self._stopping else EX_FAILURE
+            data = {"exit_code": exit_code, "workers": restart.results}
+            restart.responder.error(code, error, data)
+
+    def _sample_rates(self, now: float) -> None:
+        """Per worker process: handshakes/s and requests/s over the last RATE_PERIOD."""
+        hs_id, req_id = METRIC_ID[HANDSHAKES_METRIC], METRIC_ID[REQUESTS_METRIC]
+        for slot in self.slots:
+            if not slot.pid:
+                slot.rate_key, slot.rate_sample, slot.rates = (0, -1), None, None
+                continue
+            stats = self.region.slot(slot.stats_index)
+            sample = (now, stats.get(hs_id), stats.get(req_id))
+            prev = slot.rate_sample
+            key = (slot.pid, slot.stats_index)
+            if prev is not None and slot.rate_key == key and sample[0] > prev[0]:
+                dt = sample[0] - prev[0]
+                d_hs, d_req = sample[1] - prev[1], sample[2] - prev[2]
+                # A negative delta means ``metric zero`` ran: no honest rate for that period.
+                slot.rates = (d_hs / dt, d_req / dt) if d_hs >= 0 and d_req >= 0 else None
+            else:
+                slot.rates = None  # a new process: its first rate comes one period later
+            slot.rate_key, slot.rate_sample = key, sample
+
     # ------------------------------------------------------------------ control methods
 
     def _dispatch(self, method: str, params: Any, responder: control.Responder) -> None:
@@ -859,6 +1165,8 @@ class Master:
             self._begin_stop("stop requested on the control socket", EX_OK)
         elif method == "reload":
             self.reload(responder)
+        elif method == "restart":
+            self.restart(responder)
         elif method in ("metric.get", "metric.zero", "metric.match"):
             self._metric(method, params, responder)
         else:
@@ -919,7 +1227,10 @@ class Master:
                 "cpu_percent": None,
                 "rss": None,
                 "connections": None,
+                "handshakes_per_s": None,
+                "requests_per_s": None,
                 "generation": slot.generation,
+                "stats_slot": slot.stats_index,
                 "ports": [lst.descriptor.describe() for lst in slot.listeners],
             }
             if slot.pid:
@@ -930,16 +1241,34 @@ class Master:
                 if slot.proc is not None:
                     entry["cpu_percent"] = self._cpu(slot.proc, slot.spawned_wall)
                     entry["rss"] = self._rss(slot.proc)
-                stats = self.region.slot(slot.index)
+                stats = self.region.slot(slot.stats_index)
                 entry["connections"] = stats.get(METRIC_ID[CONNECTIONS_METRIC])
                 entry["generation"] = max(slot.generation, stats.generation)
+                if slot.rates is not None and slot.rate_key == (slot.pid, slot.stats_index):
+                    entry["handshakes_per_s"] = round(slot.rates[0], 1)
+                    entry["requests_per_s"] = round(slot.rates[1], 1)
             workers.append(entry)
+        draining = [
+            {
+                "slot": r.slot,
+                "role": r.role,
+                "pid": r.pid,
+                "uptime": now - r.spawned_wall,
+                "connections": self.region.slot(r.stats_index).get(METRIC_ID[CONNECTIONS_METRIC]),
+                "stats_slot": r.stats_index,
+                "stopping": bool(r.deadline),
+            }
+            for r in self._retirees
+        ]
         return {
             "config_dir": str(self.config_dir),
             "generation": self.generation,
             "stopping": self._stopping,
+            "restarting": self._restart is not None,
+            "rate_period": RATE_PERIOD,
             "master": master,
             "workers": workers,
+            "draining": draining,
         }
 
     @staticmethod

@@ -323,7 +323,8 @@ class HttpClientSession(Continuation):
         vc.set_inactivity_timeout(self.http.ka_timeout_in)
 
     def idle(self) -> bool:
-        return self.request is None and not self.pending
+        """Between transactions with nothing left to send: safe to close on drain."""
+        return self.request is None and not self.pending and not self.write_reader.read_avail()
 
     # -- client side -----------------------------------------------------------------------------
     def handle_client_event(self, event: int, data: Any) -> None:

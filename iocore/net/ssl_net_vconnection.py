@@ -823,8 +823,9 @@ class SSLNetVConnection(NetVConnection):
                 break
             chunks.append(data)
             room -= len(data)
-        if self._out_raw or ssl.want_read() is False:
-            self._flush_ssl_output()
+        # Reading can make OpenSSL write (an alert for a renegotiation attempt, a KeyUpdate
+        # reply): whatever it queued in the write BIO goes out now.
+        self._flush_ssl_output()
         if chunks:
             data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
             self._deliver(data)

@@ -278,15 +278,7 @@ def _check_smuggling_shape(proxy: ProxyProcess, origin: OriginServer, name: str,
         assert seen == [], f"{name}: the origin saw {seen}"
 
 
-_TE_SPLIT_BUG = pytest.mark.xfail(strict=True, reason=(
-    "tsproxy/http/parser.py RequestParser.on_header keeps only the LAST Transfer-Encoding header "
-    "(self._te = value): 'Transfer-Encoding: gzip' + 'Transfer-Encoding: chunked' is accepted as "
-    "plain chunked and forwarded with a single 'Transfer-Encoding: chunked' (the gzip coding is "
-    "silently dropped), while the same coding list in one header ('gzip, chunked') gets 400"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_TE_SPLIT_BUG) if n == "te_chunked_twice_split" else n
-                                  for n in sorted(SMUGGLING)])
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
 def test_smuggling_shape_rejected(http_proxy: ProxyProcess, origin: OriginServer, name: str) -> None:
     _check_smuggling_shape(http_proxy, origin, name, None)
     # the proxy is fine afterwards: a clean request passes, and only it reaches the origin
@@ -316,11 +308,6 @@ def test_pipelined_smuggle_after_valid_request(http_proxy: ProxyProcess, origin:
     assert all(r.target != "/smuggled" for r in origin.requests)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tsproxy/http/parser.py RequestParser.feed: when a later pipelined request in the same read is "
-    "malformed, HTTPProtocolError is raised and the events already parsed for the earlier, valid "
-    "request (collected in the local `events` list) are dropped, so the valid request is never "
-    "forwarded nor answered; the client gets only the 400"))
 def test_pipelined_valid_request_answered_before_the_400(http_proxy: ProxyProcess, origin: OriginServer) -> None:
     response = _pipelined(http_proxy)
     assert response.startswith(b"HTTP/1.1 200"), response[:200]

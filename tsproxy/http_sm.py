@@ -373,6 +373,7 @@ class HttpClientSession(Continuation):
             try:
                 self.pending.extend(self.parser.feed(data))
             except HTTPProtocolError as exc:
+                self.pending.extend(exc.events_before)
                 self.pending.append(exc)
         self._run_pending()
         if not self.closed and not self._blocked():
@@ -405,7 +406,9 @@ class HttpClientSession(Continuation):
                     return
                 pending.popleft()
                 self._request_ended()
-            else:  # HTTPProtocolError
+            else:  # HTTPProtocolError: answered after the requests in front of it
+                if self.request is not None:
+                    return
                 pending.clear()
                 self._send_error(ev.status, ev.reason, close=True)
                 return

@@ -67,6 +67,9 @@ class HTTPProtocolError(TSError):
     def __init__(self, status: int, reason: str) -> None:
         self.status = status
         self.reason = reason
+        # Events parsed from the same feed before the error (e.g. a good pipelined request in
+        # front of a bad one): the caller answers those first, then the error.
+        self.events_before: list[Event] = []
         super().__init__(f"{status} {reason}")
 
 
@@ -190,20 +193,27 @@ class RequestParser:
         try:
             self._p.feed_data(data)
         except HttpParserUpgrade as exc:  # defensive: on_headers_complete refuses upgrades first
-            raise self._fail(501, "protocol upgrade is not supported") from exc
+            raise self._failed_with(events, self._fail(501, "protocol upgrade is not supported")) from exc
         except HttpParserError as exc:
             if self._state is _State.CLOSED:
                 return events
             if self._error is not None:
                 self._state = _State.DEAD
-                raise self._error from None
-            raise self._fail(400, str(exc) or "malformed request") from exc
+                raise self._failed_with(events, self._error) from None
+            raise self._failed_with(events, self._fail(400, str(exc) or "malformed request")) from exc
         if self._state is _State.HEAD:
             # llhttp accumulates a long header name/value in C without calling us; bound it here.
             self._head_fed = self._head_fed + len(data) if was_in_head else 0
             if self._head_fed > self._max_header_size:
-                raise self._fail(431, "request header section too large")
+                raise self._failed_with(events, self._fail(431, "request header section too large"))
         return events
+
+    @staticmethod
+    def _failed_with(events: list[Event], error: HTTPProtocolError) -> HTTPProtocolError:
+        # Only complete messages count: a head whose body was cut by the error is dropped.
+        last_end = max((i for i, ev in enumerate(events) if ev is _MESSAGE_ENDED), default=-1)
+        error.events_before = events[: last_end + 1]
+        return error
 
     def _fail(self, status: int, reason: str) -> HTTPProtocolError:
         self._state = _State.DEAD
@@ -249,6 +259,10 @@ class RequestParser:
                 self._cl = value
         elif n == 17:
             if name.lower() == b"transfer-encoding":
+                if self._te is not None:
+                    # A coding list split over two headers ("gzip" + "chunked") must not be read
+                    # as its last half: refuse rather than guess (request smuggling).
+                    self._abort(400, "more than one Transfer-Encoding header")
                 self._te = value
         elif n == 4 and name.lower() == b"host":
             self._host_count += 1
@@ -476,6 +490,10 @@ class ResponseParser:
                 self._cl = value
         elif n == 17:
             if name.lower() == b"transfer-encoding":
+                if self._te is not None:
+                    # A coding list split over two headers ("gzip" + "chunked") must not be read
+                    # as its last half: refuse rather than guess (request smuggling).
+                    self._abort(400, "more than one Transfer-Encoding header")
                 self._te = value
         elif n == 10 and name.lower() == b"connection":
             self._conn.append(value)

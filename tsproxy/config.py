@@ -28,6 +28,7 @@ from iocore.net.ssl_net_vconnection import alpn_select
 from iocore.net.tls.context import CertKeyPair, build_server_context, load_or_create_ticket_keys
 from iocore.records.errors import ConfigError
 from iocore.records.parser import RecordsConfig, load_records
+from tsproxy.origin_tls import OriginTLS
 from tsproxy.remap import RemapTable, load_remap
 
 SERVER_PORTS = "proxy.config.http.server_ports"
@@ -48,10 +49,11 @@ class ProxyConfig:
     records: RecordsConfig
     ports: list[PortDescriptor]
     remap: RemapTable
-    ssl_params: SSLConfigParams | None
+    ssl_params: SSLConfigParams
     cert_lookup: SSLCertLookup | None
     plugins: list[PluginSpec]
     ticket_keys: bytes
+    origin_tls: OriginTLS
     generation: int = 1
     dev_ca: Path | None = None
     warnings: list[str] = field(default_factory=list)
@@ -118,14 +120,17 @@ def load_proxy_config(
         plugins = parse_plugin_config(text, str(plugin_file), plugin_dir)
 
     values = dict(records.items())
-    ssl_params: SSLConfigParams | None = None
     lookup: SSLCertLookup | None = None
     dev_ca: Path | None = None
+    ssl_params = SSLConfigParams.from_records(values, config_dir)
     if ticket_keys is None or values.get("proxy.config.ssl.server.ticket_key.filename"):
-        ssl_params0 = SSLConfigParams.from_records(values, config_dir)
-        ticket_keys = load_or_create_ticket_keys(ssl_params0.ticket_key_filename)
+        ticket_keys = load_or_create_ticket_keys(ssl_params.ticket_key_filename)
+    # Origin-side TLS: every client context an https:// rule needs is built now, so a client key
+    # that does not match its certificate stops start-up (or a reload) with the file named.
+    origin_tls = OriginTLS(ssl_params, config_dir)
+    for rule_result in remap.https_targets():
+        origin_tls.settings_for(rule_result)
     if any(p.ssl for p in ports):
-        ssl_params = SSLConfigParams.from_records(values, config_dir)
         lookup = load_cert_lookup(ssl_params, ticket_keys)
         warnings.extend(lookup.warnings)
         if not any(cc.ctx is not None for cc in lookup.contexts) and not _multicert_has_entries(ssl_params):
@@ -150,6 +155,7 @@ def load_proxy_config(
         cert_lookup=lookup,
         plugins=plugins,
         ticket_keys=ticket_keys,
+        origin_tls=origin_tls,
         generation=generation,
         dev_ca=dev_ca,
         warnings=warnings,

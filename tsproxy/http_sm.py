@@ -34,6 +34,7 @@ other, so a stalled transaction always ends by one side's timeout.
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +54,13 @@ from iocore.eventsystem.event import (
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.net_accept import connect
+from iocore.net.net_vconnection import PlainNetVConnection
+from iocore.net.ssl_net_vconnection import SSLNetVConnection
+from iocore.records.errors import TSError
 from iocore.records.stats import METRIC_ID
 from tsproxy.http.message import ChunkedEncoder, build_client_response_head, build_origin_request_head, \
     client_framing, error_response
+from tsproxy.origin_tls import OriginTLS
 from tsproxy.http.parser import (
     BodyDataReceived,
     BodyMode,
@@ -68,12 +73,17 @@ from tsproxy.http.parser import (
 )
 
 if TYPE_CHECKING:
+    from tsproxy.origin_tls import OriginTLSSettings
     from iocore.net.net_handler import NetHandler
     from iocore.net.net_vconnection import NetVConnection
     from tsproxy.config import ProxyConfig
     from tsproxy.remap import RemapResult
 
 _dbg = DbgCtl("http")
+_log = logging.getLogger("tsproxy.http")
+
+# (scheme, host, port, remap TLS options): what makes two origin connections interchangeable.
+OriginKey = tuple[str, str, int, tuple[tuple[str, str], ...]]
 
 CLIENT_WATER_MARK = 64 * 1024
 RESPONSE_WATER_MARK = 256 * 1024
@@ -173,6 +183,7 @@ class HttpProcessor:
     def set_config(self, config: ProxyConfig) -> None:
         self.config = config
         self.http = HttpConfig(config)
+        self.origin_tls = config.origin_tls
         self.resolver = Resolver()
         self.resolver.warm(config)
 
@@ -193,9 +204,9 @@ class OriginPool:
 
     def __init__(self, proc: HttpProcessor) -> None:
         self.proc = proc
-        self.idle: dict[tuple[str, str, int], list[OriginConnection]] = {}
+        self.idle: dict[OriginKey, list[OriginConnection]] = {}
 
-    def get(self, key: tuple[str, str, int]) -> OriginConnection | None:
+    def get(self, key: OriginKey) -> OriginConnection | None:
         conns = self.idle.get(key)
         while conns:
             conn = conns.pop()
@@ -226,7 +237,7 @@ class OriginPool:
 class OriginConnection(Continuation):
     """One connection to an origin; owned by a session during a transaction, else by the pool."""
 
-    def __init__(self, proc: HttpProcessor, key: tuple[str, str, int], vc: NetVConnection) -> None:
+    def __init__(self, proc: HttpProcessor, key: OriginKey, vc: NetVConnection) -> None:
         super().__init__(self._handle_idle)
         self.proc = proc
         self.key = key
@@ -273,7 +284,7 @@ class _Connecting(Continuation):
 
     __slots__ = ("key", "session")
 
-    def __init__(self, session: HttpClientSession, key: tuple[str, str, int]) -> None:
+    def __init__(self, session: HttpClientSession, key: OriginKey) -> None:
         super().__init__(self._handle)
         self.session = session
         self.key = key
@@ -447,10 +458,13 @@ class HttpClientSession(Continuation):
         self.remap = remap
         self._get_origin()
 
-    def _origin_key(self) -> tuple[str, str, int]:
+    def _origin_key(self) -> OriginKey:
         r = self.remap
         assert r is not None
-        return (r.origin_scheme, r.origin_host, r.origin_port)
+        # Per-rule TLS options (@sni, @ssl_verify, @client_cert) are part of the key, so a
+        # connection verified one way is never reused for a rule that wants another.
+        opts = tuple(sorted(r.options.items())) if r.options else ()
+        return (r.origin_scheme, r.origin_host, r.origin_port, opts)
 
     def _get_origin(self) -> None:
         key = self._origin_key()
@@ -460,18 +474,24 @@ class HttpClientSession(Continuation):
             proc.counters[M_REUSED] += 1
             self._use_origin(conn)
             return
+        self._connect_origin(key)
+
+    def _connect_origin(self, key: OriginKey) -> None:
+        proc = self.proc
         try:
             family, addr = proc.resolver.resolve(key[1], key[2])
         except OSError as exc:
             self._send_error(502, f"cannot resolve origin {key[1]}: {exc.strerror or exc}", close=False)
             return
+        make_vc = SSLNetVConnection if key[0] == "https" else PlainNetVConnection
         self.connecting = _Connecting(self, key)
-        self.connect_vc = connect(proc.nh, self.connecting, addr, family)
+        self.connect_vc = connect(proc.nh, self.connecting, addr, family, make_vc=make_vc)
         if self.connect_vc is not None:
+            # Covers the connect and, for https, the TLS handshake (no net activity is counted
+            # before the handshake completes).
             self.connect_vc.set_inactivity_timeout(self.http.connect_timeout)
-            self.connect_vc.user_data = self
 
-    def origin_opened(self, event: int, data: Any, key: tuple[str, str, int], token: _Connecting) -> None:
+    def origin_opened(self, event: int, data: Any, key: OriginKey, token: _Connecting) -> None:
         if token is not self.connecting:
             if event == NET_EVENT_OPEN:
                 data.do_io_close()
@@ -491,9 +511,58 @@ class HttpClientSession(Continuation):
             return
         vc: NetVConnection = data
         if key[0] == "https":
-            self._send_error(502, "https origins are not supported yet", close=False)
+            self._start_origin_tls(vc, key, token)
+            return
+        self._use_origin(OriginConnection(self.proc, key, vc))
+        self._process_client_input()
+
+    def _start_origin_tls(self, vc: NetVConnection, key: OriginKey, token: _Connecting) -> None:
+        """ssl_start_handshake(SSL_EVENT_CLIENT) on the new origin connection."""
+        assert isinstance(vc, SSLNetVConnection) and self.remap is not None
+        try:
+            settings = self.proc.origin_tls.settings_for(self.remap)
+        except TSError as exc:
+            vc.do_io_close()
+            self._send_error(502, f"origin TLS configuration: {exc}", close=False)
+            return
+        # Still "connecting" until the handshake is done: the session stays blocked meanwhile.
+        self.connecting = token
+        self.connect_vc = vc
+
+        def done(tls_vc: SSLNetVConnection, ok: bool) -> None:
+            self._origin_tls_done(tls_vc, ok, key, token, settings)
+
+        vc.start_client_handshake(settings.ctx, settings.sni, done)
+
+    def _origin_tls_done(
+        self, vc: SSLNetVConnection, ok: bool, key: OriginKey, token: _Connecting, settings: OriginTLSSettings
+    ) -> None:
+        if token is not self.connecting or self.closed:
             vc.do_io_close()
             return
+        self.connecting = None
+        self.connect_vc = None
+        counters = self.proc.counters
+        origin = f"{key[1]}:{key[2]}"
+        if not ok:
+            reason, metric = OriginTLS.classify_handshake_failure(vc.ssl)
+            if metric is not None:
+                counters[metric] += 1
+            vc.do_io_close()
+            self._send_error(502, f"TLS to origin {origin} failed: {reason}", close=False)
+            self._process_client_input()
+            return
+        assert vc.ssl is not None
+        outcome = self.proc.origin_tls.check(vc.ssl, settings, vc.remote_ip)
+        if outcome.metric is not None:
+            counters[outcome.metric] += 1
+        if not outcome.ok:
+            vc.do_io_close()
+            self._send_error(502, f"origin {origin} certificate rejected: {outcome.reason}", close=False)
+            self._process_client_input()
+            return
+        if outcome.reason is not None:
+            _log.warning("origin %s certificate problem (policy PERMISSIVE, continuing): %s", origin, outcome.reason)
         self._use_origin(OriginConnection(self.proc, key, vc))
         self._process_client_input()
 
@@ -661,25 +730,13 @@ class HttpClientSession(Continuation):
                 # A pooled connection the origin had closed: retry once on a fresh one.
                 self.retried = True
                 self._drop_origin()
-                self._get_origin_fresh()
+                self._connect_origin(self._origin_key())
                 return
             self._origin_failed(502, f"origin closed the connection: {exc.reason}")
             return
         self._handle_response_events(events)
         if self.origin is origin:
             self._drop_origin()
-
-    def _get_origin_fresh(self) -> None:
-        key = self._origin_key()
-        try:
-            family, addr = self.proc.resolver.resolve(key[1], key[2])
-        except OSError:
-            self._send_error(502, "cannot resolve origin", close=False)
-            return
-        self.connecting = _Connecting(self, key)
-        self.connect_vc = connect(self.proc.nh, self.connecting, addr, family)
-        if self.connect_vc is not None:
-            self.connect_vc.set_inactivity_timeout(self.http.connect_timeout)
 
     def _origin_failed(self, status: int, reason: str) -> None:
         self._drop_origin()

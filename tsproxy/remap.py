@@ -118,6 +118,14 @@ class RemapTable:
         index.setdefault(key, []).append((len(self.rules), rule))
         self.rules.append(rule)
 
+    def https_targets(self) -> list[RemapResult]:
+        """One result per rule with an https:// origin (to build its TLS client context early)."""
+        return [
+            RemapResult(r.to_scheme, r.to_host, r.to_port, r.to_path, r.host_header, r, r.options)
+            for r in self.rules
+            if r.to_scheme == "https"
+        ]
+
     def lookup(self, scheme: str, host: str | bytes, port: int, path: bytes) -> RemapResult | None:
         """The mapping for a request, or None (the caller answers 404).
 

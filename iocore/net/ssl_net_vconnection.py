@@ -700,12 +700,11 @@ class SSLNetVConnection(NetVConnection):
         self.config.on_ready(self)
 
     def _handshake_failed(self) -> None:
-        if self.outbound:
-            cb = self.on_client_handshake
-            self.do_io_close()
-            if cb is not None:
-                cb(self, False)
-            return
+        cb = self.on_client_handshake if self.outbound else None
+        if cb is not None:
+            # Before closing: the callback reads the verify result from the SSL object.
+            self.on_client_handshake = None
+            cb(self, False)
         self.do_io_close()
 
     def _become_tunnel(self) -> None:

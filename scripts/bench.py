@@ -1,0 +1,1001 @@
+#!/usr/bin/env python3
+"""tsproxy benchmark: one tsproxy worker beside one nginx worker, loopback only.
+
+Theory of operation
+-------------------
+1. Throw-away certificates (ECDSA P-256 CA + leaf for localhost / 127.0.0.1) are made with
+   `cryptography` in a temporary directory.
+2. An origin is started on 127.0.0.1: nginx (plain HTTP/1.1, keep-alive, /1k and /64k) when
+   nginx is installed, else a small asyncio origin in a child process (the table header says
+   which). The origin shares core 0 with the load generator.
+3. Each proxy under test is started fresh, alone, pinned to core 1 (`taskset -c 1`):
+   tsproxy with ONE worker (a generated config directory: records.config, remap.config,
+   ssl_multicert.config), then nginx with one worker (same certificates, proxy_pass to the same
+   origin with upstream keep-alive). With --runs > 1 the rounds alternate the order.
+4. Workloads (load generators pinned to core 0):
+     P1  plain HTTP keep-alive GET /1k, wrk, --connections conns     req/s, p50, p99
+     W1  HTTPS keep-alive GET /1k, wrk                                req/s, p50, p99
+     W2  full TLS 1.3 handshake per request (new connection per GET /1k, no session
+         resumption), bounded multi-process Python client           handshakes/s
+     W3  HTTPS keep-alive GET /64k, wrk                               MB/s (10^6 B/s)
+     W4  --idle-conns TLS connections opened and held idle (handshake done, no request):
+         sum of RSS and PSS of all proxy processes before/after     KiB per connection
+   W4 runs first on the fresh process, then a short wrk warm-up, then P1, W1, W2, W3.
+5. For every run the proxy's CPU time (user+system, all its processes, psutil) is sampled
+   around the workload: proxy CPU microseconds per operation (request, or connection for W2).
+   This figure barely moves when other programs load the machine, unlike throughput. `bg`
+   is the CPU used by processes this script did not start, as % of one core.
+
+Everything runs on 127.0.0.1, every wait is bounded, and everything started is stopped
+(process groups, try/finally). Requires: python3 with psutil and cryptography; wrk for
+P1/W1/W3 and nginx for the nginx rows (both skipped with a message when missing).
+
+  python3 scripts/bench.py                      # all workloads, 10 s each, nginx beside
+  python3 scripts/bench.py --quick --workloads P1,W1 --no-nginx
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ALL_WORKLOADS = ("P1", "W1", "W2", "W3", "W4")
+HOST = "127.0.0.1"
+SNI = "localhost"
+PROXY_CPU = "1"
+CLIENT_CPU = "0"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+REPORT_LUA = r"""
+done = function(summary, latency, requests)
+   local e = summary.errors
+   io.write(string.format(
+      'WRKJSON {"duration_us": %.1f, "requests": %.1f, "bytes": %.1f, ' ..
+      '"err_connect": %.1f, "err_read": %.1f, "err_write": %.1f, "err_status": %.1f, ' ..
+      '"err_timeout": %.1f, "p50_us": %.1f, "p99_us": %.1f}\n',
+      summary.duration, summary.requests, summary.bytes,
+      e.connect, e.read, e.write, e.status, e.timeout,
+      latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def make_certs(d: Path) -> dict[str, Path]:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tsproxy bench CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SNI)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(SNI), x509.IPAddress(ipaddress.ip_address(HOST))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    paths = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(pem))
+    paths["cert"].write_bytes(leaf.public_bytes(pem))
+    paths["key"].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    os.chmod(paths["key"], 0o600)
+    return paths
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cmd: list[str], cpus: str) -> list[str]:
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", cpus, *cmd] if taskset else cmd
+
+
+class Service:
+    """A child process started in its own session; stopped with its whole process group."""
+
+    def __init__(self, name: str, cmd: list[str], logfile: Path, env: dict | None = None):
+        self.name = name
+        self.logfile = logfile
+        self._log = open(logfile, "ab")  # noqa: SIM115 (closed in stop())
+        self.popen = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def procs(self) -> list[psutil.Process]:
+        try:
+            p = psutil.Process(self.pid)
+            return [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu_seconds(self) -> tuple[float, frozenset[int]]:
+        total = 0.0
+        pids = set()
+        for p in self.procs():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+                pids.add(p.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return total, frozenset(pids)
+
+    def memory(self) -> tuple[int, int]:
+        rss = pss = 0
+        for p in self.procs():
+            try:
+                m = p.memory_full_info()
+                rss += m.rss
+                pss += getattr(m, "pss", m.rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return rss, pss
+
+    def stop(self) -> None:
+        try:
+            if self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGTERM)
+                try:
+                    self.popen.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    log(f"{self.name}: no exit {STOP_TIMEOUT:.0f}s after SIGTERM, SIGKILL")
+            # leftovers of the group (workers) even when the leader is gone
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(5)
+        finally:
+            self._log.close()
+
+
+def http_get(port: int, path: str, tls_ctx: ssl.SSLContext | None, timeout: float = 3.0) -> tuple[int, int]:
+    """One GET (Connection: close); returns (status, body length)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as raw:
+        s: Any = tls_ctx.wrap_socket(raw, server_hostname=SNI) if tls_ctx else raw
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head else 0
+        return status, len(body)
+
+
+def wait_ready(svc: Service, checks: list[tuple[int, ssl.SSLContext | None]]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    last = ""
+    while time.monotonic() < deadline:
+        if not svc.alive():
+            tail = svc.logfile.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{svc.name} exited with {svc.popen.returncode}: {' | '.join(tail)}")
+        try:
+            if all(
+                http_get(port, path, ctx) == (200, size)
+                for port, ctx in checks
+                for path, size in (("/1k", 1024), ("/64k", 65536))
+            ):
+                return
+            last = "unexpected response"
+        except (OSError, ValueError, IndexError) as e:
+            last = repr(e)
+        time.sleep(0.2)
+    raise RuntimeError(f"{svc.name} not ready after {START_TIMEOUT:.0f}s ({last}); log {svc.logfile}")
+
+
+# --------------------------------------------------------------------------- origin
+
+PY_ORIGIN = r"""
+import asyncio, sys
+BODIES = {b"/1k": b"a" * 1024, b"/64k": b"b" * 65536}
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+RESP = {p: HEAD % len(b) + b
+        for p, b in BODIES.items()}
+NOTFOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+class Origin(asyncio.Protocol):
+    def connection_made(self, t):
+        self.t = t; self.buf = b""
+    def data_received(self, data):
+        self.buf += data
+        out = []
+        while True:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                break
+            head, self.buf = self.buf[:i], self.buf[i + 4:]
+            line = head.split(b"\r\n", 1)[0].split(b" ")
+            out.append(RESP.get(line[1] if len(line) > 1 else b"", NOTFOUND))
+            if b"\r\nconnection: close" in head.lower():
+                self.t.write(b"".join(out)); self.t.close(); return
+        if out:
+            self.t.write(b"".join(out))
+async def main():
+    srv = await asyncio.get_running_loop().create_server(Origin, "127.0.0.1", int(sys.argv[1]), backlog=4096)
+    async with srv:
+        await srv.serve_forever()
+asyncio.run(main())
+"""
+
+
+def start_origin(kind: str, tmp: Path, port: int) -> Service:
+    d = tmp / "origin"
+    (d / "www").mkdir(parents=True)
+    if kind == "nginx":
+        (d / "www" / "1k").write_bytes(b"a" * 1024)
+        (d / "www" / "64k").write_bytes(b"b" * 65536)
+        conf = f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+{"user root;" if os.getuid() == 0 else ""}
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on; tcp_nopush on; tcp_nodelay on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    open_file_cache max=16 inactive=3600s;
+    client_body_temp_path {d}/tmp_body; proxy_temp_path {d}/tmp_proxy;
+    fastcgi_temp_path {d}/tmp_fcgi; uwsgi_temp_path {d}/tmp_uwsgi; scgi_temp_path {d}/tmp_scgi;
+    server {{
+        listen {HOST}:{port} backlog=4096;
+        root {d}/www;
+        location / {{ }}
+    }}
+}}
+"""
+        (d / "nginx.conf").write_text(conf)
+        cmd = ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
+    else:
+        (d / "origin.py").write_text(PY_ORIGIN)
+        cmd = [sys.executable, str(d / "origin.py"), str(port)]
+    svc = Service(f"origin({kind})", pinned(cmd, CLIENT_CPU), d / "origin.log")
+    wait_ready(svc, [(port, None)])
+    return svc
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+class Proxy:
+    def __init__(self, name: str, plain: int, tls: int):
+        self.name = name
+        self.plain = plain
+        self.tls = tls
+
+    def start(self, tmp: Path, certs: dict[str, Path], origin_port: int, instance: int) -> Service:
+        raise NotImplementedError
+
+    def logs_hint(self, svc: Service) -> str:
+        return str(svc.logfile)
+
+
+def tsproxy_cmd() -> list[str]:
+    exe = shutil.which("tsproxy")
+    if exe:
+        return [exe]
+    return [sys.executable, "-c", "from tsproxy.cli import main; main()"]
+
+
+class TsProxy(Proxy):
+    def start(self, tmp, certs, origin_port, instance):
+        d = tmp / f"tsproxy-{instance}"
+        d.mkdir()
+        self.config_dir = d
+        shutil.copy(certs["cert"], d / "server.pem")
+        shutil.copy(certs["key"], d / "server.key")
+        (d / "records.config").write_text(
+            f"CONFIG proxy.config.http.server_ports STRING {self.plain} {self.tls}:ssl\n"
+            "CONFIG proxy.config.exec_thread.limit INT 1\n"
+            "CONFIG proxy.config.ssl.number.threads INT 0\n"
+            "CONFIG proxy.config.local_state_dir STRING run\n"
+            "CONFIG proxy.config.log.logfile_dir STRING log\n"
+            f"CONFIG proxy.config.ssl.server.cert.path STRING {d}\n"
+            f"CONFIG proxy.config.ssl.server.private_key.path STRING {d}\n"
+        )
+        (d / "ssl_multicert.config").write_text(
+            "dest_ip=* ssl_cert_name=server.pem ssl_key_name=server.key\n"
+        )
+        origin = f"http://{HOST}:{origin_port}/"
+        rules = []
+        for scheme, port in (("http", self.plain), ("https", self.tls)):
+            for h in (SNI, HOST):
+                rules.append(f"map {scheme}://{h}:{port}/ {origin}")
+                rules.append(f"map {scheme}://{h}/ {origin}")
+        (d / "remap.config").write_text("\n".join(rules) + "\n")
+        (d / "plugin.config").write_text("")
+        cmd = pinned([*tsproxy_cmd(), "start", "--config-dir", str(d)], PROXY_CPU)
+        return Service("tsproxy", cmd, d / "stdout.log")
+
+    def logs_hint(self, svc):
+        return f"{self.config_dir}/log/ and {svc.logfile}"
+
+
+class NginxProxy(Proxy):
+    def start(self, tmp, certs, origin_port, instance):
+        d = tmp / f"nginx-{instance}"
+        d.mkdir()
+        conf = f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+{"user root;" if os.getuid() == 0 else ""}
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp_body; proxy_temp_path {d}/tmp_proxy;
+    fastcgi_temp_path {d}/tmp_fcgi; uwsgi_temp_path {d}/tmp_uwsgi; scgi_temp_path {d}/tmp_scgi;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_certificate     {certs["cert"]};
+    ssl_certificate_key {certs["key"]};
+    upstream origin {{
+        server {HOST}:{origin_port};
+        keepalive 128;
+    }}
+    server {{
+        listen {HOST}:{self.plain} backlog=4096;
+        listen {HOST}:{self.tls} ssl backlog=4096;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+        (d / "nginx.conf").write_text(conf)
+        cmd = ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
+        return Service("nginx", pinned(cmd, PROXY_CPU), d / "stdout.log")
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+class CpuSampler:
+    """CPU seconds of the proxy, the origin, and the whole machine around one workload."""
+
+    def __init__(self, proxy: Service, origin: Service):
+        self.proxy, self.origin = proxy, origin
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        self.p0, self.pids0 = self.proxy.cpu_seconds()
+        self.o0, _ = self.origin.cpu_seconds()
+        self.m0 = psutil.cpu_times()
+        self.c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.monotonic() - self.t0
+        p1, pids1 = self.proxy.cpu_seconds()
+        self.proxy_cpu = p1 - self.p0
+        self.pids_changed = pids1 != self.pids0
+        self.origin_cpu = self.origin.cpu_seconds()[0] - self.o0
+        m1 = psutil.cpu_times()
+        busy = lambda t: t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0)  # noqa: E731
+        self.machine_cpu = busy(m1) - busy(self.m0)
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.children_cpu = (c1.ru_utime + c1.ru_stime) - (self.c0.ru_utime + self.c0.ru_stime)
+        return False
+
+    def fields(self, client_cpu: float | None = None) -> dict:
+        client = self.children_cpu if client_cpu is None else client_cpu
+        w = max(self.wall, 1e-6)
+        bg = self.machine_cpu - self.proxy_cpu - self.origin_cpu - client
+        return {
+            "wall_s": round(self.wall, 3),
+            "proxy_cpu_s": round(self.proxy_cpu, 4),
+            "cpu_pct": {
+                "proxy": round(100 * self.proxy_cpu / w),
+                "client": round(100 * client / w),
+                "origin": round(100 * self.origin_cpu / w),
+                "bg": max(0, round(100 * bg / w)),
+            },
+            "proxy_pids_changed": self.pids_changed,
+        }
+
+
+def run_wrk(url: str, conns: int, duration: float, lua: Path, latency: bool = True) -> dict:
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--timeout", "5s", "-s", str(lua)]
+    if latency:
+        cmd.append("--latency")
+    cmd = pinned([*cmd, url], CLIENT_CPU)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            r = json.loads(line[8:])
+            r["errors"] = int(sum(r[k] for k in r if k.startswith("err_")))
+            return r
+    raise RuntimeError(
+        f"wrk printed no summary (rc={out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}"
+    )
+
+
+def wrk_workload(wl: str, proxy: Proxy, svc: Service, origin: Service, args, lua: Path) -> dict:
+    scheme, port = ("http", proxy.plain) if wl == "P1" else ("https", proxy.tls)
+    path = "/64k" if wl == "W3" else "/1k"
+    with CpuSampler(svc, origin) as cs:
+        r = run_wrk(f"{scheme}://{HOST}:{port}{path}", args.connections, args.duration, lua)
+    secs = r["duration_us"] / 1e6
+    if not r["requests"]:
+        # seen intermittently with tsproxy: wrk completes nothing and reports no error
+        t0 = time.monotonic()
+        try:
+            probe = http_get(port, path, ssl._create_unverified_context() if scheme == "https" else None, 5)
+        except (OSError, ValueError, IndexError) as e:
+            probe = repr(e)
+        raise RuntimeError(
+            f"wrk completed 0 requests in {secs:.1f}s with {r['errors']} errors (proxy stalled?); "
+            f"a probe GET right after: {probe} in {time.monotonic() - t0:.3f}s"
+        )
+    res = {
+        "req_s": r["requests"] / secs,
+        "mb_s": r["bytes"] / secs / 1e6,
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "requests": int(r["requests"]),
+        "errors": r["errors"],
+        "errors_detail": {k[4:]: int(v) for k, v in r.items() if k.startswith("err_") and v},
+        **cs.fields(),
+    }
+    res["value"] = res["mb_s"] if wl == "W3" else res["req_s"]
+    res["cpu_op_us"] = 1e6 * cs.proxy_cpu / r["requests"] if r["requests"] else None
+    return res
+
+
+# W2: full handshakes, bounded Python client -------------------------------------------
+
+
+def _hs_client_ctx() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the CertificateVerify signature is still checked (TLS 1.3)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.options |= ssl.OP_NO_TICKET  # never resume: every connection is a full handshake
+    return ctx
+
+
+def _hs_proc(port: int, threads: int, duration: float, q) -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, {int(CLIENT_CPU)})
+    ctx = _hs_client_ctx()
+    req = f"GET /1k HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode()
+    deadline = time.monotonic() + duration
+    lock = threading.Lock()
+    stats = {"ok": 0, "err": 0, "resumed": 0, "bad_len": 0, "lat": [], "errs": {}}
+
+    def worker():
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                with (
+                    socket.create_connection((HOST, port), timeout=5) as raw,
+                    ctx.wrap_socket(raw, server_hostname=SNI) as s,
+                ):
+                    s.sendall(req)
+                    buf = b""
+                    while len(buf) < 1 << 20:  # until the proxy closes (Connection: close)
+                        c = s.recv(65536)
+                        if not c:
+                            break
+                        buf += c
+                    n = len(buf.partition(b"\r\n\r\n")[2])
+                    reused = s.session_reused
+                dt = time.monotonic() - t0
+                with lock:
+                    stats["ok"] += 1
+                    stats["resumed"] += int(bool(reused))
+                    stats["bad_len"] += int(n != 1024)
+                    stats["lat"].append(dt)
+            except (OSError, ssl.SSLError) as e:
+                with lock:
+                    stats["err"] += 1
+                    k = type(e).__name__
+                    stats["errs"][k] = stats["errs"].get(k, 0) + 1
+                time.sleep(0.01)
+
+    ts = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(duration + 10)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    stats["cpu"] = ru.ru_utime + ru.ru_stime
+    lat = sorted(stats.pop("lat"))
+    stats["lat_sample"] = lat[:: max(1, len(lat) // 2000)]
+    q.put(stats)
+
+
+def handshake_workload(proxy: Proxy, svc: Service, origin: Service, args) -> dict:
+    procs, threads = args.w2_procs, args.w2_threads
+    mp = multiprocessing.get_context("fork")
+    q = mp.Queue()
+    with CpuSampler(svc, origin) as cs:
+        ps = [mp.Process(target=_hs_proc, args=(proxy.tls, threads, args.duration, q)) for _ in range(procs)]
+        for p in ps:
+            p.start()
+        results = []
+        for _ in ps:
+            try:
+                results.append(q.get(timeout=args.duration + 30))
+            except Exception:  # queue.Empty
+                break
+        for p in ps:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    ok = sum(r["ok"] for r in results)
+    lat = sorted(x for r in results for x in r["lat_sample"])
+    client_cpu = sum(r["cpu"] for r in results)
+    errs: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errs"].items():
+            errs[k] = errs.get(k, 0) + v
+    res = {
+        "value": ok / cs.wall,
+        "handshakes": ok,
+        "errors": sum(r["err"] for r in results),
+        "errors_detail": errs,
+        "resumed": sum(r["resumed"] for r in results),
+        "bad_len": sum(r["bad_len"] for r in results),
+        "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
+        "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+        "client_cpu_us_per_hs": 1e6 * client_cpu / ok if ok else None,
+        "in_flight": procs * threads,
+        **cs.fields(client_cpu=client_cpu),
+    }
+    res["cpu_op_us"] = 1e6 * cs.proxy_cpu / ok if ok else None
+    return res
+
+
+# W4: idle TLS connections ----------------------------------------------------------------
+
+
+async def _open_idle(port: int, n: int, ctx: ssl.SSLContext) -> tuple[list, int]:
+    sem = asyncio.Semaphore(100)
+    conns: list = []
+    failed = 0
+
+    async def one():
+        nonlocal failed
+        async with sem:
+            try:
+                _r, w = await asyncio.wait_for(
+                    asyncio.open_connection(HOST, port, ssl=ctx, server_hostname=SNI), 20
+                )
+                conns.append(w)
+            except (TimeoutError, OSError, ssl.SSLError):
+                failed += 1
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return conns, failed
+
+
+def idle_workload(proxy: Proxy, svc: Service, args, certs) -> dict:
+    n = args.idle_conns
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    ctx.options |= ssl.OP_NO_TICKET
+    time.sleep(0.5)
+    rss0, pss0 = svc.memory()
+
+    async def main():
+        conns, failed = await _open_idle(proxy.tls, n, ctx)
+        await asyncio.sleep(1.0)  # let the proxy settle (buffers released after handshake)
+        rss1, pss1 = svc.memory()
+        alive_proxy = svc.alive()
+        for w in conns:
+            w.transport.abort()
+        await asyncio.sleep(0.2)
+        return len(conns), failed, rss1, pss1, alive_proxy
+
+    ok, failed, rss1, pss1, alive = asyncio.run(asyncio.wait_for(main(), 120))
+    per = max(ok, 1) * 1024
+    return {
+        "value": (pss1 - pss0) / per,
+        "rss_kib_per_conn": (rss1 - rss0) / per,
+        "pss_kib_per_conn": (pss1 - pss0) / per,
+        "base_rss_mb": rss0 / 1e6,
+        "ok": ok,
+        "errors": failed,
+        "proxy_alive": alive,
+        "cpu_op_us": None,
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def raise_nofile(want: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def run_proxy_round(proxy: Proxy, tmp, certs, origin, origin_port, args, lua, instance, have_wrk) -> dict:
+    results: dict[str, Any] = {}
+    svc = None
+    try:
+        log(f"starting {proxy.name} (instance {instance})")
+        svc = proxy.start(tmp, certs, origin_port, instance)
+        ca_ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+        wait_ready(svc, [(proxy.plain, None), (proxy.tls, ca_ctx)])
+        order = [w for w in ("W4", "P1", "W1", "W2", "W3") if w in args.workloads]
+        warmed = False
+        for wl in order:
+            if not svc.alive():
+                results[wl] = {"error": f"{proxy.name} died before {wl}; logs {proxy.logs_hint(svc)}"}
+                continue
+            if wl in ("P1", "W1", "W3") and not have_wrk:
+                results[wl] = {"skipped": "wrk not installed"}
+                continue
+            if not warmed and wl != "W4" and have_wrk:
+                run_wrk(f"https://{HOST}:{proxy.tls}/1k", args.connections, args.warmup, lua, latency=False)
+                warmed = True
+            log(f"{proxy.name} {wl} ...")
+            try:
+                if wl == "W4":
+                    r = idle_workload(proxy, svc, args, certs)
+                elif wl == "W2":
+                    r = handshake_workload(proxy, svc, origin, args)
+                else:
+                    r = wrk_workload(wl, proxy, svc, origin, args, lua)
+            except Exception as e:  # record, keep going with the other workloads
+                r = {"error": f"{type(e).__name__}: {e}"}
+            if not svc.alive():
+                r["error"] = (
+                    r.get("error", "")
+                    + f" {proxy.name} exited (rc={svc.popen.returncode}); logs {proxy.logs_hint(svc)}"
+                )
+            elif r.get("proxy_pids_changed"):
+                r["warning"] = (
+                    "proxy process set changed during the run (worker replaced?); "
+                    f"logs {proxy.logs_hint(svc)}"
+                )
+            if r.get("errors"):
+                r["warning"] = (
+                    r.get("warning", "") + f" {r['errors']} client errors; logs {proxy.logs_hint(svc)}"
+                ).strip()
+            results[wl] = r
+            log(f"{proxy.name} {wl}: {short(r)}")
+    except Exception as e:
+        for wl in args.workloads:
+            results.setdefault(wl, {"error": f"{type(e).__name__}: {e}"})
+    finally:
+        if svc is not None:
+            svc.stop()
+    return results
+
+
+def short(r: dict) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"]
+    if "skipped" in r:
+        return "skipped: " + r["skipped"]
+    cpu = r.get("cpu_op_us")
+    return (
+        f"value={r['value']:.1f} cpu/op={'-' if cpu is None else f'{cpu:.1f}us'} errors={r.get('errors', 0)}"
+    )
+
+
+UNITS = {"P1": "req/s", "W1": "req/s", "W2": "hs/s", "W3": "MB/s", "W4": "KiB/conn"}
+DESC = {
+    "P1": "plain HTTP keep-alive GET 1 KiB",
+    "W1": "HTTPS keep-alive GET 1 KiB",
+    "W2": "full TLS 1.3 handshake per GET 1 KiB",
+    "W3": "HTTPS keep-alive GET 64 KiB",
+    "W4": "idle TLS connections, PSS delta",
+}
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None and "error" not in r and "skipped" not in r]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v: float | None, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{nd}f}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def source_state() -> str:
+    """The tsproxy code measured: git HEAD of this checkout and how many files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return f"git {head or '?'}" + (f" + {len(dirty)} modified files" if dirty else "")
+
+
+def summarize(data: dict) -> str:
+    proxies = data["proxies"]
+    lines = [
+        f"# tsproxy benchmark, {data['started']} .. {data['finished']}",
+        f"# machine: {data['machine']}",
+        f"# tsproxy source: {data.get('source', 'unknown')}",
+        f"# origin: {data['origin']} on 127.0.0.1:{data['origin_port']} (cpu {CLIENT_CPU}); proxies on cpu "
+        f"{PROXY_CPU} (taskset {'yes' if data['taskset'] else 'NOT available'}), "
+        f"load generators on cpu {CLIENT_CPU}",
+        f"# {data['duration']}s per workload, {data['connections']} connections (wrk -t1), "
+        f"W2: Python client {data['w2_in_flight']} in flight; W4: {data['idle_conns']} connections; "
+        f"runs={data['runs']} (median shown)",
+        "# proxy_cpu/op = proxy CPU time (all its processes) per request (P1/W1/W3) or connection (W2), us",
+    ]
+    for note in data["notes"]:
+        lines.append(f"# NOTE: {note}")
+    names = list(proxies)
+    hdr = f"{'workload':<9}{'metric':<10}" + "".join(f"{n:>12}" for n in names)
+    if len(names) == 2:
+        hdr += f"{'ratio':>8}" + "".join(f"{'cpu/op ' + n:>18}" for n in names) + f"{'ratio':>8}"
+    else:
+        hdr += "".join(f"{'cpu/op ' + n:>18}" for n in names)
+    lines += ["", hdr, "-" * len(hdr)]
+    details = []
+    for wl in data["workloads"]:
+        vals, cpus = [], []
+        for n in names:
+            runs = proxies[n].get(wl, [])
+            vals.append(median_of(runs, "value"))
+            cpus.append(median_of(runs, "cpu_op_us"))
+        row = f"{wl:<9}{UNITS[wl]:<10}" + "".join(f"{fmt(v):>12}" for v in vals)
+        ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else "-"  # noqa: E731
+        if len(names) == 2:
+            row += f"{ratio(vals[0], vals[1]):>8}" + "".join(f"{fmt(c):>18}" for c in cpus)
+            row += f"{ratio(cpus[0], cpus[1]):>8}"
+        else:
+            row += "".join(f"{fmt(c):>18}" for c in cpus)
+        lines.append(row)
+        for n in names:
+            for i, r in enumerate(proxies[n].get(wl, [])):
+                details.append(f"  {wl} {n} run{i + 1}: {detail(wl, r)}")
+    lines += ["", "details (per run):", *details]
+    return "\n".join(lines) + "\n"
+
+
+def detail(wl: str, r: dict) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"]
+    if "skipped" in r:
+        return "skipped: " + r["skipped"]
+    parts = [f"{UNITS[wl]}={fmt(r['value'])}"]
+    if wl == "W4":
+        parts += [
+            f"RSS={r['rss_kib_per_conn']:.1f}KiB/conn",
+            f"PSS={r['pss_kib_per_conn']:.1f}KiB/conn",
+            f"base_RSS={r['base_rss_mb']:.1f}MB",
+            f"ok={r['ok']} failed={r['errors']}",
+        ]
+    else:
+        if r.get("p50_ms") is not None:
+            parts += [f"p50={r['p50_ms']:.2f}ms", f"p99={r['p99_ms']:.2f}ms"]
+        if wl == "W3":
+            parts.append(f"req/s={r['req_s']:,.0f}")
+        if wl == "W2":
+            parts += [
+                f"resumed={r['resumed']}",
+                f"bad_len={r['bad_len']}",
+                f"client_cpu/hs={fmt(r['client_cpu_us_per_hs'])}us",
+            ]
+        parts.append(
+            f"errors={r.get('errors', 0)}" + (f" {r['errors_detail']}" if r.get("errors_detail") else "")
+        )
+        parts.append(f"proxy_cpu/op={fmt(r['cpu_op_us'])}us")
+        c = r["cpu_pct"]
+        parts.append(f"cpu% proxy={c['proxy']} client={c['client']} origin={c['origin']} bg={c['bg']}")
+    if r.get("warning"):
+        parts.append("WARNING " + r["warning"])
+    return " ".join(parts)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--duration", type=float, default=None, help="seconds per workload (default 10, --quick 3)"
+    )
+    ap.add_argument("--quick", action="store_true", help="3 s per workload, 1 s warm-up, 500 idle conns")
+    ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of P1,W1,W2,W3,W4")
+    ap.add_argument("--runs", type=int, default=1, help="rounds; proxies alternate order, medians reported")
+    ap.add_argument("--idle-conns", type=int, default=None, help="W4 connections (default 2000)")
+    ap.add_argument("--w2-procs", type=int, default=4, help="W2 client processes (default 4)")
+    ap.add_argument("--w2-threads", type=int, default=5, help="W2 threads per process (default 5)")
+    ap.add_argument("--origin", choices=("auto", "nginx", "python"), default="auto")
+    ap.add_argument("--nginx", dest="nginx", action="store_true", default=True, help="nginx beside (default)")
+    ap.add_argument("--no-nginx", dest="nginx", action="store_false", help="tsproxy only")
+    ap.add_argument("--out", help="also write the table here, and raw data to OUT.json")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    a = ap.parse_args(argv)
+    a.duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
+    a.warmup = 1.0 if a.quick else 2.0
+    a.idle_conns = a.idle_conns if a.idle_conns is not None else (500 if a.quick else 2000)
+    wl = [w.strip().upper() for w in a.workloads.split(",") if w.strip()]
+    bad = [w for w in wl if w not in ALL_WORKLOADS]
+    if bad:
+        ap.error(f"unknown workloads {bad}; choose from {','.join(ALL_WORKLOADS)}")
+    a.workloads = [w for w in ALL_WORKLOADS if w in wl]
+    a.runs = max(1, a.runs)
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    notes: list[str] = []
+    have_wrk = shutil.which("wrk") is not None
+    have_nginx = shutil.which("nginx") is not None
+    if not have_wrk:
+        notes.append("wrk not installed (apt-get install -y wrk): P1/W1/W3 skipped")
+    if args.nginx and not have_nginx:
+        notes.append(
+            "nginx not installed (apt-get install -y nginx-light): nginx rows skipped, Python origin used"
+        )
+    if not shutil.which("taskset"):
+        notes.append("taskset not available: processes not pinned")
+    origin_kind = args.origin if args.origin != "auto" else ("nginx" if have_nginx else "python")
+    if origin_kind == "python":
+        notes.append("origin is the built-in asyncio origin (slower than nginx; may limit throughput)")
+    for n in notes:
+        log(n)
+    raise_nofile(args.idle_conns + 4096)
+
+    tmp = Path(tempfile.mkdtemp(prefix="tsproxy-bench-"))
+    os.chmod(tmp, 0o755)
+    origin = None
+    lua = tmp / "report.lua"
+    lua.write_text(REPORT_LUA)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    proxies: list[Proxy] = [TsProxy("tsproxy", free_port(), free_port())]
+    if args.nginx and have_nginx:
+        proxies.append(NginxProxy("nginx", free_port(), free_port()))
+    data: dict[str, Any] = {"proxies": {p.name: {w: [] for w in args.workloads} for p in proxies}}
+    try:
+        certs = make_certs(tmp)
+        origin_port = free_port()
+        origin = start_origin(origin_kind, tmp, origin_port)
+        log(f"origin {origin_kind} on {HOST}:{origin_port}; temp dir {tmp}")
+        for rnd in range(args.runs):
+            order = proxies if rnd % 2 == 0 else proxies[::-1]
+            for p in order:
+                res = run_proxy_round(p, tmp, certs, origin, origin_port, args, lua, rnd, have_wrk)
+                for wl, r in res.items():
+                    data["proxies"][p.name][wl].append(r)
+    finally:
+        if origin is not None:
+            origin.stop()
+        if args.keep_tmp:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor()
+    data.update(
+        started=started,
+        finished=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        machine=f"{os.cpu_count()} cpus, {model}, {platform.system()} {platform.release()}, "
+        f"python {platform.python_version()}",
+        origin=origin_kind,
+        origin_port=origin_port,
+        taskset=bool(shutil.which("taskset")),
+        duration=args.duration,
+        connections=args.connections,
+        idle_conns=args.idle_conns,
+        w2_in_flight=args.w2_procs * args.w2_threads,
+        runs=args.runs,
+        workloads=args.workloads,
+        notes=notes,
+    )
+    data["source"] = source_state()
+    table = summarize(data)
+    print(table, end="")
+    if args.out:
+        Path(args.out).write_text(table)
+        Path(args.out + ".json").write_text(json.dumps(data, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from iocore.eventsystem.diags import DbgCtl
@@ -53,14 +54,14 @@ from iocore.eventsystem.event import (
     Continuation,
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
+from iocore.net.hooks import HookID, HookRegistry
 from iocore.net.net_accept import connect
 from iocore.net.net_vconnection import PlainNetVConnection
 from iocore.net.ssl_net_vconnection import SSLNetVConnection
 from iocore.records.errors import TSError
 from iocore.records.stats import METRIC_ID
 from tsproxy.http.message import ChunkedEncoder, build_client_response_head, build_origin_request_head, \
-    client_framing, error_response
-from tsproxy.origin_tls import OriginTLS
+    client_framing, error_response, synthetic_response
 from tsproxy.http.parser import (
     BodyDataReceived,
     BodyMode,
@@ -71,6 +72,7 @@ from tsproxy.http.parser import (
     ResponseParser,
     ResponseReceived,
 )
+from tsproxy.origin_tls import OriginTLS
 
 if TYPE_CHECKING:
     from tsproxy.origin_tls import OriginTLSSettings
@@ -171,9 +173,10 @@ class Resolver:
 class HttpProcessor:
     """Per-worker HTTP state: config, origin pool, resolver."""
 
-    def __init__(self, nh: NetHandler, config: ProxyConfig) -> None:
+    def __init__(self, nh: NetHandler, config: ProxyConfig, hooks: HookRegistry | None = None) -> None:
         self.nh = nh
         self.counters = nh.counters
+        self.hooks = hooks if hooks is not None else HookRegistry()
         self.resolver = Resolver()
         self.pool = OriginPool(self)
         self.sessions: dict[HttpClientSession, None] = {}
@@ -325,6 +328,18 @@ class HttpClientSession(Continuation):
         self.origin_paused = False
         self.retried = False
         self.origin_bytes = 0
+        # HTTP transaction hooks (see _run_hooks)
+        self.txn: Any = None  # the plugin facade of the current transaction, made on demand
+        self.txn_hooks: dict[HookID, list[Any]] | None = None
+        self._hook_queue: list[Any] = []
+        self._hook_id = HookID.TXN_CLOSE
+        self._hook_then: Callable[[], None] | None = None
+        self._hook_active = False
+        self._in_hook = False
+        self._hook_failed = False
+        self._resumer: Continuation | None = None
+        self.synthetic: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        self.resp_pending: list[Any] = []
         proc.sessions[self] = None
         counters = proc.counters
         counters[M_CUR_CLIENT] += 1
@@ -391,7 +406,7 @@ class HttpClientSession(Continuation):
             self.vc.read.reenable()
 
     def _blocked(self) -> bool:
-        if self.connecting is not None:
+        if self.connecting is not None or self._hook_then is not None:
             return True
         origin = self.origin
         if origin is not None and origin.write_buf.high_water():
@@ -436,6 +451,14 @@ class HttpClientSession(Continuation):
         if req.method == b"CONNECT":
             self._send_error(501, "CONNECT is not supported", close=True)
             return
+        self._run_hooks(HookID.READ_REQUEST_HDR, self._pre_remap)
+
+    def _pre_remap(self) -> None:
+        self._run_hooks(HookID.PRE_REMAP, self._do_remap)
+
+    def _do_remap(self) -> None:
+        req = self.request
+        assert req is not None
         host = b""
         for name, value in req.headers:
             if len(name) == 4 and name.lower() == b"host":
@@ -456,7 +479,7 @@ class HttpClientSession(Continuation):
             self._send_error(404, "no remap rule matches this request", close=not self.client_keep_alive)
             return
         self.remap = remap
-        self._get_origin()
+        self._run_hooks(HookID.POST_REMAP, self._get_origin)
 
     def _origin_key(self) -> OriginKey:
         r = self.remap
@@ -574,6 +597,14 @@ class HttpClientSession(Continuation):
         self.origin_bytes = 0
         conn.attach(self)
         conn.requests += 1
+        self._run_hooks(HookID.SEND_REQUEST_HDR, self._send_request_head)
+
+    def _send_request_head(self) -> None:
+        req = self.request
+        remap = self.remap
+        conn = self.origin
+        if req is None or remap is None or conn is None:
+            return
         conn.parser.start(req.method)
         head = build_origin_request_head(
             req,
@@ -589,6 +620,7 @@ class HttpClientSession(Continuation):
         conn.vc.write.reenable()
         if req.body is BodyMode.NONE:
             self.request_done = True
+        self._process_client_input()  # body bytes that waited for the head
 
     def _send_request_body(self, data: bytes) -> None:
         origin = self.origin
@@ -658,7 +690,7 @@ class HttpClientSession(Continuation):
         origin = self.origin
         if origin is None or self.closed:
             return
-        if self.write_buf.high_water():
+        if self.write_buf.high_water() or self._hook_then is not None:
             self.origin_paused = True
             return
         reader = origin.reader
@@ -676,12 +708,16 @@ class HttpClientSession(Continuation):
 
     def _handle_response_events(self, events: list[Any]) -> None:
         write = self.write_buf.write
-        for ev in events:
+        for i, ev in enumerate(events):
             if isinstance(ev, BodyDataReceived):
                 enc = self.chunked
                 write(enc.encode(ev.data) if enc is not None else ev.data)
             elif isinstance(ev, ResponseReceived):
                 self._response_head(ev)
+                if self._hook_then is not None or self.closed:
+                    # A response hook is paused: the rest waits for its reenable.
+                    self.resp_pending = events[i + 1 :]
+                    return
             elif isinstance(ev, MessageEnded):
                 if self.chunked is not None:
                     write(self.chunked.end())
@@ -698,6 +734,16 @@ class HttpClientSession(Continuation):
                 self.write_buf.write(build_client_response_head(ev, via=None, keep_alive=True))
             return
         self.response = ev
+        self._run_hooks(HookID.READ_RESPONSE_HDR, self._send_response_hooks)
+
+    def _send_response_hooks(self) -> None:
+        self._run_hooks(HookID.SEND_RESPONSE_HDR, self._write_response_head)
+
+    def _write_response_head(self) -> None:
+        req = self.request
+        ev = self.response
+        if req is None or ev is None:
+            return
         framing = client_framing(ev.body, req.http_version)
         if req.method == b"HEAD" or ev.body is BodyMode.NONE:
             framing = BodyMode.NONE
@@ -717,6 +763,12 @@ class HttpClientSession(Continuation):
         metric = M_STATUS.get(ev.status // 100)
         if metric is not None:
             self.proc.counters[metric] += 1
+        if self.resp_pending:
+            pending, self.resp_pending = self.resp_pending, []
+            self._handle_response_events(pending)
+        elif self.origin_paused:
+            self.origin_paused = False
+            self._process_origin_input()
 
     def _origin_eof(self) -> None:
         origin = self.origin
@@ -771,6 +823,12 @@ class HttpClientSession(Continuation):
         self._end_transaction()
 
     def _end_transaction(self) -> None:
+        if self.txn_hooks is not None or self.proc.hooks.has(HookID.TXN_CLOSE):
+            self._notify(HookID.TXN_CLOSE)
+        self.txn = None
+        self.txn_hooks = None
+        self.synthetic = None
+        self.resp_pending = []
         self.request = None
         self.remap = None
         self.response = None
@@ -795,6 +853,8 @@ class HttpClientSession(Continuation):
             close = True  # we cannot find the next request's start in an unread body
         keep = self.client_keep_alive and not close
         self.client_keep_alive = keep
+        self._hook_then = None
+        self._hook_queue = []
         self.write_buf.write(error_response(status, reason, close=not keep))
         self.vc.write.reenable()
         self._drop_origin()
@@ -808,6 +868,119 @@ class HttpClientSession(Continuation):
         self.proc.counters[M_COMPLETED] += 1
         self._end_transaction()
 
+    # -- HTTP transaction hooks ----------------------------------------------------------------
+    def _run_hooks(self, hook: HookID, then: Callable[[], None]) -> None:
+        """Run the global and per-transaction callbacks of ``hook`` in order, then ``then()``.
+
+        Each callback must call ``reenable()`` (now or later); until it does, the transaction
+        waits (``_blocked``) and the loop serves everyone else. ``respond()`` or an error ends
+        the hook chain with a local answer instead of ``then``.
+        """
+        callbacks = self.proc.hooks.get(hook)
+        txn_hooks = self.txn_hooks
+        if txn_hooks is not None and hook in txn_hooks:
+            callbacks = (*callbacks, *txn_hooks[hook])
+        if not callbacks:
+            then()
+            return
+        self._hook_id = hook
+        self._hook_queue = list(callbacks)
+        self._hook_then = then
+        self._hook_next()
+
+    def _hook_next(self) -> None:
+        queue = self._hook_queue
+        hook = self._hook_id
+        while queue and not self.closed:
+            callback = queue.pop(0)
+            self._hook_active = True
+            self._in_hook = True
+            try:
+                callback(hook, self)
+            except Exception:
+                _log.exception("HTTP %s hook raised; answering 500", hook.name)
+                self._hook_failed = True
+                self._hook_active = False
+            finally:
+                self._in_hook = False
+            if self._hook_failed or self.synthetic is not None:
+                break
+            if self._hook_active:
+                return  # paused until reenable()
+        then = self._hook_then
+        self._hook_then = None
+        self._hook_queue = []
+        if self.closed or then is None:
+            return
+        if self._hook_failed:
+            self._hook_failed = False
+            self._send_error(500, f"plugin failed in {hook.name}", close=True)
+            return
+        if self.synthetic is not None:
+            self._send_synthetic()
+            return
+        then()
+
+    def hook_reenable(self, *, error: bool = False) -> None:
+        """TSHttpTxnReenable(txn, TS_EVENT_HTTP_CONTINUE | TS_EVENT_HTTP_ERROR)."""
+        if self.closed or not self._hook_active:
+            _dbg("txn reenable ignored (closed=%s, no hook active)", self.closed)
+            return
+        self._hook_active = False
+        if error:
+            self._hook_failed = True
+        if not self._in_hook:
+            if self._resumer is None:
+                self._resumer = Continuation(lambda event, data: self._hook_next())
+            self.proc.nh.thread.schedule_imm(self._resumer)
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """A synthetic response instead of the origin's; only before the request went out."""
+        if self.closed or self._hook_id not in _RESPOND_HOOKS or self._hook_then is None:
+            return False
+        self.synthetic = (status, headers, body)
+        return True
+
+    def _send_synthetic(self) -> None:
+        assert self.synthetic is not None
+        status, headers, body = self.synthetic
+        req = self.request
+        close = not self.client_keep_alive or (
+            req is not None and not self.request_done and req.body is not BodyMode.NONE
+        )
+        self.client_keep_alive = not close
+        self._drop_origin()
+        self.write_buf.write(synthetic_response(status, headers, body, close=close,
+                                                head_only=req is not None and req.method == b"HEAD"))
+        self.vc.write.reenable()
+        metric = M_STATUS.get(status // 100)
+        if metric is not None:
+            self.proc.counters[metric] += 1
+        self.proc.counters[M_COMPLETED] += 1
+        if close:
+            self.pending.clear()
+        self._end_transaction()
+
+    def _notify(self, hook: HookID) -> None:
+        """Notification hooks (TXN_CLOSE): every callback once; reenable is not needed."""
+        callbacks = self.proc.hooks.get(hook)
+        if self.txn_hooks is not None and hook in self.txn_hooks:
+            callbacks = (*callbacks, *self.txn_hooks[hook])
+        self._hook_id = hook
+        for callback in callbacks:
+            try:
+                callback(hook, self)
+            except Exception:
+                _log.exception("HTTP %s hook raised", hook.name)
+        self._hook_active = False
+
+    def txn_hook_add(self, hook: HookID, callback: Any) -> None:
+        if self.txn_hooks is None:
+            self.txn_hooks = {}
+        self.txn_hooks.setdefault(hook, []).append(callback)
+        if hook is self._hook_id and self._hook_then is not None:
+            self._hook_queue.append(callback)
+
     def close(self) -> None:
         if self.closed:
             return
@@ -820,6 +993,9 @@ class HttpClientSession(Continuation):
         proc = self.proc
         proc.sessions.pop(self, None)
         proc.counters[M_CUR_CLIENT] -= 1
+
+
+_RESPOND_HOOKS = frozenset({HookID.READ_REQUEST_HDR, HookID.PRE_REMAP, HookID.POST_REMAP})
 
 
 def _strerror(err: int) -> str:

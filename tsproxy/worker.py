@@ -96,7 +96,7 @@ class Worker(Continuation):
         self.slot = boot.stats.slot(boot.slot)
         self.nh = NetHandler(self.thread, self.slot)
         self.hooks = HookRegistry()
-        self.http = HttpProcessor(self.nh, self.config)
+        self.http = HttpProcessor(self.nh, self.config, self.hooks)
         self.acceptors: list[NetAccept] = []
         self.ssl_configs: dict[int, SSLAcceptConfig] = {}
         self.control_buf = bytearray()

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,7 +36,32 @@ if TYPE_CHECKING:
     from iocore.net.ssl_net_vconnection import SSLNetVConnection
     from iocore.net.tls.client_hello import ClientHello
 
-__all__ = ["HookID", "PluginAPI", "PluginError", "ScheduledCall", "VConn", "load_plugins"]
+__all__ = [
+    "HTTP_HOOKS",
+    "HeaderView",
+    "HookID",
+    "PluginAPI",
+    "PluginError",
+    "Request",
+    "Response",
+    "ScheduledCall",
+    "Txn",
+    "VConn",
+    "load_plugins",
+]
+
+# Hooks whose callbacks receive a Txn (the others receive a VConn).
+HTTP_HOOKS = frozenset(
+    {
+        HookID.READ_REQUEST_HDR,
+        HookID.PRE_REMAP,
+        HookID.POST_REMAP,
+        HookID.SEND_REQUEST_HDR,
+        HookID.READ_RESPONSE_HDR,
+        HookID.SEND_RESPONSE_HDR,
+        HookID.TXN_CLOSE,
+    }
+)
 
 _log = logging.getLogger("tsproxy.plugin")
 
@@ -48,6 +74,8 @@ class _WorkerLike(Protocol):
     hooks: Any
     thread: Any
     config: Any
+    boot: Any
+    slot: Any
 
 
 class VConn:
@@ -105,6 +133,193 @@ class VConn:
         self._vc.npn_set = tuple(p for p in self._vc.npn_set if p != protocol)
 
 
+def _b(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+class HeaderView:
+    """A mutable view of one message's header fields (names compare case-insensitively)."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self._fields = fields
+
+    def get(self, name: str) -> str | None:
+        key = name.lower().encode("latin-1")
+        for n, v in self._fields:
+            if n.lower() == key:
+                return v.decode("latin-1")
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        key = name.lower().encode("latin-1")
+        return [v.decode("latin-1") for n, v in self._fields if n.lower() == key]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._fields]
+
+    def add(self, name: str, value: str) -> None:
+        self._fields.append((_b(name), _b(value)))
+
+    def remove(self, name: str) -> int:
+        """Remove every field called ``name``; returns how many there were."""
+        key = name.lower().encode("latin-1")
+        before = len(self._fields)
+        self._fields[:] = [(n, v) for n, v in self._fields if n.lower() != key]
+        return before - len(self._fields)
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every field called ``name`` with one field."""
+        self.remove(name)
+        self.add(name, value)
+
+
+class Request:
+    """The client's request as a hook sees it (method and target may be rewritten)."""
+
+    __slots__ = ("_txn",)
+
+    def __init__(self, txn: Txn) -> None:
+        self._txn = txn
+
+    @property
+    def method(self) -> str:
+        return str(self._txn._live_session().request.method.decode("latin-1"))
+
+    @property
+    def target(self) -> str:
+        """The request-target as received (origin-form path and query, usually)."""
+        return str(self._txn._live_session().request.target.decode("latin-1"))
+
+    @target.setter
+    def target(self, value: str) -> None:
+        session = self._txn._live_session()
+        session.request = replace(session.request, target=_b(value))
+
+    @property
+    def http_version(self) -> str:
+        return str(self._txn._live_session().request.http_version.decode("latin-1"))
+
+    @property
+    def headers(self) -> HeaderView:
+        return HeaderView(self._txn._live_session().request.headers)
+
+
+class Response:
+    """The origin's response (READ_RESPONSE_HDR), as it will be sent (SEND_RESPONSE_HDR)."""
+
+    __slots__ = ("_txn",)
+
+    def __init__(self, txn: Txn) -> None:
+        self._txn = txn
+
+    @property
+    def status(self) -> int:
+        return int(self._txn._live_session().response.status)
+
+    @property
+    def reason(self) -> str:
+        return str(self._txn._live_session().response.reason.decode("latin-1"))
+
+    @property
+    def headers(self) -> HeaderView:
+        return HeaderView(self._txn._live_session().response.headers)
+
+
+class Txn:
+    """One HTTP transaction as a hook sees it (ATS TSHttpTxn). Valid until TXN_CLOSE returns."""
+
+    __slots__ = ("_session", "user_data")
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.user_data: dict[Any, Any] = {}
+
+    def _live_session(self) -> Any:
+        session = self._session
+        if session.txn is not self or session.request is None:
+            raise PluginError("this transaction has ended")
+        return session
+
+    @property
+    def alive(self) -> bool:
+        return self._session.txn is self and not self._session.closed
+
+    @property
+    def client_request(self) -> Request:
+        return Request(self)
+
+    @property
+    def server_response(self) -> Response | None:
+        """From READ_RESPONSE_HDR on; None before the origin answered."""
+        return Response(self) if self._session.response is not None else None
+
+    client_response = server_response
+
+    @property
+    def remap_target(self) -> str | None:
+        """The origin URL the request goes to (from POST_REMAP on)."""
+        remap = self._session.remap
+        if remap is None:
+            return None
+        return f"{remap.origin_scheme}://{remap.origin_host}:{remap.origin_port}{remap.path.decode('latin-1')}"
+
+    @property
+    def client_address(self) -> tuple[str, int] | None:
+        addr = self._session.vc.remote_addr
+        return (str(addr[0]), int(addr[1])) if addr else None
+
+    @property
+    def is_tls(self) -> bool:
+        return bool(self._session.vc.is_ssl)
+
+    @property
+    def sni(self) -> str | None:
+        return getattr(self._session.vc, "server_name", None)
+
+    @property
+    def tls_version(self) -> str | None:
+        return getattr(self._session.vc, "ssl_version", None) if self.is_tls else None
+
+    def reenable(self, *, error: bool = False) -> None:
+        """TSHttpTxnReenable: continue (or fail with 500 when ``error``)."""
+        if self._session.txn is self:
+            self._session.hook_reenable(error=error)
+
+    def respond(self, status: int, headers: dict[str, str] | None = None, body: bytes | str = b"") -> bool:
+        """Answer the client yourself instead of the origin; then ``reenable()``.
+
+        Allowed in READ_REQUEST_HDR, PRE_REMAP and POST_REMAP; returns False elsewhere.
+        """
+        if self._session.txn is not self:
+            return False
+        fields = [(_b(k), _b(v)) for k, v in (headers or {}).items()]
+        return bool(self._session.respond(status, fields, _b(body) if isinstance(body, str) else body))
+
+    def hook_add(self, hook: HookID, callback: Callable[[HookID, Txn], None]) -> None:
+        """TSHttpTxnHookAdd: a hook for this transaction only (runs after the global ones)."""
+        if self._session.txn is self:
+            self._session.txn_hook_add(hook, _txn_adapter("txn", callback))
+
+
+def _txn_adapter(name: str, callback: Callable[[HookID, Txn], None]) -> Callable[[HookID, Any], None]:
+    def adapter(hook_id: HookID, session: Any) -> None:
+        txn = session.txn
+        if txn is None:
+            txn = session.txn = Txn(session)
+        try:
+            callback(hook_id, txn)
+        except Exception:
+            _log.exception("plugin %s: %s hook raised", name, hook_id.name)
+            raise
+
+    return adapter
+
+
 class ScheduledCall:
     """Handle of ``api.schedule_in``; ``cancel()`` stops a call that has not run."""
 
@@ -141,9 +356,13 @@ class PluginAPI:
         self._reload_callbacks: list[Callable[[], None]] = []
         self.log = logging.getLogger(f"tsproxy.plugin.{name}")
 
-    def hook_add(self, hook: HookID, callback: Callable[[HookID, VConn], None]) -> None:
-        """TSHttpHookAdd for TLS/VConn hooks: ``callback(hook, vconn)``."""
+    def hook_add(self, hook: HookID, callback: Callable[[HookID, Any], None]) -> None:
+        """TSHttpHookAdd: ``callback(hook, vconn)`` for TLS/VConn hooks, ``callback(hook, txn)``
+        for HTTP transaction hooks (HTTP_HOOKS)."""
         name = self.name
+        if hook in HTTP_HOOKS:
+            self._worker.hooks.add(hook, _txn_adapter(name, callback))
+            return
 
         def adapter(hook_id: HookID, vc: SSLNetVConnection) -> None:
             facade = vc.hook_facade
@@ -166,6 +385,17 @@ class PluginAPI:
         lookup = self._worker.config.cert_lookup
         cc = lookup.find(name) if lookup is not None else None
         return cc.ctx if cc is not None else None
+
+    def stat_create(self, name: str) -> int:
+        """A plugin counter shown by ``tsproxy metric`` (register in the same order everywhere)."""
+        return int(self._worker.boot.stats.register_dynamic(name))
+
+    def stat_increment(self, stat: int, amount: int = 1) -> None:
+        self._worker.slot.incr(stat, amount)
+
+    def metrics(self, regex: str = "") -> list[tuple[str, int]]:
+        """Every metric (summed over all workers) whose name matches ``regex``, sorted by name."""
+        return list(self._worker.boot.stats.match(regex))
 
     def on_reload(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after ``tsproxy reload`` switched this worker's config."""

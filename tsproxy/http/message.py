@@ -209,6 +209,33 @@ def error_response(status: int, reason: str, *, close: bool) -> bytes:
     return head + b"\r\n" + body
 
 
+def synthetic_response(
+    status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool, head_only: bool = False
+) -> bytes:
+    """A complete response a plugin made (``txn.respond``): its headers, our framing.
+
+    Framing and hop-by-hop headers from the plugin are replaced: Content-Length is always the
+    body's, and Connection says close when the connection will close.
+    """
+    try:
+        phrase = HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        phrase = b"Unknown"
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname == b"content-length":
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
+
+
 class ChunkedEncoder:
     """Frames body data as HTTP/1.1 chunks (no extensions, no trailers)."""
 

@@ -567,10 +567,6 @@ def test_slowloris_plain_http_silent_and_stalled_head(
     assert plain_get(proxy.port(1), "/bytes?n=2").startswith(b"HTTP/1.1 200")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "no total request-header timeout: transaction_no_activity_timeout_in is an inactivity timer that "
-    "each byte re-arms (tsproxy/http_sm.py HttpClientSession._start_transaction / handle_client_event), "
-    "so a plain-HTTP head dripped at 1 byte/s keeps a connection open indefinitely"))
 def test_slowloris_plain_http_drip_one_byte_per_second(
     tsproxy_factory: Factory, certs: Certs, origin: OriginServer
 ) -> None:

@@ -314,6 +314,7 @@ class HttpClientSession(Continuation):
         self.pending: collections.deque[Any] = collections.deque()
         self.closed = False
         self.close_after_write = False
+        self.head_timer = False
         # current transaction
         self.request: RequestReceived | None = None
         self.remap: RemapResult | None = None
@@ -396,11 +397,22 @@ class HttpClientSession(Continuation):
         reader = self.reader
         if reader.read_avail():
             data = reader.read()
+            parser = self.parser
             try:
-                self.pending.extend(self.parser.feed(data))
+                self.pending.extend(parser.feed(data))
             except HTTPProtocolError as exc:
                 self.pending.extend(exc.events_before)
                 self.pending.append(exc)
+            # The inactivity timer restarts with every byte, so a head dripped one byte at a
+            # time would never time out: the whole head must arrive within
+            # transaction_no_activity_timeout_in of its first byte (an active timeout).
+            if parser.in_head:
+                if not self.head_timer:
+                    self.head_timer = True
+                    self.vc.set_active_timeout(self.http.txn_timeout_in)
+            elif self.head_timer:
+                self.head_timer = False
+                self.vc.set_active_timeout(0)
         self._run_pending()
         if not self.closed and not self._blocked():
             self.vc.read.reenable()

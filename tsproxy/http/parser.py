@@ -180,6 +180,11 @@ class RequestParser:
         """True once a keep_alive=False message has ended; the caller should close."""
         return self._state is _State.CLOSED
 
+    @property
+    def in_head(self) -> bool:
+        """Part of a request head arrived, not all of it (the caller bounds how long that lasts)."""
+        return self._state is _State.HEAD
+
     def feed(self, data: bytes | memoryview) -> list[Event]:
         state = self._state
         if state is _State.CLOSED:

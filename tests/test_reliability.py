@@ -1150,9 +1150,6 @@ def test_control_socket_mode_and_owner(tls_proxy: ProxyProcess) -> None:
     assert st.st_uid == os.getuid()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tsproxy does not check private-key file permissions: nothing in iocore/net/ssl_multicert.py "
-    "(the loader) or iocore/net/tls/context.py warns when a key file is group/other readable"))
 def test_private_key_readable_by_others_warns(tsproxy_factory: Factory, certs: Certs, origin: OriginServer,
                                               tmp_path: Path) -> None:
     recs = {

@@ -80,6 +80,10 @@ class SSLCertLookup:
         if not any(c is cc for c in self._contexts):
             self._contexts.append(cc)
 
+    def add_warning(self, message: str) -> None:
+        """A loader's remark about this table (shown at start and reload, not fatal)."""
+        self._warnings.append(message)
+
     def _warn(self, what: str, cc: SSLCertContext, first: SSLCertContext) -> str:
         where = f"{cc.source}: " if cc.source else ""
         msg = f"{where}{what} already served by {first.source or 'an earlier entry'}; ignored"

@@ -339,6 +339,26 @@ def _build_line(
     return cc, names
 
 
+def _key_permission_warnings(entry: MulticertLine, params: SSLConfigParams) -> list[str]:
+    """A private key other users can read is a secret already half leaked: say so."""
+    if entry.key_names:
+        keys = [params.server_private_key_path / name for name in entry.key_names]
+    else:
+        keys = [params.server_cert_path / name for name in entry.cert_names]
+    warnings = []
+    for key in keys:
+        try:
+            mode = key.stat().st_mode
+        except OSError:
+            continue
+        if mode & 0o077:
+            warnings.append(
+                f"{entry.source}: private key {key} is readable by other users "
+                f"(mode {mode & 0o777:o}); chmod 600 it"
+            )
+    return warnings
+
+
 def load_cert_lookup(params: SSLConfigParams, ticket_keys: bytes | None) -> SSLCertLookup:
     """Read params.multicert_filename and build the whole lookup table.
 
@@ -357,6 +377,8 @@ def load_cert_lookup(params: SSLConfigParams, ticket_keys: bytes | None) -> SSLC
     lookup = SSLCertLookup()
     for entry in parse_multicert(text, str(path)):
         cc, names = _build_line(entry, params, ticket_keys)
+        for warning in _key_permission_warnings(entry, params):
+            lookup.add_warning(warning)
         lookup.add_context(cc)
         dest = entry.dest_ip
         if dest is not None and dest.ip is None:

@@ -145,7 +145,12 @@ class Worker(Continuation):
                 lookup=cfg.cert_lookup,
                 hooks=self.hooks,
                 protocols=port_protocols(desc),
-                handshake_timeout=float(cfg.ssl_params.handshake_timeout_in),
+                # 0 must not mean "forever" (ATS CLOSE_WAIT pile-ups): fall back to the
+                # default inactivity timeout so a stalled or paused handshake always ends.
+                handshake_timeout=float(
+                    cfg.ssl_params.handshake_timeout_in
+                    or cfg.records.get_int("proxy.config.net.default_inactivity_timeout")
+                ),
                 tr_pass=desc.tr_pass,
                 tunnel_route=cfg.ssl_params.tunnel_route or None,
                 on_ready=lambda vc, port=port: self._https_ready(vc, port),

@@ -46,7 +46,10 @@ class MIOBuffer:
         return len(data)
 
     def max_read_avail(self) -> int:
-        return len(self._buf) - min((r.pos for r in self.readers), default=0)
+        readers = self.readers
+        if len(readers) == 1:  # the common case, on every read and write: no generator
+            return len(self._buf) - readers[0].pos
+        return len(self._buf) - min((r.pos for r in readers), default=0)
 
     def write_avail(self) -> int:
         """How many bytes may still be added before the water mark is reached."""
@@ -58,14 +61,15 @@ class MIOBuffer:
     def _trim(self) -> None:
         # Drop consumed bytes when everything was consumed (cheap: clear) or when the consumed
         # prefix is large; otherwise defer, so small consumes do not memmove the tail each time.
-        low = min(r.pos for r in self.readers)
+        readers = self.readers
+        low = readers[0].pos if len(readers) == 1 else min(r.pos for r in readers)
         if low == len(self._buf):
             self._buf.clear()
         elif low > 65536:
             del self._buf[:low]
         else:
             return
-        for r in self.readers:
+        for r in readers:
             r.pos -= low
 
 

@@ -39,6 +39,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ssl_ffi
 from OpenSSL._util import lib as _ssl_lib
 
 from iocore.eventsystem.diags import DbgCtl
@@ -206,6 +207,11 @@ class SSLAcceptConfig:
         self.tunnel_route = tunnel_route
         self.on_ready = on_ready
         self.on_tunnel = on_tunnel
+
+
+def _mem_pending(bio: Any) -> int:
+    """Bytes waiting in a memory BIO (BIO_get_mem_data with no out pointer = BIO_pending)."""
+    return int(_ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.NULL))
 
 
 def session_reused(ssl: SSL.Connection) -> bool:
@@ -753,11 +759,9 @@ class SSLNetVConnection(NetVConnection):
         if ssl is None:
             return
         out = self._out_raw
-        while True:
-            try:
-                out += ssl.bio_read(262144)
-            except SSL.WantReadError:
-                break
+        pending = _mem_pending(ssl._from_ssl)
+        if pending:
+            out += ssl.bio_read(pending)
         if out:
             self._flush_raw()
 
@@ -794,6 +798,19 @@ class SSLNetVConnection(NetVConnection):
         eos = False
         error = False
         while room > 0:
+            if not self._raw_eof and not ssl.pending() and not _mem_pending(ssl._into_ssl):
+                # Nothing buffered in OpenSSL: one read from the socket, without first paying
+                # for the WantReadError that SSL_read would raise.
+                if got_raw:
+                    break
+                got_raw = True
+                retval = self.read_raw_data()
+                if retval == -11:
+                    break
+                if retval <= 0:
+                    self._raw_eof = True
+                    ssl.bio_shutdown()
+                continue
             try:
                 data = ssl.recv(min(room, TLS_RECORD_MAX))
             except SSL.WantReadError:
@@ -868,8 +885,9 @@ class SSLNetVConnection(NetVConnection):
             vio.ndone += n
             avail -= n
             wrote += n
-            with contextlib.suppress(SSL.WantReadError):
-                self._out_raw += ssl.bio_read(262144)
+            pending = _mem_pending(ssl._from_ssl)
+            if pending:
+                self._out_raw += ssl.bio_read(pending)
         if wrote:
             self.net_activity()
         if self._out_raw and not self._flush_raw():

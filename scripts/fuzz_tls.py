@@ -109,12 +109,22 @@ class Hello:
         return cls(cv, rnd, sid, ciphers, comp, exts, rec_version)
 
     # Each "len_*" is an override hook: None means the correct value.
-    def message(self, *, len_sid: int | None = None, len_ciphers: int | None = None,
-                len_comp: int | None = None, len_exts: int | None = None,
-                ext_len_override: dict[int, int] | None = None, omit_exts: bool = False) -> bytes:
+    def message(
+        self,
+        *,
+        len_sid: int | None = None,
+        len_ciphers: int | None = None,
+        len_comp: int | None = None,
+        len_exts: int | None = None,
+        ext_len_override: dict[int, int] | None = None,
+        omit_exts: bool = False,
+    ) -> bytes:
         out = struct.pack(">H", self.client_version) + self.random
         out += bytes([(len(self.session_id) if len_sid is None else len_sid) & 0xFF]) + self.session_id
-        out += struct.pack(">H", (len(self.ciphers) if len_ciphers is None else len_ciphers) & 0xFFFF) + self.ciphers
+        out += (
+            struct.pack(">H", (len(self.ciphers) if len_ciphers is None else len_ciphers) & 0xFFFF)
+            + self.ciphers
+        )
         out += bytes([(len(self.compression) if len_comp is None else len_comp) & 0xFF]) + self.compression
         if omit_exts:
             return out
@@ -161,18 +171,34 @@ class Input:
     reset: bool = False  # close with RST instead of a half-close
 
 
-BAD_VERSIONS = [0x0000, 0x0002, 0x0200, 0x0300, 0x0301, 0x0302, 0x0303, 0x0304, 0x0305, 0x03FF, 0x7F1C, 0xFEFD, 0xFFFF]
+BAD_VERSIONS = [
+    0x0000,
+    0x0002,
+    0x0200,
+    0x0300,
+    0x0301,
+    0x0302,
+    0x0303,
+    0x0304,
+    0x0305,
+    0x03FF,
+    0x7F1C,
+    0xFEFD,
+    0xFFFF,
+]
 
 
 def deterministic(hellos: list[tuple[str, bytes]]) -> Iterator[Input]:
     """Systematic families: every truncation point, every record split point, every length field."""
-    for name, raw in hellos:
+    for _name, raw in hellos:
         h = Hello.parse(raw)
         hs = h.handshake()
         for k in range(len(raw)):
             yield Input("truncated", [raw[:k]])
         for k in range(1, len(hs)):  # handshake split over two records at every byte
-            yield Input("record_split", [records(hs[:k], h.record_version) + records(hs[k:], h.record_version)])
+            yield Input(
+                "record_split", [records(hs[:k], h.record_version) + records(hs[k:], h.record_version)]
+            )
         yield Input("record_split_1byte", [b"".join(records(hs[i : i + 1]) for i in range(len(hs)))])
         for k in range(1, min(len(raw), 80)):  # TCP split (two segments) at the first 80 offsets
             yield Input("tcp_split", [raw[:k], raw[k:]])
@@ -184,7 +210,9 @@ def deterministic(hellos: list[tuple[str, bytes]]) -> Iterator[Input]:
             h2.record_version = v
             yield Input("bad_record_version", [h2.build()])
             h2 = Hello.parse(raw)
-            h2.extensions = [(t, bytes([2]) + struct.pack(">H", v) if t == 43 else d) for t, d in h2.extensions]
+            h2.extensions = [
+                (t, bytes([2]) + struct.pack(">H", v) if t == 43 else d) for t, d in h2.extensions
+            ]
             yield Input("bad_supported_versions", [h2.build()])
         for delta in (-2, -1, 1, 2, 255, 0xFFFF):
             yield Input("wrong_len", [h.build(len_sid=len(h.session_id) + delta)])
@@ -257,7 +285,8 @@ def first_records(raw: bytes, rng: random.Random) -> list[bytes]:
         records(b"\x01\x40\x00" + b"x" * 64, ctype=24) + raw,
         struct.pack(">BHH", 22, 0x0301, 0) + raw,  # zero-length handshake record first
         records(b"", ctype=22) * 50 + raw,
-        bytes([0x80, 0x2E, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10]) + rng.randbytes(37),  # SSLv2
+        bytes([0x80, 0x2E, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10])
+        + rng.randbytes(37),  # SSLv2
         records(raw[5:], ctype=rng.choice([0, 19, 25, 99, 255])),
     ]
 
@@ -465,8 +494,14 @@ class Fuzzer:
             elif now - c.started > self.linger:
                 self._finish(c, proxy_closed=False)
 
-    def run(self, inputs: Iterator[Input], count: int, *, every: int = 0,
-            check: Callable[[int], None] | None = None) -> Stats:
+    def run(
+        self,
+        inputs: Iterator[Input],
+        count: int,
+        *,
+        every: int = 0,
+        check: Callable[[int], None] | None = None,
+    ) -> Stats:
         sent = 0
         while sent < count or self.conns:
             while sent < count and len(self.conns) < self.parallel:
@@ -524,7 +559,10 @@ def wait_fds_settle(pids: list[int], baseline: dict[int, int], timeout: float) -
 def normal_client(host: str, port: int, cafile: str | None, sni: str, http_host: str) -> bytes:
     ctx = ssl.create_default_context(cafile=cafile) if cafile else ssl._create_unverified_context()
     ctx.check_hostname = bool(cafile)
-    with socket.create_connection((host, port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=sni) as s:
+    with (
+        socket.create_connection((host, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=sni) as s,
+    ):
         s.sendall(f"GET / HTTP/1.1\r\nHost: {http_host}\r\nConnection: close\r\n\r\n".encode())
         chunks = []
         while data := s.recv(65536):
@@ -532,9 +570,20 @@ def normal_client(host: str, port: int, cafile: str | None, sni: str, http_host:
     return b"".join(chunks)
 
 
-def fuzz(host: str, port: int, config_dir: Path, *, count: int, seed: int = 1, parallel: int = 48,
-         linger: float = 3.0, settle: float = 10.0, cafile: str | None = None, sni: str = "proxy.test",
-         http_host: str = "origin.test") -> dict[str, Any]:
+def fuzz(
+    host: str,
+    port: int,
+    config_dir: Path,
+    *,
+    count: int,
+    seed: int = 1,
+    parallel: int = 48,
+    linger: float = 3.0,
+    settle: float = 10.0,
+    cafile: str | None = None,
+    sni: str = "proxy.test",
+    http_host: str = "origin.test",
+) -> dict[str, Any]:
     """Fuzz, watch, check; returns the figures (also what the CLI prints)."""
     hellos = load_hellos()
     pids = worker_pids(config_dir)
@@ -549,8 +598,12 @@ def fuzz(host: str, port: int, config_dir: Path, *, count: int, seed: int = 1, p
     def accepts() -> int:
         from tsproxy import control
 
-        result = control.call(control.socket_path(_state_dir(config_dir)), "metric.get",
-                              {"names": ["proxy.process.net.accepts_total"]}, 10.0)
+        result = control.call(
+            control.socket_path(_state_dir(config_dir)),
+            "metric.get",
+            {"names": ["proxy.process.net.accepts_total"]},
+            10.0,
+        )
         return int(result["metrics"][0][1])
 
     accepts0 = accepts()
@@ -628,18 +681,27 @@ def own_proxy(workers: int, handshake_timeout: int) -> Iterator[tuple[int, Path,
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cfg = write_config_dir(d / "etc", {
-            "proxy.config.http.server_ports": f"{port}:ssl:ip-in=127.0.0.1",
-            "proxy.config.exec_thread.limit": workers,
-            "proxy.config.ssl.handshake_timeout_in": handshake_timeout,
-        }, {
-            "certs/proxy.pem": leaf.private_key_and_cert_chain_pem.bytes(),
-            "ssl_multicert.config": "dest_ip=* ssl_cert_name=certs/proxy.pem\n",
-            "remap.config": f"map https://origin.test/ http://127.0.0.1:{origin.server_address[1]}/\n",
-        })
+        cfg = write_config_dir(
+            d / "etc",
+            {
+                "proxy.config.http.server_ports": f"{port}:ssl:ip-in=127.0.0.1",
+                "proxy.config.exec_thread.limit": workers,
+                "proxy.config.ssl.handshake_timeout_in": handshake_timeout,
+            },
+            {
+                "certs/proxy.pem": leaf.private_key_and_cert_chain_pem.bytes(),
+                "ssl_multicert.config": "dest_ip=* ssl_cert_name=certs/proxy.pem\n",
+                "remap.config": f"map https://origin.test/ http://127.0.0.1:{origin.server_address[1]}/\n",
+            },
+        )
         with open(d / "proxy.out", "wb") as out:
-            proc = subprocess.Popen([*TSPROXY_CMD, "start", "--config-dir", str(cfg)], stdout=out,
-                                    stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+            proc = subprocess.Popen(
+                [*TSPROXY_CMD, "start", "--config-dir", str(cfg)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=subprocess_env(),
+                start_new_session=True,
+            )
         try:
             deadline = time.monotonic() + 20
             while True:
@@ -681,14 +743,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.port is not None:
         if args.config_dir is None:
             ap.error("--port needs --config-dir (to read worker pids)")
-        result = fuzz(args.host, args.port, args.config_dir, count=args.count, seed=args.seed,
-                      parallel=args.parallel, linger=args.linger, cafile=args.cafile, sni=args.sni,
-                      http_host=args.http_host)
+        result = fuzz(
+            args.host,
+            args.port,
+            args.config_dir,
+            count=args.count,
+            seed=args.seed,
+            parallel=args.parallel,
+            linger=args.linger,
+            cafile=args.cafile,
+            sni=args.sni,
+            http_host=args.http_host,
+        )
     else:
         with own_proxy(args.workers, args.handshake_timeout) as (port, cfg, ca):
-            result = fuzz("127.0.0.1", port, cfg, count=args.count, seed=args.seed, parallel=args.parallel,
-                          linger=args.linger, cafile=ca, sni="proxy.test", http_host="origin.test",
-                          settle=args.handshake_timeout + 10)
+            result = fuzz(
+                "127.0.0.1",
+                port,
+                cfg,
+                count=args.count,
+                seed=args.seed,
+                parallel=args.parallel,
+                linger=args.linger,
+                cafile=ca,
+                sni="proxy.test",
+                http_host="origin.test",
+                settle=args.handshake_timeout + 10,
+            )
     result["ok"] = ok(result)
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1

@@ -90,6 +90,8 @@ def test_plugins_import_only_the_facade() -> None:
     bad = []
     for path in (ROOT / "plugins").rglob("*.py"):
         for lineno, name in imports_of(path):
-            if name.split(".")[0] in ("iocore",) or (name.startswith("tsproxy") and not name.startswith("tsproxy.api")):
+            if name.split(".")[0] in ("iocore",) or (
+                name.startswith("tsproxy") and not name.startswith("tsproxy.api")
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{lineno}: imports {name}")
     assert not bad, "\n".join(bad)

@@ -81,7 +81,9 @@ def origin() -> Iterator[OriginServer]:
 MULTICERT = "dest_ip=* ssl_cert_name=certs/proxy.pem\n"
 
 
-def proxy_files(certs: Certs, origin_authority: str, extra: dict[str, str | bytes] | None = None) -> dict[str, Any]:
+def proxy_files(
+    certs: Certs, origin_authority: str, extra: dict[str, str | bytes] | None = None
+) -> dict[str, Any]:
     files: dict[str, Any] = dict(certs.files)
     files["ssl_multicert.config"] = MULTICERT
     files["remap.config"] = (
@@ -124,10 +126,12 @@ def read_all(sock: socket.socket, limit: float = 5.0) -> bytes:
 
 
 def tls_get(certs: Certs, port: int, path: str = "/", sni: str = "proxy.test", timeout: float = 5.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
-        with client_ctx(certs).wrap_socket(raw, server_hostname=sni) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n".encode())
-            return read_all(s, timeout)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        client_ctx(certs).wrap_socket(raw, server_hostname=sni) as s,
+    ):
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n".encode())
+        return read_all(s, timeout)
 
 
 def plain_get(port: int, path: str = "/", timeout: float = 5.0) -> bytes:
@@ -180,7 +184,13 @@ def _fuzz(tsproxy_factory: Factory, certs: Certs, origin: OriginServer, count: i
         {"proxy.config.exec_thread.limit": 2, "proxy.config.ssl.handshake_timeout_in": 2},
     )
     result: dict[str, Any] = fuzz_tls.fuzz(
-        "127.0.0.1", proxy.port(0), proxy.config_dir, count=count, seed=8, cafile=str(certs.ca_file), settle=8.0
+        "127.0.0.1",
+        proxy.port(0),
+        proxy.config_dir,
+        count=count,
+        seed=8,
+        cafile=str(certs.ca_file),
+        settle=8.0,
     )
     print(result)
     assert result["inputs"] == count
@@ -196,8 +206,16 @@ def _fuzz(tsproxy_factory: Factory, certs: Certs, origin: OriginServer, count: i
 def test_fuzz_tls_front_live(tsproxy_factory: Factory, certs: Certs, origin: OriginServer) -> None:
     result = _fuzz(tsproxy_factory, certs, origin, 4000)
     # every family ran
-    assert {"truncated", "record_split", "havoc", "random", "junk_after", "oversized",
-            "many_extensions", "wrong_len"} <= set(result["families"])
+    assert {
+        "truncated",
+        "record_split",
+        "havoc",
+        "random",
+        "junk_after",
+        "oversized",
+        "many_extensions",
+        "wrong_len",
+    } <= set(result["families"])
 
 
 @pytest.mark.slow
@@ -211,45 +229,81 @@ def test_fuzz_tls_front_live_100k(tsproxy_factory: Factory, certs: Certs, origin
 H = "Host: origin.test\r\n"
 SMUGGLED = "GET /smuggled HTTP/1.1\r\nHost: origin.test\r\n\r\n"
 SMUGGLING: dict[str, tuple[str, int]] = {
-    "cl_and_te": (f"POST /a HTTP/1.1\r\n{H}Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}", 400),
-    "te_and_cl": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n{SMUGGLED}", 400),
-    "duplicate_cl": (f"POST /a HTTP/1.1\r\n{H}Content-Length: 5\r\nContent-Length: 41\r\n\r\nhello{SMUGGLED}", 400),
+    "cl_and_te": (
+        f"POST /a HTTP/1.1\r\n{H}Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{SMUGGLED}",
+        400,
+    ),
+    "te_and_cl": (
+        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n{SMUGGLED}",
+        400,
+    ),
+    "duplicate_cl": (
+        f"POST /a HTTP/1.1\r\n{H}Content-Length: 5\r\nContent-Length: 41\r\n\r\nhello{SMUGGLED}",
+        400,
+    ),
     "cl_list": (f"POST /a HTTP/1.1\r\n{H}Content-Length: 5, 41\r\n\r\nhello{SMUGGLED}", 400),
     "cl_plus_sign": (f"POST /a HTTP/1.1\r\n{H}Content-Length: +5\r\n\r\nhello", 400),
     "cl_space_before_colon": (f"POST /a HTTP/1.1\r\n{H}Content-Length : 5\r\n\r\nhello", 400),
     "te_space_before_colon": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n", 400),
     "te_not_chunked": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 400),
     "te_chunked_twice_split": (
-        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
     "te_obs_fold": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", 400),
     "obs_fold": (f"GET /a HTTP/1.1\r\n{H}X-Folded: a\r\n b\r\n\r\n", 400),
     "bare_cr_in_value": (f"GET /a HTTP/1.1\r\n{H}X-Cr: a\rb\r\n\r\n", 400),
     "bare_cr_line_end": (f"GET /a HTTP/1.1\r{H}\r\n", 400),
     "nul_in_value": (f"GET /a HTTP/1.1\r\n{H}X-Nul: a\x00b\r\n\r\n", 400),
-    "chunk_size_not_hex": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
-    "chunk_size_negative": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n", 400),
+    "chunk_size_not_hex": (
+        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        400,
+    ),
+    "chunk_size_negative": (
+        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        400,
+    ),
     "chunk_size_overflow": (
-        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n", 400),
-    "chunk_size_bare_lf": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", 400),
-    "chunk_data_too_long": (f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n", 400),
+        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n",
+        400,
+    ),
+    "chunk_size_bare_lf": (
+        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+        400,
+    ),
+    "chunk_data_too_long": (
+        f"POST /a HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n",
+        400,
+    ),
     "two_hosts": (f"GET /a HTTP/1.1\r\n{H}{H}\r\n", 400),
     "header_too_large": (f"GET /a HTTP/1.1\r\n{H}X-Big: {'a' * 20000}\r\n\r\n", 431),
     "uri_too_long": (f"GET /{'u' * 9000} HTTP/1.1\r\n{H}\r\n", 414),
-    "too_many_headers": (f"GET /a HTTP/1.1\r\n{H}" + "".join(f"X-H{i}: v\r\n" for i in range(120)) + "\r\n", 431),
+    "too_many_headers": (
+        f"GET /a HTTP/1.1\r\n{H}" + "".join(f"X-H{i}: v\r\n" for i in range(120)) + "\r\n",
+        431,
+    ),
 }
 # Shapes whose head is complete and well-formed (chunked body) may have their head forwarded before
 # the bad chunk arrives; the origin must then never see a *complete* request.
-_BODY_ERRORS = {"chunk_size_not_hex", "chunk_size_negative", "chunk_size_overflow", "chunk_size_bare_lf",
-                "chunk_data_too_long"}
+_BODY_ERRORS = {
+    "chunk_size_not_hex",
+    "chunk_size_negative",
+    "chunk_size_overflow",
+    "chunk_size_bare_lf",
+    "chunk_data_too_long",
+}
 
 
 @pytest.fixture
 def http_proxy(tsproxy_factory: Factory, certs: Certs, origin: OriginServer) -> ProxyProcess:
-    return start_proxy(tsproxy_factory, certs, origin.authority,
-                       {"proxy.config.http.request_header_max_size": 16384})
+    return start_proxy(
+        tsproxy_factory, certs, origin.authority, {"proxy.config.http.request_header_max_size": 16384}
+    )
 
 
-def _check_smuggling_shape(proxy: ProxyProcess, origin: OriginServer, name: str, tls_certs: Certs | None) -> None:
+def _check_smuggling_shape(
+    proxy: ProxyProcess, origin: OriginServer, name: str, tls_certs: Certs | None
+) -> None:
     raw, status = SMUGGLING[name]
     with socket.create_connection(("127.0.0.1", proxy.port(0 if tls_certs else 1)), timeout=5) as tcp:
         s: socket.socket = tcp
@@ -308,7 +362,9 @@ def test_pipelined_smuggle_after_valid_request(http_proxy: ProxyProcess, origin:
     assert all(r.target != "/smuggled" for r in origin.requests)
 
 
-def test_pipelined_valid_request_answered_before_the_400(http_proxy: ProxyProcess, origin: OriginServer) -> None:
+def test_pipelined_valid_request_answered_before_the_400(
+    http_proxy: ProxyProcess, origin: OriginServer
+) -> None:
     response = _pipelined(http_proxy)
     assert response.startswith(b"HTTP/1.1 200"), response[:200]
     assert b"HTTP/1.1 400 " in response, response
@@ -399,9 +455,11 @@ def test_no_tls_compression(tls_proxy: ProxyProcess, certs: Certs) -> None:
     p += 2  # cipher suite
     assert sh[p] == 0, "the server chose a compression method"
     # and Python's client sees none either
-    with socket.create_connection(("127.0.0.1", tls_proxy.port(0)), timeout=5) as raw:
-        with client_ctx(certs).wrap_socket(raw, server_hostname="proxy.test") as s:
-            assert s.compression() is None
+    with (
+        socket.create_connection(("127.0.0.1", tls_proxy.port(0)), timeout=5) as raw,
+        client_ctx(certs).wrap_socket(raw, server_hostname="proxy.test") as s,
+    ):
+        assert s.compression() is None
 
 
 def _renegotiate(port: int, certs: Certs) -> str:
@@ -478,7 +536,9 @@ class LatencyProbe:
         self._t.join(10)
 
 
-def _slowloris(proxy: ProxyProcess, certs: Certs, n: int, port_index: int, drip: bytes, bound: float) -> dict[str, Any]:
+def _slowloris(
+    proxy: ProxyProcess, certs: Certs, n: int, port_index: int, drip: bytes, bound: float
+) -> dict[str, Any]:
     """``n`` connections, half silent, half sending ``drip`` one byte per second; all must be closed
     by the proxy within ``bound`` seconds while a normal TLS client keeps being served."""
     socks: list[socket.socket] = []
@@ -524,10 +584,15 @@ def _slowloris(proxy: ProxyProcess, certs: Certs, n: int, port_index: int, drip:
 
 
 def _slowloris_tls(tsproxy_factory: Factory, certs: Certs, origin: OriginServer, n: int) -> None:
-    proxy = start_proxy(tsproxy_factory, certs, origin.authority, {
-        "proxy.config.ssl.handshake_timeout_in": 2,
-        "proxy.config.http.transaction_no_activity_timeout_in": 2,
-    })
+    proxy = start_proxy(
+        tsproxy_factory,
+        certs,
+        origin.authority,
+        {
+            "proxy.config.ssl.handshake_timeout_in": 2,
+            "proxy.config.http.transaction_no_activity_timeout_in": 2,
+        },
+    )
     hello = (Path(fuzz_tls.HELLO_DIR) / "python_ssl.bin").read_bytes()
     r = _slowloris(proxy, certs, n, 0, hello, bound=4.0)
     print(r)
@@ -538,7 +603,9 @@ def _slowloris_tls(tsproxy_factory: Factory, certs: Certs, origin: OriginServer,
     assert r["probe_max"] < 1.0, r
 
 
-def test_slowloris_tls_handshake_timeout(tsproxy_factory: Factory, certs: Certs, origin: OriginServer) -> None:
+def test_slowloris_tls_handshake_timeout(
+    tsproxy_factory: Factory, certs: Certs, origin: OriginServer
+) -> None:
     _slowloris_tls(tsproxy_factory, certs, origin, 200)
 
 
@@ -552,10 +619,15 @@ def test_slowloris_plain_http_silent_and_stalled_head(
 ) -> None:
     """Plain HTTP: silent connections are closed by keep_alive_no_activity_timeout_in, a request head
     that stops arriving by transaction_no_activity_timeout_in."""
-    proxy = start_proxy(tsproxy_factory, certs, origin.authority, {
-        "proxy.config.http.keep_alive_no_activity_timeout_in": 2,
-        "proxy.config.http.transaction_no_activity_timeout_in": 2,
-    })
+    proxy = start_proxy(
+        tsproxy_factory,
+        certs,
+        origin.authority,
+        {
+            "proxy.config.http.keep_alive_no_activity_timeout_in": 2,
+            "proxy.config.http.transaction_no_activity_timeout_in": 2,
+        },
+    )
     socks = [socket.create_connection(("127.0.0.1", proxy.port(1)), timeout=5) for _ in range(100)]
     for s in socks[50:]:
         s.sendall(b"GET / HTTP/1.1\r\nHo")  # a head that never completes
@@ -570,10 +642,15 @@ def test_slowloris_plain_http_silent_and_stalled_head(
 def test_slowloris_plain_http_drip_one_byte_per_second(
     tsproxy_factory: Factory, certs: Certs, origin: OriginServer
 ) -> None:
-    proxy = start_proxy(tsproxy_factory, certs, origin.authority, {
-        "proxy.config.http.keep_alive_no_activity_timeout_in": 2,
-        "proxy.config.http.transaction_no_activity_timeout_in": 2,
-    })
+    proxy = start_proxy(
+        tsproxy_factory,
+        certs,
+        origin.authority,
+        {
+            "proxy.config.http.keep_alive_no_activity_timeout_in": 2,
+            "proxy.config.http.transaction_no_activity_timeout_in": 2,
+        },
+    )
     head = b"GET / HTTP/1.1\r\nHost: origin.test\r\nX-Drip: " + b"a" * 100
     socks = [socket.create_connection(("127.0.0.1", proxy.port(1)), timeout=5) for _ in range(10)]
     t0 = time.monotonic()
@@ -639,7 +716,9 @@ def test_max_connections_in_throttles_and_recovers(
 # 6. file descriptors exhausted
 # ==================================================================================================
 @contextlib.contextmanager
-def proxy_with_nofile(tmp_path: Path, certs: Certs, origin: OriginServer, nofile: int) -> Iterator[ProxyProcess]:
+def proxy_with_nofile(
+    tmp_path: Path, certs: Certs, origin: OriginServer, nofile: int
+) -> Iterator[ProxyProcess]:
     recs = {
         "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1 {1}:ip-in=127.0.0.1",
         "proxy.config.ssl.server.cert.path": ".",
@@ -656,9 +735,16 @@ def proxy_with_nofile(tmp_path: Path, certs: Certs, origin: OriginServer, nofile
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     with out.open("wb") as sink:
-        proc = subprocess.Popen([*TSPROXY_CMD, "start", "--config-dir", str(cfg)], stdin=subprocess.DEVNULL,
-                                stdout=sink, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=tmp_path,
-                                start_new_session=True, preexec_fn=limit)
+        proc = subprocess.Popen(
+            [*TSPROXY_CMD, "start", "--config-dir", str(cfg)],
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=subprocess_env(),
+            cwd=tmp_path,
+            start_new_session=True,
+            preexec_fn=limit,
+        )
     proxy = ProxyProcess(cfg, ports, proc, out, merged)
     try:
         proxy.wait_ready()
@@ -740,9 +826,15 @@ class CountingOrigin:
 def _slow_reader(tsproxy_factory: Factory, certs: Certs, size: int) -> dict[str, Any]:
     origin = CountingOrigin(size)
     try:
-        proxy = start_proxy(tsproxy_factory, certs, f"127.0.0.1:{origin.port}",
-                            {"proxy.config.http.transaction_no_activity_timeout_in": 60,
-                             "proxy.config.http.transaction_no_activity_timeout_out": 60})
+        proxy = start_proxy(
+            tsproxy_factory,
+            certs,
+            f"127.0.0.1:{origin.port}",
+            {
+                "proxy.config.http.transaction_no_activity_timeout_in": 60,
+                "proxy.config.http.transaction_no_activity_timeout_out": 60,
+            },
+        )
         (worker,) = proxy.worker_pids()
         wp = psutil.Process(worker)
         rss0 = wp.memory_info().rss
@@ -876,7 +968,9 @@ class FaultyOrigin:
             self._rst(conn)
             return False
         if path == "/close_mid_chunked":
-            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + b"x" * 100 + b"\r\n")
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + b"x" * 100 + b"\r\n"
+            )
             time.sleep(0.1)
             return False
         if path == "/extra_response":
@@ -912,8 +1006,12 @@ AFTER_HEAD = ["/close_mid_body", "/reset_mid_body", "/close_mid_chunked"]
 def test_origin_fault_clean_error_and_pool_discard(
     tsproxy_factory: Factory, certs: Certs, faulty_origin: FaultyOrigin, path: str
 ) -> None:
-    proxy = start_proxy(tsproxy_factory, certs, f"127.0.0.1:{faulty_origin.port}",
-                        {"proxy.config.http.transaction_no_activity_timeout_out": 3})
+    proxy = start_proxy(
+        tsproxy_factory,
+        certs,
+        f"127.0.0.1:{faulty_origin.port}",
+        {"proxy.config.http.transaction_no_activity_timeout_out": 3},
+    )
     port = proxy.port(1)
     # warm the pool: one origin connection, kept alive
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -1000,7 +1098,11 @@ def read_response(s: socket.socket) -> bytes:
                 return buf
             buf += data
         head, body = buf.split(b"\r\n\r\n", 1)
-        n = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        n = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
         while len(body) < n:
             data = s.recv(65536)
             if not data:
@@ -1041,8 +1143,13 @@ def test_worker_sigkill_under_load(tsproxy_factory: Factory, certs: Certs, origi
         wait_for(replaced, 5, "the worker to be replaced", step=0.005)
         replaced_in = time.monotonic() - t0
         time.sleep(0.5)
-    print({"replaced_in_s": round(replaced_in, 3), "probe_failures": probe.failures,
-           "probe_requests": len(probe.latencies)})
+    print(
+        {
+            "replaced_in_s": round(replaced_in, 3),
+            "probe_failures": probe.failures,
+            "probe_requests": len(probe.latencies),
+        }
+    )
     assert replaced_in < 1.0, f"replacement took {replaced_in:.2f} s"
     lost = kept = 0
     for i, s in enumerate(conns):
@@ -1073,7 +1180,9 @@ def test_master_sigkill_workers_exit(tsproxy_factory: Factory, certs: Certs, ori
     proxy.proc.wait(5)
 
     def gone() -> bool:
-        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+        return not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
+        )
 
     wait_for(gone, 5, "the workers to exit after the master died", step=0.02)
     exited_in = time.monotonic() - t0
@@ -1092,12 +1201,11 @@ def test_plugins_raise_and_never_reenable_under_load(
 ) -> None:
     p_ok, p_raise, p_stall = free_port(), free_port(), free_port()
     log = tmp_path / "hooks.log"
-    plugin_cfg = (
-        f"{PLUGINS}/raise_hook.py {p_raise} {log}\n"
-        f"{PLUGINS}/never_reenable.py {p_stall} {log}\n"
-    )
+    plugin_cfg = f"{PLUGINS}/raise_hook.py {p_raise} {log}\n{PLUGINS}/never_reenable.py {p_stall} {log}\n"
     proxy = start_proxy(
-        tsproxy_factory, certs, origin.authority,
+        tsproxy_factory,
+        certs,
+        origin.authority,
         {"proxy.config.exec_thread.limit": 2, "proxy.config.ssl.handshake_timeout_in": 2},
         files={"plugin.config": plugin_cfg},
         ports=f"{p_ok}:ssl:ip-in=127.0.0.1 {p_raise}:ssl:ip-in=127.0.0.1 {p_stall}:ssl:ip-in=127.0.0.1",
@@ -1119,7 +1227,9 @@ def test_plugins_raise_and_never_reenable_under_load(
                 pass
         t0 = time.monotonic()
         for s in stall_socks:
-            assert is_closed(s, max(0.0, 5 - (time.monotonic() - t0))), "a stalled connection was never closed"
+            assert is_closed(s, max(0.0, 5 - (time.monotonic() - t0))), (
+                "a stalled connection was never closed"
+            )
             s.close()
     assert failures == [], "a connection whose VCONN_START hook raised was served"
     assert probe.failures == [], probe.failures
@@ -1150,8 +1260,9 @@ def test_control_socket_mode_and_owner(tls_proxy: ProxyProcess) -> None:
     assert st.st_uid == os.getuid()
 
 
-def test_private_key_readable_by_others_warns(tsproxy_factory: Factory, certs: Certs, origin: OriginServer,
-                                              tmp_path: Path) -> None:
+def test_private_key_readable_by_others_warns(
+    tsproxy_factory: Factory, certs: Certs, origin: OriginServer, tmp_path: Path
+) -> None:
     recs = {
         "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1",
         "proxy.config.ssl.server.cert.path": ".",
@@ -1168,19 +1279,28 @@ def test_private_key_readable_by_others_warns(tsproxy_factory: Factory, certs: C
     assert "proxy.pem" in out and ("readable" in out or "permission" in out), proxy.output()[-2000:]
 
 
-def test_no_key_material_in_logs_with_debug(tsproxy_factory: Factory, certs: Certs, origin: OriginServer) -> None:
-    proxy = start_proxy(tsproxy_factory, certs, origin.authority, {
-        "proxy.config.diags.debug.enabled": 1,
-        "proxy.config.diags.debug.tags": ".*",
-    })
+def test_no_key_material_in_logs_with_debug(
+    tsproxy_factory: Factory, certs: Certs, origin: OriginServer
+) -> None:
+    proxy = start_proxy(
+        tsproxy_factory,
+        certs,
+        origin.authority,
+        {
+            "proxy.config.diags.debug.enabled": 1,
+            "proxy.config.diags.debug.tags": ".*",
+        },
+    )
     for _ in range(3):
         assert tls_get(certs, proxy.port(0), "/bytes?n=2").startswith(b"HTTP/1.1 200")
     ctx12 = client_ctx(certs)
     ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
-    with socket.create_connection(("127.0.0.1", proxy.port(0)), timeout=5) as raw:
-        with ctx12.wrap_socket(raw, server_hostname="proxy.test") as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
-            read_all(s)
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port(0)), timeout=5) as raw,
+        ctx12.wrap_socket(raw, server_hostname="proxy.test") as s,
+    ):
+        s.sendall(b"GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n")
+        read_all(s)
     time.sleep(0.3)
     texts = [proxy.output()]
     log_dir = proxy.config_dir / "log"

@@ -78,9 +78,10 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 
 
 def served_serial(port: int, ctx: ssl.SSLContext) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
-        raw, server_hostname="a.test"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="a.test") as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     from cryptography import x509
 
@@ -88,7 +89,9 @@ def served_serial(port: int, ctx: ssl.SSLContext) -> str:
     return str(x509.load_der_x509_certificate(der).serial_number)
 
 
-def start(tsproxy_factory: Any, ca: trustme.CA, origin: int, tmp_path: Path, **records: Any) -> tuple[Any, str]:
+def start(
+    tsproxy_factory: Any, ca: trustme.CA, origin: int, tmp_path: Path, **records: Any
+) -> tuple[Any, str]:
     etc = tmp_path / "etc"
     etc.mkdir()
     serial = write_cert(ca, etc, "a.test")
@@ -165,9 +168,10 @@ def test_reload_under_handshake_loop_loses_nothing(
     def loop() -> None:
         while not done.is_set():
             try:
-                with socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as raw, ctx.wrap_socket(
-                    raw, server_hostname="a.test"
-                ) as tls:
+                with (
+                    socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as raw,
+                    ctx.wrap_socket(raw, server_hostname="a.test") as tls,
+                ):
                     tls.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
                     data = b""
                     while True:

@@ -92,9 +92,7 @@ def parse_plugin_config(text: str, path: str, plugin_dir: Path) -> list[PluginSp
     return specs
 
 
-def load_proxy_config(
-    config_dir: Path, ticket_keys: bytes | None = None, generation: int = 1
-) -> ProxyConfig:
+def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, generation: int = 1) -> ProxyConfig:
     """Load and validate everything; raise ConfigError (FILE:LINE) on the first problem."""
     config_dir = Path(config_dir).resolve()
     records = load_records(config_dir)
@@ -105,8 +103,11 @@ def load_proxy_config(
 
     remap_name = records.resolve_path("proxy.config.url_remap.filename")
     if remap_name is None:
-        raise ConfigError(str(records.path), records.line_of("proxy.config.url_remap.filename"),
-                          "proxy.config.url_remap.filename is empty")
+        raise ConfigError(
+            str(records.path),
+            records.line_of("proxy.config.url_remap.filename"),
+            "proxy.config.url_remap.filename is empty",
+        )
     remap = load_remap(remap_name)
 
     plugin_dir = records.resolve_path("proxy.config.plugin.plugin_dir") or config_dir
@@ -175,8 +176,14 @@ def _dev_lookup(ctx: SSL.Context, chain: Path) -> SSLCertLookup:
     from iocore.net.ssl_cert_lookup import CertOpt, SSLCertContext
 
     lookup = SSLCertLookup()
-    cc = SSLCertContext(ctx=ctx, opt=CertOpt.NORMAL, tunnel_route=None, names=("localhost",),
-                        source=f"{chain} (development certificate)", ssl_ticket_enabled=True)
+    cc = SSLCertContext(
+        ctx=ctx,
+        opt=CertOpt.NORMAL,
+        tunnel_route=None,
+        names=("localhost",),
+        source=f"{chain} (development certificate)",
+        ssl_ticket_enabled=True,
+    )
     lookup.insert_name("localhost", cc)
     lookup.set_default(cc)
     return lookup

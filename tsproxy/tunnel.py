@@ -59,7 +59,12 @@ class BlindTunnel(Continuation):
     """Relays a client VC to a destination, replaying ``replay`` first."""
 
     def __init__(
-        self, nh: NetHandler, client: NetVConnection, replay: bytes, dest: str | None, resolver: Resolver,
+        self,
+        nh: NetHandler,
+        client: NetVConnection,
+        replay: bytes,
+        dest: str | None,
+        resolver: Resolver,
         inactivity_timeout: float,
     ) -> None:
         super().__init__(self._connected)

@@ -116,8 +116,11 @@ class Worker(Continuation):
         self._build_ssl_configs()
         # proxy.config.net.max_connections_in is split evenly over the workers of this role,
         # which share the same listeners.
-        role_record = "proxy.config.ssl.number.threads" if self.boot.role == "ET_SSL" \
+        role_record = (
+            "proxy.config.ssl.number.threads"
+            if self.boot.role == "ET_SSL"
             else "proxy.config.exec_thread.limit"
+        )
         self.accepting_workers = max(self.config.records.get_int(role_record), 1)
         for lst in self.boot.listeners:
             self.acceptors.append(self._make_acceptor(lst))
@@ -162,6 +165,7 @@ class Worker(Continuation):
         desc = lst.descriptor
         port = desc.port
         if desc.ssl:
+
             def make_ssl(sock: socket.socket, nh: NetHandler) -> NetVConnection:
                 return SSLNetVConnection(sock, nh, self.ssl_configs[port])
 

@@ -69,9 +69,11 @@ class Continuation:
 class Event:
     """A scheduled callback; doubles as the cancellable Action handed to the scheduler's caller."""
 
-    __slots__ = ("callback_event", "cancelled", "cookie", "cont", "period", "timeout_at")
+    __slots__ = ("callback_event", "cancelled", "cont", "cookie", "period", "timeout_at")
 
-    def __init__(self, cont: Continuation, callback_event: int, cookie: Any, timeout_at: float, period: float):
+    def __init__(
+        self, cont: Continuation, callback_event: int, cookie: Any, timeout_at: float, period: float
+    ):
         self.cont = cont
         self.callback_event = callback_event
         self.cookie = cookie

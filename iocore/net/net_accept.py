@@ -19,8 +19,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from iocore.eventsystem.event import EVENT_IMMEDIATE, NET_EVENT_OPEN, NET_EVENT_OPEN_FAILED, Continuation
 from iocore.eventsystem.diags import DbgCtl
+from iocore.eventsystem.event import EVENT_IMMEDIATE, NET_EVENT_OPEN, NET_EVENT_OPEN_FAILED, Continuation
 from iocore.net.net_handler import NetHandler
 from iocore.net.net_vconnection import NetVConnection, PlainNetVConnection
 from iocore.records.stats import METRIC_ID

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from iocore.eventsystem.ethread import EThread
 from iocore.eventsystem.event import (
     EVENT_INTERVAL,
     VC_EVENT_ACTIVE_TIMEOUT,
     VC_EVENT_INACTIVITY_TIMEOUT,
     Continuation,
 )
-from iocore.eventsystem.ethread import EThread
 from iocore.records.stats import METRIC_ID
 
 if TYPE_CHECKING:

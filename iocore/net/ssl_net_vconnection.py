@@ -55,6 +55,7 @@ from iocore.eventsystem.event import (
 from iocore.net.hooks import HookID, HookOp, HookRegistry
 from iocore.net.net_vconnection import EVENT_READ, EVENT_WRITE, NetVConnection
 from iocore.net.tls.client_hello import ClientHello, ClientHelloParser, looks_like_tls_handshake
+from iocore.net.tls.context import session_reused
 from iocore.net.tls.errors import TLSProtocolError
 from iocore.records.stats import METRIC_ID
 
@@ -212,11 +213,6 @@ class SSLAcceptConfig:
 def _mem_pending(bio: Any) -> int:
     """Bytes waiting in a memory BIO (BIO_get_mem_data with no out pointer = BIO_pending)."""
     return int(_ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.NULL))
-
-
-def session_reused(ssl: SSL.Connection) -> bool:
-    """SSL_session_reused (pyOpenSSL has no public wrapper)."""
-    return bool(_ssl_lib.SSL_session_reused(ssl._ssl))
 
 
 def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
@@ -653,14 +649,19 @@ class SSLNetVConnection(NetVConnection):
         self, ctx: SSL.Context, sni: str | None, done: Callable[[SSLNetVConnection, bool], None]
     ) -> None:
         """ssl_start_handshake(SSL_EVENT_CLIENT) on a connected origin socket."""
+        self.outbound = True
+        self.on_client_handshake = done
         ssl = SSL.Connection(ctx, None)
         ssl.set_app_data(self)
         if sni:
-            ssl.set_tlsext_host_name(sni.encode("idna"))
+            try:
+                ssl.set_tlsext_host_name(sni.encode("idna"))
+            except UnicodeError:
+                _dbg_err("SNI %r to %s is not a valid host name", sni, self.remote_addr)
+                self._handshake_failed()  # the caller hears of it through done(), as of any failure
+                return
         ssl.set_connect_state()
         self.ssl = ssl
-        self.outbound = True
-        self.on_client_handshake = done
         self._handshake_step()
 
     # -- endings ---------------------------------------------------------------------------------
@@ -798,47 +799,39 @@ class SSLNetVConnection(NetVConnection):
         eos = False
         error = False
         while room > 0:
-            if not self._raw_eof and not ssl.pending() and not _mem_pending(ssl._into_ssl):
-                # Nothing buffered in OpenSSL: one read from the socket, without first paying
-                # for the WantReadError that SSL_read would raise.
-                if got_raw:
-                    break
-                got_raw = True
-                retval = self.read_raw_data()
-                if retval == -11:
-                    break
-                if retval <= 0:
-                    self._raw_eof = True
-                    ssl.bio_shutdown()
-                continue
-            try:
-                data = ssl.recv(min(room, TLS_RECORD_MAX))
-            except SSL.WantReadError:
-                self._ssl_bio_has_data = False  # OpenSSL consumed everything in the read BIO
-                if got_raw or self._raw_eof:
+            if self._raw_eof or ssl.pending() or _mem_pending(ssl._into_ssl):
+                try:
+                    data = ssl.recv(min(room, TLS_RECORD_MAX))
+                except SSL.WantReadError:  # a partial record: more ciphertext is needed
+                    self._ssl_bio_has_data = False
                     if self._raw_eof:
                         eos = True
+                        break
+                except SSL.ZeroReturnError:
+                    eos = True
                     break
-                got_raw = True
-                retval = self.read_raw_data()
-                if retval == -11:
+                except SSL.SysCallError:
+                    eos = True  # EOF without close_notify: treat as end of stream
                     break
-                if retval <= 0:
-                    self._raw_eof = True
-                    ssl.bio_shutdown()
-                continue
-            except SSL.ZeroReturnError:
-                eos = True
+                except SSL.Error as exc:
+                    _dbg_err("SSL read error from %s: %s", self.remote_addr, exc)
+                    error = True
+                    break
+                else:
+                    chunks.append(data)
+                    room -= len(data)
+                    continue
+            # Nothing (whole) buffered in OpenSSL: one read from the socket per event. Checking
+            # the BIOs first spares the WantReadError that SSL_read would raise.
+            if got_raw:
                 break
-            except SSL.SysCallError:
-                eos = True  # EOF without close_notify: treat as end of stream
+            got_raw = True
+            retval = self.read_raw_data()
+            if retval == -11:
                 break
-            except SSL.Error as exc:
-                _dbg_err("SSL read error from %s: %s", self.remote_addr, exc)
-                error = True
-                break
-            chunks.append(data)
-            room -= len(data)
+            if retval <= 0:
+                self._raw_eof = True
+                ssl.bio_shutdown()
         # Reading can make OpenSSL write (an alert for a renegotiation attempt, a KeyUpdate
         # reply): whatever it queued in the write BIO goes out now.
         self._flush_ssl_output()

@@ -341,6 +341,7 @@ class HttpClientSession(Continuation):
         self._resumer: Continuation | None = None
         self.synthetic: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self.resp_pending: list[Any] = []
+        self.status_sent = 0  # the status the client got for the current transaction (0: none yet)
         proc.sessions[self] = None
         counters = proc.counters
         counters[M_CUR_CLIENT] += 1
@@ -683,6 +684,7 @@ class HttpClientSession(Continuation):
         read (or reading it waits for the origin) and no response bytes wait to be sent."""
         return (
             self.request is not None
+            and self._hook_then is None  # a plugin holding the transaction: the client's timeout governs
             and not self.write_reader.read_avail()
             and (self.request_done or self._blocked())
         )
@@ -725,10 +727,16 @@ class HttpClientSession(Continuation):
                 enc = self.chunked
                 write(enc.encode(ev.data) if enc is not None else ev.data)
             elif isinstance(ev, ResponseReceived):
+                req = self.request
                 self._response_head(ev)
                 if self._hook_then is not None or self.closed:
                     # A response hook is paused: the rest waits for its reenable.
                     self.resp_pending = events[i + 1 :]
+                    return
+                if self.request is not req:
+                    # A response hook ended the transaction (error: a 500 went out instead):
+                    # the rest of the origin's response belongs to nobody.
+                    self.vc.write.reenable()
                     return
             elif isinstance(ev, MessageEnded):
                 if self.chunked is not None:
@@ -772,6 +780,7 @@ class HttpClientSession(Continuation):
             client_http_version=req.http_version,
         )
         self.write_buf.write(head)
+        self.status_sent = ev.status
         metric = M_STATUS.get(ev.status // 100)
         if metric is not None:
             self.proc.counters[metric] += 1
@@ -840,6 +849,7 @@ class HttpClientSession(Continuation):
         self.txn = None
         self.txn_hooks = None
         self.synthetic = None
+        self.status_sent = 0
         self.resp_pending = []
         self.request = None
         self.remap = None
@@ -867,6 +877,7 @@ class HttpClientSession(Continuation):
         self.client_keep_alive = keep
         self._hook_then = None
         self._hook_queue = []
+        self.status_sent = status
         self.write_buf.write(error_response(status, reason, close=not keep))
         self.vc.write.reenable()
         self._drop_origin()
@@ -962,6 +973,7 @@ class HttpClientSession(Continuation):
         )
         self.client_keep_alive = not close
         self._drop_origin()
+        self.status_sent = status
         self.write_buf.write(synthetic_response(status, headers, body, close=close,
                                                 head_only=req is not None and req.method == b"HEAD"))
         self.vc.write.reenable()
@@ -997,6 +1009,15 @@ class HttpClientSession(Continuation):
         if self.closed:
             return
         self.closed = True
+        if self.request is not None:
+            # The transaction dies with the connection (client abort, timeout, a plugin that
+            # never re-enabled): TXN_CLOSE still fires, once, as in ATS.
+            self._hook_then = None
+            self._hook_queue = []
+            if self.txn_hooks is not None or self.proc.hooks.has(HookID.TXN_CLOSE):
+                self._notify(HookID.TXN_CLOSE)
+            self.txn = None
+            self.txn_hooks = None
         self._drop_origin()
         if self.connect_vc is not None:
             self.connect_vc.do_io_close()

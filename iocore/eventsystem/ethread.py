@@ -13,8 +13,11 @@ Each worker process runs exactly one EThread. An iteration of ``run`` does, in o
    registration's ``data`` with the event mask;
 4. run the timers that are due (a binary heap; cancelled events are dropped lazily).
 
-Invariants: callbacks never block; nothing here is thread-safe because nothing needs to be
-(one loop, one thread). ``stop()`` makes ``run`` return after the current iteration.
+Invariants: callbacks never block; nothing here is thread-safe except ``call_soon_threadsafe``
+(one loop, one thread): another thread (a plugin's helper pool) hands a callable over with it;
+the callable is queued in a deque and a byte on a ``socketpair`` wakes the selector, whose
+callback drains the pair and runs the queued callables on the loop. ``stop()`` makes ``run``
+return after the current iteration; ``exit_callbacks`` then run once (flush buffers at exit).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import heapq
 import logging
 import selectors
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,7 +50,13 @@ class EThread:
         self.ready_callbacks: list[Callable[[], bool]] = []
         # Callables run once per iteration after I/O dispatch (e.g. flushing coalesced writes).
         self.post_io_callbacks: list[Callable[[], None]] = []
+        # Callables run once when ``run`` returns (the loop stopped).
+        self.exit_callbacks: list[Callable[[], None]] = []
         self.now = time.monotonic()
+        # call_soon_threadsafe: made on first use (from the loop thread, see ensure_wakeup).
+        self._soon: deque[Callable[[], None]] = deque()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
 
     # -- scheduling -----------------------------------------------------------------------
     def schedule_imm(self, cont: Continuation, event: int = EVENT_IMMEDIATE, cookie: Any = None) -> Event:
@@ -70,6 +80,49 @@ class EThread:
         heapq.heappush(self._timers, ev)
         return ev
 
+    def ensure_wakeup(self) -> None:
+        """Create the wake-up socketpair; call on the loop thread before handing work to other
+        threads (``call_soon_threadsafe`` does it itself if needed, but registering from the loop
+        thread avoids touching the selector from two threads)."""
+        if self._wake_r is not None:
+            return
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._wake_r, self._wake_w = r, w
+        self.register(r.fileno(), selectors.EVENT_READ, self._on_wakeup)
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on this loop's thread soon; safe to call from any thread."""
+        self._soon.append(fn)
+        w = self._wake_w
+        if w is None:
+            self.ensure_wakeup()
+            w = self._wake_w
+            assert w is not None
+        try:
+            w.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # the pipe is full: a wake-up is pending anyway
+        except OSError:
+            pass  # closed: the loop is gone
+
+    def _on_wakeup(self, mask: int) -> None:
+        r = self._wake_r
+        if r is not None:
+            try:
+                while r.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError, OSError):
+                pass
+        soon = self._soon
+        for _ in range(len(soon)):
+            fn = soon.popleft()
+            try:
+                fn()
+            except Exception:
+                _log.exception("call_soon_threadsafe callable raised")
+
     # -- I/O registration -----------------------------------------------------------------
     def register(self, fd: int, mask: int, callback: IOCallback) -> None:
         self.selector.register(fd, mask, callback)
@@ -89,8 +142,16 @@ class EThread:
 
     def run(self) -> None:
         self._running = True
-        while self._running:
-            self.run_once()
+        try:
+            while self._running:
+                self.run_once()
+        finally:
+            callbacks, self.exit_callbacks = self.exit_callbacks, []
+            for cb in callbacks:
+                try:
+                    cb()
+                except Exception:
+                    _log.exception("exit callback raised")
 
     def run_once(self, max_wait: float = 1.0) -> None:
         ready = self._ready
@@ -142,3 +203,7 @@ class EThread:
 
     def close(self) -> None:
         self.selector.close()
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None

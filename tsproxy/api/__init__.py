@@ -12,6 +12,12 @@ second calls, are harmless. A callback that raises fails that connection only.
 
 Plugins never see sockets, file descriptors, the event loop or internal objects: a ``VConn``
 is a facade that is invalidated when its connection ends.
+
+Blocking work (reading files, building SSL contexts) goes to ``api.run_in_thread(fn, on_done)``:
+``fn()`` runs in a small per-process thread pool and ``on_done(result_or_exception)`` runs back
+on the worker's loop (``EThread.call_soon_threadsafe``), where it may re-enable a hook.
+
+See docs/plugins.md for the hook order, the reenable contract and examples.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from iocore.eventsystem.event import EVENT_INTERVAL, Continuation, Event
 from iocore.net.hooks import HookID
@@ -49,6 +58,9 @@ __all__ = [
     "VConn",
     "load_plugins",
 ]
+
+T = TypeVar("T")
+THREAD_POOL_SIZE = 2
 
 # Hooks whose callbacks receive a Txn (the others receive a VConn).
 HTTP_HOOKS = frozenset(
@@ -261,6 +273,11 @@ class Txn:
     client_response = server_response
 
     @property
+    def status(self) -> int | None:
+        """The status the client was sent (origin's, synthetic or error); None before that."""
+        return int(self._session.status_sent) or None
+
+    @property
     def remap_target(self) -> str | None:
         """The origin URL the request goes to (from POST_REMAP on)."""
         remap = self._session.remap
@@ -302,11 +319,15 @@ class Txn:
 
     def hook_add(self, hook: HookID, callback: Callable[[HookID, Txn], None]) -> None:
         """TSHttpTxnHookAdd: a hook for this transaction only (runs after the global ones)."""
+        if hook not in HTTP_HOOKS:
+            raise PluginError(f"txn.hook_add: {hook.name} is not an HTTP transaction hook")
         if self._session.txn is self:
             self._session.txn_hook_add(hook, _txn_adapter("txn", callback))
 
 
-def _txn_adapter(name: str, callback: Callable[[HookID, Txn], None]) -> Callable[[HookID, Any], None]:
+def _txn_adapter(
+    name: str, callback: Callable[[HookID, Txn], None], on_error: Callable[[], None] | None = None
+) -> Callable[[HookID, Any], None]:
     def adapter(hook_id: HookID, session: Any) -> None:
         txn = session.txn
         if txn is None:
@@ -315,6 +336,8 @@ def _txn_adapter(name: str, callback: Callable[[HookID, Txn], None]) -> Callable
             callback(hook_id, txn)
         except Exception:
             _log.exception("plugin %s: %s hook raised", name, hook_id.name)
+            if on_error is not None:
+                on_error()
             raise
 
     return adapter
@@ -347,6 +370,21 @@ class _Call(Continuation):
             _log.exception("plugin %s: scheduled call raised", self.plugin)
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """The per-process helper pool (made on first use, in the worker, after the fork)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(THREAD_POOL_SIZE, thread_name_prefix="tsproxy-plugin")
+            _pool_pid = os.getpid()
+        return _pool
+
+
 class PluginAPI:
     """Handed to ``plugin_init``; one per plugin per worker."""
 
@@ -354,14 +392,28 @@ class PluginAPI:
         self.name = name
         self._worker = worker
         self._reload_callbacks: list[Callable[[], None]] = []
+        self._errors_stat: int | None = None
+        self._ctx_cache: dict[tuple[str, str], SSL.Context] = {}
+        self._ctx_lock = threading.Lock()
         self.log = logging.getLogger(f"tsproxy.plugin.{name}")
+
+    def _count_error(self) -> None:
+        if self._errors_stat is not None:
+            self._worker.slot.incr(self._errors_stat, 1)
 
     def hook_add(self, hook: HookID, callback: Callable[[HookID, Any], None]) -> None:
         """TSHttpHookAdd: ``callback(hook, vconn)`` for TLS/VConn hooks, ``callback(hook, txn)``
-        for HTTP transaction hooks (HTTP_HOOKS)."""
+        for HTTP transaction hooks (HTTP_HOOKS). A callback that raises is counted in
+        ``proxy.process.plugin.<name>.errors``."""
         name = self.name
+        if self._errors_stat is None:
+            try:
+                self._errors_stat = self.stat_create(f"proxy.process.plugin.{name}.errors")
+            except TSError as exc:
+                _log.warning("plugin %s: no error counter: %s", name, exc)
+        count_error = self._count_error
         if hook in HTTP_HOOKS:
-            self._worker.hooks.add(hook, _txn_adapter(name, callback))
+            self._worker.hooks.add(hook, _txn_adapter(name, callback, count_error))
             return
 
         def adapter(hook_id: HookID, vc: SSLNetVConnection) -> None:
@@ -372,6 +424,7 @@ class PluginAPI:
                 callback(hook_id, facade)
             except Exception:
                 _log.exception("plugin %s: %s hook raised; failing the connection", name, hook_id.name)
+                count_error()
                 raise
 
         self._worker.hooks.add(hook, adapter)
@@ -379,6 +432,65 @@ class PluginAPI:
     def schedule_in(self, seconds: float, fn: Callable[[], None]) -> ScheduledCall:
         """Call ``fn()`` on this worker's loop after ``seconds``."""
         return ScheduledCall(self._worker.thread.schedule_in(_Call(self.name, fn), seconds, EVENT_INTERVAL))
+
+    def run_in_thread(self, fn: Callable[[], T], on_done: Callable[[T | BaseException], None]) -> None:
+        """Run blocking ``fn()`` in a small helper thread pool, then ``on_done(result)`` (or
+        ``on_done(exception)`` when ``fn`` raised) back on this worker's loop. ``fn`` must not
+        touch facades (VConn, Txn): only ``on_done`` may, and it may re-enable a paused hook."""
+        thread = self._worker.thread
+        thread.ensure_wakeup()  # on the loop thread, before any other thread needs it
+        plugin = self.name
+
+        def deliver(result: T | BaseException) -> None:
+            try:
+                on_done(result)
+            except Exception:
+                _log.exception("plugin %s: run_in_thread callback raised", plugin)
+
+        def finished(future: Future[T]) -> None:
+            exc = future.exception()
+            outcome: T | BaseException = exc if exc is not None else future.result()
+            thread.call_soon_threadsafe(lambda: deliver(outcome))
+
+        _thread_pool().submit(fn).add_done_callback(finished)
+
+    def ssl_context_from_files(
+        self, cert: str | os.PathLike[str], key: str | os.PathLike[str]
+    ) -> SSL.Context:
+        """A server context for a certificate chain PEM and its key file (relative paths: the
+        config directory), with the records' TLS settings, the shared session ticket keys and
+        the ALPN selection of configured contexts. Built once, cached until ``tsproxy reload``.
+        Blocking (~1-3 ms: file reads, key parsing): call it from ``run_in_thread`` on a hot path.
+        Raises ``TSError`` when the files cannot be loaded."""
+        from iocore.net.ssl_net_vconnection import alpn_select
+        from iocore.net.tls.context import CertKeyPair, build_server_context
+
+        base = Path(self._worker.boot.config_dir)
+        cert_path, key_path = base / Path(cert), base / Path(key)
+        cache_key = (str(cert_path), str(key_path))
+        with self._ctx_lock:
+            ctx = self._ctx_cache.get(cache_key)
+        if ctx is not None:
+            return ctx
+        config = self._worker.config
+        pair = CertKeyPair(cert_path, key_path)
+        ctx = build_server_context(config.ssl_params, [pair], None, config.ticket_keys)
+        # alpn_select returns SSL.NO_OVERLAPPING_PROTOCOLS (typed object) when nothing matches
+        ctx.set_alpn_select_callback(cast(Any, alpn_select))
+        with self._ctx_lock:
+            return self._ctx_cache.setdefault(cache_key, ctx)
+
+    @property
+    def log_dir(self) -> Path:
+        """proxy.config.log.logfile_dir (absolute; created if missing)."""
+        path = self._worker.config.records.resolve_path("proxy.config.log.logfile_dir")
+        path = Path(path) if path is not None else Path(self._worker.boot.config_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def config_dir(self) -> Path:
+        return Path(self._worker.boot.config_dir)
 
     def ssl_context_find_by_name(self, name: str) -> SSL.Context | None:
         """TSSslContextFindByName: the configured context for a server name."""
@@ -401,7 +513,22 @@ class PluginAPI:
         """Call ``callback()`` after ``tsproxy reload`` switched this worker's config."""
         self._reload_callbacks.append(callback)
 
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once when this worker's loop stops (graceful stop, restart):
+        the place to flush buffers. Not called when the process is killed."""
+        plugin = self.name
+
+        def run() -> None:
+            try:
+                callback()
+            except Exception:
+                _log.exception("plugin %s: exit callback raised", plugin)
+
+        self._worker.thread.exit_callbacks.append(run)
+
     def notify_reload(self) -> None:
+        with self._ctx_lock:
+            self._ctx_cache.clear()
         for cb in self._reload_callbacks:
             try:
                 cb()

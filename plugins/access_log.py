@@ -1,0 +1,144 @@
+"""access_log: one line per transaction, Apache combined format plus TLS details.
+
+plugin.config::
+
+    plugins.access_log [PATH]     # default: access.log in proxy.config.log.logfile_dir
+
+A line (written in TXN_CLOSE, so also for refused, failed and aborted transactions)::
+
+    127.0.0.1 - - [12/Mar/2025:10:01:02 +0000] "GET /a HTTP/1.1" 200 1234 "-" "curl/8.5.0" ex.com TLSv1.3
+
+Fields: client IP, ``-``, ``-``, local time, request line, the status sent to the client (``-``
+when none was: the client went away first), the response's Content-Length (``-`` when not
+known: chunked or close-delimited bodies, error answers), Referer, User-Agent, SNI and TLS
+version (``-`` on plain HTTP). Lines are buffered in memory and written with one ``write`` per
+second (or as soon as 64 KiB are buffered), at ``tsproxy reload`` (which also reopens the file,
+for log rotation) and when the worker stops; a slow disk costs the loop at most one write per
+flush. Every worker appends to the same file with O_APPEND, whole lines per write.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tsproxy.api import HookID, PluginAPI, PluginError, Txn
+
+FLUSH_SECONDS = 1.0
+FLUSH_BYTES = 64 * 1024
+
+
+def _quote(value: str | None) -> str:
+    if not value:
+        return '"-"'
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _Clock:
+    """Apache's ``[%d/%b/%Y:%H:%M:%S %z]``, formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def now(self) -> str:
+        t = int(time.time())
+        if t != self._second:
+            self._second = t
+            self._text = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(t))
+        return self._text
+
+
+def format_line(txn: Txn, clock: _Clock) -> str:
+    client = txn.client_address
+    try:
+        req = txn.client_request
+        request_line = f"{req.method} {req.target} {req.http_version}"
+        referer = req.headers.get("Referer")
+        agent = req.headers.get("User-Agent")
+    except PluginError:
+        request_line, referer, agent = "-", None, None
+    status = txn.status
+    length: str | None = None
+    response = txn.server_response
+    if response is not None and status == response.status:
+        length = response.headers.get("Content-Length")
+    return (
+        f"{client[0] if client else '-'} - - {clock.now()} {_quote(request_line)} "
+        f"{status if status else '-'} {length or '-'} {_quote(referer)} {_quote(agent)} "
+        f"{txn.sni or '-'} {txn.tls_version or '-'}\n"
+    )
+
+
+class AccessLog:
+    def __init__(self, api: PluginAPI, path: Path) -> None:
+        self.api = api
+        self.path = path
+        self.buf: list[bytes] = []
+        self.size = 0
+        self.fd = -1
+        self.clock = _Clock()
+        self.open()
+
+    def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise PluginError(f"access_log: cannot open {self.path}: {exc.strerror or exc}") from None
+        old, self.fd = self.fd, fd
+        if old >= 0:
+            os.close(old)
+
+    def on_txn_close(self, hook: HookID, txn: Txn) -> None:
+        line = format_line(txn, self.clock).encode("utf-8", "replace")
+        self.buf.append(line)
+        self.size += len(line)
+        if self.size >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf or self.fd < 0:
+            return
+        data = b"".join(self.buf)
+        self.buf.clear()
+        self.size = 0
+        try:
+            written = os.write(self.fd, data)  # one write: never more than that on a slow disk
+        except OSError as exc:
+            self.api.log.error("access_log: writing %s: %s (%d bytes dropped)", self.path, exc, len(data))
+            return
+        if written < len(data):  # a short write: the rest goes with the next flush
+            self.buf.append(data[written:])
+            self.size = len(data) - written
+
+    def tick(self) -> None:
+        self.flush()
+        self.api.schedule_in(FLUSH_SECONDS, self.tick)
+
+    def reload(self) -> None:
+        self.flush()
+        try:
+            self.open()  # reopen: a rotated file is replaced by a fresh one
+        except PluginError as exc:
+            self.api.log.error("%s", exc)
+
+    def close(self) -> None:
+        self.flush()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def plugin_init(api: PluginAPI, args: list[str]) -> None:
+    if len(args) > 1:
+        raise PluginError("access_log: at most one argument, the log file path")
+    path = Path(args[0]) if args else Path("access.log")
+    if not path.is_absolute():
+        path = api.log_dir / path
+    log = AccessLog(api, path)
+    api.hook_add(HookID.TXN_CLOSE, log.on_txn_close)
+    api.schedule_in(FLUSH_SECONDS, log.tick)
+    api.on_reload(log.reload)
+    api.on_exit(log.close)

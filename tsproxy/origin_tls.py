@@ -36,6 +36,7 @@ from OpenSSL import SSL
 from iocore.eventsystem.diags import DbgCtl
 from iocore.net.ssl_config import SSLConfigParams, VerifyServerPolicy, VerifyServerProperties
 from iocore.net.tls.context import build_client_context, verify_hostname, verify_ip, verify_result
+from iocore.records.errors import ConfigError
 from iocore.records.stats import METRIC_ID
 
 if TYPE_CHECKING:
@@ -85,6 +86,9 @@ class OriginTLS:
         self.params = params
         self.config_dir = config_dir
         self._contexts: dict[tuple[VerifyServerPolicy, str | None], SSL.Context] = {}
+        # Built now, https:// rule or not: a client key that does not match its certificate (or a
+        # bad CA file) stops start-up and reloads, as ATS's SSLInitClientContext does.
+        self._context(params.client_verify_policy, None)
 
     def _context(self, policy: VerifyServerPolicy, client_cert: str | None) -> SSL.Context:
         key = (policy, client_cert)
@@ -112,6 +116,12 @@ class OriginTLS:
             sni = remap.origin_host
         if _is_ip(sni):
             sni = None
+        if sni is not None:
+            try:
+                sni.encode("idna")
+            except UnicodeError:
+                rule = remap.rule
+                raise ConfigError(rule.path, rule.line, f"SNI {sni!r} is not a valid host name") from None
         return OriginTLSSettings(
             ctx=self._context(policy, opts.get("client_cert")),
             sni=sni,

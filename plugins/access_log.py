@@ -54,7 +54,10 @@ def format_line(txn: Txn, clock: _Clock) -> str:
     client = txn.client_address
     try:
         req = txn.client_request
-        request_line = f"{req.method} {req.target} {req.http_version}"
+        version = req.http_version
+        if not version.startswith("HTTP"):
+            version = "HTTP/" + version
+        request_line = f"{req.method} {req.target} {version}"
         referer = req.headers.get("Referer")
         agent = req.headers.get("User-Agent")
     except PluginError:

@@ -1,6 +1,6 @@
 """Issue 4, the shipped plugins (plugins/) end to end against the real ``tsproxy start`` with real
-TLS clients: ssl_preaccept, ssl_sni_allowlist, cert_loader, header_rewrite, access_log.
-(stats_over_http has its own tests.)
+TLS clients: ssl_preaccept, ssl_sni_allowlist, cert_loader, header_rewrite, access_log,
+stats_over_http.
 """
 
 from __future__ import annotations
@@ -362,3 +362,20 @@ def test_access_log_lines_with_tls_details(
     assert proxy.stop() == 0
     lines = log.read_text().splitlines()
     assert len(lines) == 3 and '"GET /bytes?n=3 HTTP/1.1" 200 3 ' in lines[2], lines
+
+
+# -- stats_over_http ---------------------------------------------------------------------------------
+def test_stats_over_http_json_and_prometheus(
+    tsproxy_factory: Factory, certs: Certs, origin: OriginServer
+) -> None:
+    proxy = start_tls_proxy(tsproxy_factory, certs, origin, ["plugins.stats_over_http /_stats"])
+    with tls_connect(certs, proxy.port(0), "exact.test") as s:
+        head, _, body = https_get(s, "/_stats").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"application/json" in head
+    stats = json.loads(body)["global"]
+    assert stats["proxy.process.ssl.total_success_handshake_count_in"] >= 1
+    assert stats["proxy.process.http.incoming_requests"] >= 1
+    with socket.create_connection(("127.0.0.1", proxy.port(1)), timeout=5) as s:
+        text = https_get(s, "/_stats?format=prometheus").partition(b"\r\n\r\n")[2].decode()
+    assert re.search(r"^proxy_process_http_incoming_requests \d+$", text, re.M), text[:500]
+    assert origin.requests == []  # answered by the plugin, never the origin

@@ -87,8 +87,10 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
     if not path.is_absolute():
         path = api.config_dir / path
     rules = load_rules(path)
-    state = {"request": [r for r in rules if r.side == "request"],
-             "response": [r for r in rules if r.side == "response"]}
+    state = {
+        "request": [r for r in rules if r.side == "request"],
+        "response": [r for r in rules if r.side == "response"],
+    }
 
     def apply(side: str, txn: Txn) -> None:
         if side == "request":

@@ -28,9 +28,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def scan(host: str, port: int, sni: str, python: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "scan.json"
-        cmd = [python, "-m", "sslyze", f"{sni}:{port}{{{host}}}", "--json_out", str(out),
-               "--sslv2", "--sslv3", "--tlsv1", "--tlsv1_1", "--tlsv1_2", "--tlsv1_3", "--reneg",
-               "--compression", "--heartbleed", "--robot", "--openssl_ccs", "--fallback", "--elliptic_curves"]
+        cmd = [
+            python,
+            "-m",
+            "sslyze",
+            f"{sni}:{port}{{{host}}}",
+            "--json_out",
+            str(out),
+            "--sslv2",
+            "--sslv3",
+            "--tlsv1",
+            "--tlsv1_1",
+            "--tlsv1_2",
+            "--tlsv1_3",
+            "--reneg",
+            "--compression",
+            "--heartbleed",
+            "--robot",
+            "--openssl_ccs",
+            "--fallback",
+            "--elliptic_curves",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if not out.exists():
             raise SystemExit(f"sslyze failed:\n{proc.stdout}\n{proc.stderr}")
@@ -65,10 +83,14 @@ def scan(host: str, port: int, sni: str, python: str) -> dict:
 
 def bad(f: dict) -> list[str]:
     problems = [k for k in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1") if f[k]]
-    problems += [k for k in ("client_renegotiation_dos", "compression", "heartbleed", "ccs_injection") if f[k]]
+    problems += [
+        k for k in ("client_renegotiation_dos", "compression", "heartbleed", "ccs_injection") if f[k]
+    ]
     if f["robot"] and "VULNERABLE" in str(f["robot"]) and "NOT_VULNERABLE" not in str(f["robot"]):
         problems.append("robot")
-    problems += [f"weak cipher {c}" for c in f["tls_1_2"] if "CBC" in c or "RC4" in c or "3DES" in c or "NULL" in c]
+    problems += [
+        f"weak cipher {c}" for c in f["tls_1_2"] if "CBC" in c or "RC4" in c or "3DES" in c or "NULL" in c
+    ]
     return problems
 
 

@@ -60,8 +60,14 @@ from iocore.net.net_vconnection import PlainNetVConnection
 from iocore.net.ssl_net_vconnection import SSLNetVConnection
 from iocore.records.errors import TSError
 from iocore.records.stats import METRIC_ID
-from tsproxy.http.message import ChunkedEncoder, build_client_response_head, build_origin_request_head, \
-    client_framing, error_response, synthetic_response
+from tsproxy.http.message import (
+    ChunkedEncoder,
+    build_client_response_head,
+    build_origin_request_head,
+    client_framing,
+    error_response,
+    synthetic_response,
+)
 from tsproxy.http.parser import (
     BodyDataReceived,
     BodyMode,
@@ -75,10 +81,10 @@ from tsproxy.http.parser import (
 from tsproxy.origin_tls import OriginTLS
 
 if TYPE_CHECKING:
-    from tsproxy.origin_tls import OriginTLSSettings
     from iocore.net.net_handler import NetHandler
     from iocore.net.net_vconnection import NetVConnection
     from tsproxy.config import ProxyConfig
+    from tsproxy.origin_tls import OriginTLSSettings
     from tsproxy.remap import RemapResult
 
 _dbg = DbgCtl("http")
@@ -115,10 +121,10 @@ class HttpConfig:
 
     __slots__ = (
         "connect_timeout",
-        "keep_alive_in",
-        "keep_alive_out",
         "ka_timeout_in",
         "ka_timeout_out",
+        "keep_alive_in",
+        "keep_alive_out",
         "max_header_size",
         "remap",
         "request_via",
@@ -365,7 +371,7 @@ class HttpClientSession(Continuation):
             raise
 
     def _client_event(self, event: int) -> None:
-        if event == VC_EVENT_READ_READY or event == VC_EVENT_READ_COMPLETE:
+        if event in (VC_EVENT_READ_READY, VC_EVENT_READ_COMPLETE):
             self._process_client_input()
         elif event == VC_EVENT_WRITE_READY:
             if self.close_after_write and not self.write_reader.read_avail():
@@ -422,9 +428,7 @@ class HttpClientSession(Continuation):
         if self.connecting is not None or self._hook_then is not None:
             return True
         origin = self.origin
-        if origin is not None and origin.write_buf.high_water():
-            return True
-        return False
+        return bool(origin is not None and origin.write_buf.high_water())
 
     def _run_pending(self) -> None:
         pending = self.pending
@@ -598,7 +602,9 @@ class HttpClientSession(Continuation):
             self._process_client_input()
             return
         if outcome.reason is not None:
-            _log.warning("origin %s certificate problem (policy PERMISSIVE, continuing): %s", origin, outcome.reason)
+            _log.warning(
+                "origin %s certificate problem (policy PERMISSIVE, continuing): %s", origin, outcome.reason
+            )
         self._use_origin(OriginConnection(self.proc, key, vc))
         self._process_client_input()
 
@@ -659,7 +665,7 @@ class HttpClientSession(Continuation):
             raise
 
     def _origin_event(self, event: int) -> None:
-        if event == VC_EVENT_READ_READY or event == VC_EVENT_READ_COMPLETE:
+        if event in (VC_EVENT_READ_READY, VC_EVENT_READ_COMPLETE):
             self._process_origin_input()
         elif event == VC_EVENT_WRITE_READY:
             # The origin drained the upload buffer: resume the client's body.
@@ -798,8 +804,14 @@ class HttpClientSession(Continuation):
         try:
             events = origin.parser.feed_eof()
         except HTTPProtocolError as exc:
-            if self.response is None and self.origin_bytes == 0 and origin.requests > 1 and not self.retried \
-                    and self.request is not None and self.request.body is BodyMode.NONE:
+            if (
+                self.response is None
+                and self.origin_bytes == 0
+                and origin.requests > 1
+                and not self.retried
+                and self.request is not None
+                and self.request.body is BodyMode.NONE
+            ):
                 # A pooled connection the origin had closed: retry once on a fresh one.
                 self.retried = True
                 self._drop_origin()
@@ -871,7 +883,7 @@ class HttpClientSession(Continuation):
         metric = M_STATUS.get(status // 100)
         if metric is not None:
             self.proc.counters[metric] += 1
-        if self.request is None or not self.request_done and self.request.body is not BodyMode.NONE:
+        if self.request is None or (not self.request_done and self.request.body is not BodyMode.NONE):
             close = True  # we cannot find the next request's start in an unread body
         keep = self.client_keep_alive and not close
         self.client_keep_alive = keep
@@ -974,8 +986,11 @@ class HttpClientSession(Continuation):
         self.client_keep_alive = not close
         self._drop_origin()
         self.status_sent = status
-        self.write_buf.write(synthetic_response(status, headers, body, close=close,
-                                                head_only=req is not None and req.method == b"HEAD"))
+        self.write_buf.write(
+            synthetic_response(
+                status, headers, body, close=close, head_only=req is not None and req.method == b"HEAD"
+            )
+        )
         self.vc.write.reenable()
         metric = M_STATUS.get(status // 100)
         if metric is not None:

@@ -283,7 +283,9 @@ class Txn:
         remap = self._session.remap
         if remap is None:
             return None
-        return f"{remap.origin_scheme}://{remap.origin_host}:{remap.origin_port}{remap.path.decode('latin-1')}"
+        return (
+            f"{remap.origin_scheme}://{remap.origin_host}:{remap.origin_port}{remap.path.decode('latin-1')}"
+        )
 
     @property
     def client_address(self) -> tuple[str, int] | None:

@@ -562,12 +562,6 @@ def test_origin_faults_give_clean_errors(
         proxy = start(tsproxy_factory, pki, rules)
         pids = proxy.worker_pids()
 
-        # the origin cuts the body: the client sees a cut connection, never a complete response
-        head, body = _read_cut(proxy, "a.test", "/cut?n=100000&send=3000")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        assert b"content-length: 100000" in head.lower()
-        assert len(body) < 100000 and body == pattern(len(body))
-
         # the origin closes before any response byte: 502 with a reason
         status, body = get(proxy, "a.test", "/drop")
         assert_502(status, body, "closed")
@@ -581,6 +575,28 @@ def test_origin_faults_give_clean_errors(
         # same worker, still serving
         assert get(proxy, "a.test") == (200, pattern(100))
         assert proxy.worker_pids() == pids
+
+
+# Timing-dependent failure seen at 044570a (about half of full-file runs, when the origin's FIN is
+# already in when the proxy reads the body): an empty reply. SSLNetVConnection._ssl_read leaves
+# _ssl_bio_has_data True after draining the read BIO, the origin VC is re-read in the same loop pass
+# and sees EOS before the client's write is flushed, and HttpClientSession._origin_failed close()s the
+# client VC, dropping the buffered head and body.
+def test_origin_cutting_the_body_gives_the_client_the_head_and_a_cut_body(
+    tsproxy_factory: Factory, pki: PKI, origins: dict[str, TLSOrigin]
+) -> None:
+    o = origins["good13"]
+    proxy = start(tsproxy_factory, pki, [rule("a.test", o)])
+    pids = proxy.worker_pids()
+    for _ in range(3):
+        # the client sees the head, part of the body, then a cut connection: never a complete
+        # response, never an empty reply
+        head, body = _read_cut(proxy, "a.test", "/cut?n=100000&send=3000")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"content-length: 100000" in head.lower()
+        assert len(body) < 100000 and body == pattern(len(body))
+    assert get(proxy, "a.test") == (200, pattern(100))
+    assert proxy.worker_pids() == pids
 
 
 def test_origin_that_never_answers_the_client_hello_is_502_after_connect_timeout(

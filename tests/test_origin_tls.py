@@ -784,11 +784,6 @@ def test_idle_pooled_connection_closed_by_origin_with_close_notify(
     assert proxy.proc.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http_sm: HttpProcessor.set_config keeps origin connections pooled "
-    "under the previous TLS verification settings (reported to the lead)",
-)
 def test_reload_tightening_verification_does_not_reuse_connections_verified_before(
     tsproxy_factory: Factory, pki: PKI, origins: dict[str, TLSOrigin]
 ) -> None:

@@ -192,6 +192,10 @@ class HttpProcessor:
     def set_config(self, config: ProxyConfig) -> None:
         self.config = config
         self.http = HttpConfig(config)
+        # Idle origin connections were opened (and verified) under the old config: a reload that
+        # tightens verification or changes the CA must not keep reusing them. Busy ones are not
+        # pooled again (OriginPool.put checks the config they were opened under).
+        self.pool.close_all()
         self.origin_tls = config.origin_tls
         self.resolver = Resolver()
         self.resolver.warm(config)
@@ -225,7 +229,7 @@ class OriginPool:
 
     def put(self, conn: OriginConnection) -> None:
         conns = self.idle.setdefault(conn.key, [])
-        if len(conns) >= MAX_IDLE_PER_ORIGIN or self.proc.draining:
+        if len(conns) >= MAX_IDLE_PER_ORIGIN or self.proc.draining or conn.config is not self.proc.config:
             conn.close()
             return
         conn.park(self.proc.http.ka_timeout_out)
@@ -251,6 +255,7 @@ class OriginConnection(Continuation):
         self.proc = proc
         self.key = key
         self.vc = vc
+        self.config = proc.config  # the snapshot this connection was opened (and verified) under
         self.session: HttpClientSession | None = None
         self.parser = ResponseParser()
         self.read_buf = MIOBuffer(RESPONSE_WATER_MARK)
@@ -827,8 +832,17 @@ class HttpClientSession(Continuation):
         self._drop_origin()
         if self.response is None and self.request is not None:
             self._send_error(status, reason, close=True)
+            return
+        # The head already went out: send what is buffered, then cut the connection, so the
+        # client sees the head and a short body rather than nothing at all.
+        self.client_keep_alive = False
+        self.close_after_write = True
+        self.pending.clear()
+        self.vc.read.disable()
+        if not self.write_reader.read_avail():
+            self.close()
         else:
-            self.close()  # the head already went out: all we can do is cut the connection
+            self.vc.write.reenable()
 
     def _drop_origin(self) -> None:
         origin = self.origin

@@ -140,8 +140,11 @@ class OriginTLS:
             code, text = verify_result(conn)
             if code != 0:
                 reason = f"certificate verify failed: {text}"
-                metric = M_UNKNOWN_CA if code in _UNKNOWN_CA_CODES else (
-                    M_BAD_CERT if code in _BAD_CERT_CODES else M_VERIFY_FAILED)
+                metric = (
+                    M_UNKNOWN_CA
+                    if code in _UNKNOWN_CA_CODES
+                    else (M_BAD_CERT if code in _BAD_CERT_CODES else M_VERIFY_FAILED)
+                )
         if reason is None and props in (VerifyServerProperties.NAME, VerifyServerProperties.ALL):
             cert = conn.get_peer_certificate()
             if cert is None:
@@ -154,8 +157,12 @@ class OriginTLS:
         if reason is None:
             _dbg("origin certificate ok (sni=%s ip=%s)", settings.sni, origin_ip)
             return VerifyOutcome(True)
-        _dbg("origin certificate check failed (%s, policy %s): %s", settings.sni or origin_ip,
-             policy.value, reason)
+        _dbg(
+            "origin certificate check failed (%s, policy %s): %s",
+            settings.sni or origin_ip,
+            policy.value,
+            reason,
+        )
         return VerifyOutcome(policy is not VerifyServerPolicy.ENFORCED, reason, metric)
 
     @staticmethod
@@ -164,7 +171,10 @@ class OriginTLS:
         if conn is not None:
             code, text = verify_result(conn)
             if code != 0:
-                metric = M_UNKNOWN_CA if code in _UNKNOWN_CA_CODES else (
-                    M_BAD_CERT if code in _BAD_CERT_CODES else M_VERIFY_FAILED)
+                metric = (
+                    M_UNKNOWN_CA
+                    if code in _UNKNOWN_CA_CODES
+                    else (M_BAD_CERT if code in _BAD_CERT_CODES else M_VERIFY_FAILED)
+                )
                 return f"certificate verify failed: {text}", metric
         return "TLS handshake with the origin failed", None

@@ -304,7 +304,7 @@ class SSLNetVConnection(NetVConnection):
         return (
             self.ssl_handshake_complete
             and ssl is not None
-            and (ssl.pending() > 0 or self._raw_eof or self._ssl_bio_has_data)
+            and (ssl.pending() > 0 or self._raw_eof or _mem_pending(ssl._into_ssl) > 0)
         )
 
     # -- the handshake driver (ATS SSLNetVConnection::net_read_io, handshake part) --------------

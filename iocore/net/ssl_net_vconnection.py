@@ -704,6 +704,9 @@ class SSLNetVConnection(NetVConnection):
             reused,
         )
         assert self.config is not None
+        # The hooks that may read the parsed hello have run: do not keep it for the life of an
+        # idle keep-alive connection (a few KiB each; the SNI stays in server_name).
+        self.client_hello = None
         self.config.on_ready(self)
 
     def _handshake_failed(self) -> None:

@@ -60,11 +60,14 @@ from typing import Any
 
 import psutil
 
-ALL_WORKLOADS = ("P1", "W1", "W2", "W3", "W4")
+ALL_WORKLOADS = ("P1", "W1", "W2", "W3", "W4", "W5")
 HOST = "127.0.0.1"
 SNI = "localhost"
 PROXY_CPU = "1"
 CLIENT_CPU = "0"
+# W5: the nginx origin also serves TLS on this port; the proxies reach it through /tls/ with a
+# pooled, verified TLS connection (issue 5's HTTPS-to-HTTPS row). None: no TLS origin (W5 skipped).
+ORIGIN_TLS_PORT: int | None = None
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 
@@ -296,7 +299,7 @@ asyncio.run(main())
 """
 
 
-def start_origin(kind: str, tmp: Path, port: int) -> Service:
+def start_origin(kind: str, tmp: Path, port: int, certs: dict[str, Path] | None = None) -> Service:
     d = tmp / "origin"
     (d / "www").mkdir(parents=True)
     if kind == "nginx":
@@ -323,6 +326,7 @@ http {{
         root {d}/www;
         location / {{ }}
     }}
+{_tls_origin_server(d, certs)}
 }}
 """
         (d / "nginx.conf").write_text(conf)
@@ -333,6 +337,18 @@ http {{
     svc = Service(f"origin({kind})", pinned(cmd, CLIENT_CPU), d / "origin.log")
     wait_ready(svc, [(port, None)])
     return svc
+
+
+def _tls_origin_server(d: Path, certs: dict[str, Path] | None) -> str:
+    if ORIGIN_TLS_PORT is None or certs is None:
+        return ""
+    return f"""    server {{
+        listen {HOST}:{ORIGIN_TLS_PORT} ssl backlog=4096;
+        ssl_certificate     {certs["cert"]};
+        ssl_certificate_key {certs["key"]};
+        root {d}/www;
+        location / {{ }}
+    }}"""
 
 
 # --------------------------------------------------------------------------- proxies
@@ -379,6 +395,13 @@ class TsProxy(Proxy):
         )
         origin = f"http://{HOST}:{origin_port}/"
         rules = []
+        if ORIGIN_TLS_PORT is not None:
+            # First match wins: the TLS-origin rules go before the catch-all ones.
+            for h in (SNI, HOST):
+                for authority in (f"{h}:{self.tls}", h):
+                    rules.append(f"map https://{authority}/tls/ https://{HOST}:{ORIGIN_TLS_PORT}/")
+            with (d / "records.config").open("a") as rec:
+                rec.write(f"CONFIG proxy.config.ssl.client.CA.cert.filename STRING {certs['ca']}\n")
         for scheme, port in (("http", self.plain), ("https", self.tls)):
             for h in (SNI, HOST):
                 rules.append(f"map {scheme}://{h}:{port}/ {origin}")
@@ -416,6 +439,10 @@ http {{
         server {HOST}:{origin_port};
         keepalive 128;
     }}
+    upstream origin_tls {{
+        server {HOST}:{ORIGIN_TLS_PORT or origin_port};
+        keepalive 128;
+    }}
     server {{
         listen {HOST}:{self.plain} backlog=4096;
         listen {HOST}:{self.tls} ssl backlog=4096;
@@ -423,6 +450,16 @@ http {{
             proxy_pass http://origin;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_max_temp_file_size 0;
+        }}
+        location /tls/ {{
+            proxy_pass https://origin_tls/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {certs["ca"]};
+            proxy_ssl_name {SNI};
+            proxy_ssl_session_reuse on;
             proxy_max_temp_file_size 0;
         }}
     }}
@@ -498,7 +535,7 @@ def run_wrk(url: str, conns: int, duration: float, lua: Path, latency: bool = Tr
 
 def wrk_workload(wl: str, proxy: Proxy, svc: Service, origin: Service, args, lua: Path) -> dict:
     scheme, port = ("http", proxy.plain) if wl == "P1" else ("https", proxy.tls)
-    path = "/64k" if wl == "W3" else "/1k"
+    path = {"W3": "/64k", "W5": "/tls/1k"}.get(wl, "/1k")
     with CpuSampler(svc, origin) as cs:
         r = run_wrk(f"{scheme}://{HOST}:{port}{path}", args.connections, args.duration, lua)
     secs = r["duration_us"] / 1e6
@@ -706,14 +743,17 @@ def run_proxy_round(proxy: Proxy, tmp, certs, origin, origin_port, args, lua, in
         svc = proxy.start(tmp, certs, origin_port, instance)
         ca_ctx = ssl.create_default_context(cafile=str(certs["ca"]))
         wait_ready(svc, [(proxy.plain, None), (proxy.tls, ca_ctx)])
-        order = [w for w in ("W4", "P1", "W1", "W2", "W3") if w in args.workloads]
+        order = [w for w in ("W4", "P1", "W1", "W2", "W3", "W5") if w in args.workloads]
         warmed = False
         for wl in order:
             if not svc.alive():
                 results[wl] = {"error": f"{proxy.name} died before {wl}; logs {proxy.logs_hint(svc)}"}
                 continue
-            if wl in ("P1", "W1", "W3") and not have_wrk:
+            if wl in ("P1", "W1", "W3", "W5") and not have_wrk:
                 results[wl] = {"skipped": "wrk not installed"}
+                continue
+            if wl == "W5" and ORIGIN_TLS_PORT is None:
+                results[wl] = {"skipped": "needs the nginx origin (TLS origin port)"}
                 continue
             if not warmed and wl != "W4" and have_wrk:
                 run_wrk(f"https://{HOST}:{proxy.tls}/1k", args.connections, args.warmup, lua, latency=False)
@@ -764,13 +804,14 @@ def short(r: dict) -> str:
     )
 
 
-UNITS = {"P1": "req/s", "W1": "req/s", "W2": "hs/s", "W3": "MB/s", "W4": "KiB/conn"}
+UNITS = {"P1": "req/s", "W1": "req/s", "W2": "hs/s", "W3": "MB/s", "W4": "KiB/conn", "W5": "req/s"}
 DESC = {
     "P1": "plain HTTP keep-alive GET 1 KiB",
     "W1": "HTTPS keep-alive GET 1 KiB",
     "W2": "full TLS 1.3 handshake per GET 1 KiB",
     "W3": "HTTPS keep-alive GET 64 KiB",
     "W4": "idle TLS connections, PSS delta",
+    "W5": "HTTPS keep-alive GET 1 KiB via a pooled TLS origin",
 }
 
 
@@ -893,7 +934,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--quick", action="store_true", help="3 s per workload, 1 s warm-up, 500 idle conns")
     ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
-    ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of P1,W1,W2,W3,W4")
+    ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of P1,W1,W2,W3,W4,W5")
     ap.add_argument("--runs", type=int, default=1, help="rounds; proxies alternate order, medians reported")
     ap.add_argument("--idle-conns", type=int, default=None, help="W4 connections (default 2000)")
     ap.add_argument("--w2-procs", type=int, default=4, help="W2 client processes (default 4)")
@@ -949,7 +990,9 @@ def main(argv=None) -> int:
     try:
         certs = make_certs(tmp)
         origin_port = free_port()
-        origin = start_origin(origin_kind, tmp, origin_port)
+        global ORIGIN_TLS_PORT
+        ORIGIN_TLS_PORT = free_port() if origin_kind == "nginx" else None
+        origin = start_origin(origin_kind, tmp, origin_port, certs)
         log(f"origin {origin_kind} on {HOST}:{origin_port}; temp dir {tmp}")
         for rnd in range(args.runs):
             order = proxies if rnd % 2 == 0 else proxies[::-1]

@@ -257,3 +257,50 @@ def test_metrics_sum_over_workers_and_survive_a_worker_kill(
     assert metric() == 20
     served_serial(proxy.port(), ctx)
     assert metric() == 21
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_sessions_resume_across_a_reload(
+    tsproxy_factory: Any, ca: trustme.CA, origin: int, tmp_path: Path, version: str
+) -> None:
+    """Ticket keys belong to the master, not to a config generation: a session from before a
+    reload (new contexts, new certificate) still resumes after it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not installed")
+    proxy, _ = start(tsproxy_factory, ca, origin, tmp_path)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    sess = tmp_path / "session.pem"
+
+    def s_client(*extra: str) -> str:
+        done = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{proxy.port()}",
+                "-servername",
+                "a.test",
+                "-CAfile",
+                str(ca_file),
+                version,
+                "-ign_eof",  # read until the server closes: TLS 1.3 tickets come after the handshake
+                *extra,
+            ],
+            input=b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+        return done.stdout.decode(errors="replace")
+
+    first = s_client("-sess_out", str(sess))
+    assert "New," in first and sess.stat().st_size > 0
+    write_cert(ca, proxy.config_dir, "a.test")  # the reload builds every context anew
+    result = proxy.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    again = s_client("-sess_in", str(sess))
+    assert "Reused," in again, again[-1500:]

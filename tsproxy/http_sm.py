@@ -55,8 +55,8 @@ from iocore.eventsystem.event import (
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.hooks import HookID, HookRegistry
 from iocore.net.net_accept import connect
-from iocore.net.net_vconnection import PlainNetVConnection
-from iocore.net.ssl_net_vconnection import SSLNetVConnection
+from iocore.net.ssl_config import VerifyServerPolicy
+from iocore.net.ssl_net_vconnection import OutboundHooks, OutboundPlainNetVConnection, SSLNetVConnection
 from iocore.records.errors import TSError
 from iocore.records.stats import METRIC_ID
 from tsproxy.http.message import (
@@ -77,7 +77,7 @@ from tsproxy.http.parser import (
     ResponseParser,
     ResponseReceived,
 )
-from tsproxy.origin_tls import OriginTLS
+from tsproxy.origin_tls import M_VERIFY_FAILED, OriginTLS
 
 if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
@@ -529,7 +529,8 @@ class HttpClientSession(Continuation):
         except OSError as exc:
             self._send_error(502, f"cannot resolve origin {key[1]}: {exc.strerror or exc}", close=False)
             return
-        make_vc = SSLNetVConnection if key[0] == "https" else PlainNetVConnection
+        # Plain origins get the VC that delivers VCONN_OUTBOUND_CLOSE (one attribute check per close).
+        make_vc = SSLNetVConnection if key[0] == "https" else OutboundPlainNetVConnection
         self.connecting = _Connecting(self, key)
         self.connect_vc = connect(proc.nh, self.connecting, addr, family, make_vc=make_vc)
         if self.connect_vc is not None:
@@ -556,21 +557,70 @@ class HttpClientSession(Continuation):
             self._process_client_input()
             return
         vc: NetVConnection = data
+        settings: OriginTLSSettings | None = None
         if key[0] == "https":
-            self._start_origin_tls(vc, key, token)
+            assert self.remap is not None
+            try:
+                settings = self.proc.origin_tls.settings_for(self.remap)
+            except TSError as exc:
+                vc.do_io_close()
+                self._send_error(502, f"origin TLS configuration: {exc}", close=False)
+                return
+        hooks = self.proc.hooks
+        if (
+            hooks.has(HookID.VCONN_OUTBOUND_START)
+            or hooks.has(HookID.VCONN_OUTBOUND_CLOSE)
+            or hooks.has(HookID.SSL_VERIFY_SERVER)
+        ) and isinstance(vc, (SSLNetVConnection, OutboundPlainNetVConnection)):
+            # VCONN_OUTBOUND_START: after the connect, before any byte (for TLS: before the
+            # ClientHello). Still "connecting" while a hook pauses: the session stays blocked.
+            runner = vc.outbound_hooks = OutboundHooks(vc, hooks, settings.sni if settings else None)
+            self.connecting = token
+            self.connect_vc = vc
+
+            def started(ok: bool) -> None:
+                self._outbound_started(vc, key, token, settings, ok)
+
+            runner.run(HookID.VCONN_OUTBOUND_START, started)
+            return
+        self._origin_connected(vc, key, token, settings)
+
+    def _outbound_started(
+        self,
+        vc: NetVConnection,
+        key: OriginKey,
+        token: _Connecting,
+        settings: OriginTLSSettings | None,
+        ok: bool,
+    ) -> None:
+        if token is not self.connecting or self.closed:
+            vc.do_io_close()
+            return
+        self.connecting = None
+        self.connect_vc = None
+        if not ok:
+            vc.do_io_close()
+            self._send_error(
+                502, f"origin {key[1]}:{key[2]}: connection failed in VCONN_OUTBOUND_START", close=False
+            )
+            self._process_client_input()
+            return
+        self._origin_connected(vc, key, token, settings)
+
+    def _origin_connected(
+        self, vc: NetVConnection, key: OriginKey, token: _Connecting, settings: OriginTLSSettings | None
+    ) -> None:
+        if settings is not None:
+            self._start_origin_tls(vc, key, token, settings)
             return
         self._use_origin(OriginConnection(self.proc, key, vc))
         self._process_client_input()
 
-    def _start_origin_tls(self, vc: NetVConnection, key: OriginKey, token: _Connecting) -> None:
+    def _start_origin_tls(
+        self, vc: NetVConnection, key: OriginKey, token: _Connecting, settings: OriginTLSSettings
+    ) -> None:
         """ssl_start_handshake(SSL_EVENT_CLIENT) on the new origin connection."""
-        assert isinstance(vc, SSLNetVConnection) and self.remap is not None
-        try:
-            settings = self.proc.origin_tls.settings_for(self.remap)
-        except TSError as exc:
-            vc.do_io_close()
-            self._send_error(502, f"origin TLS configuration: {exc}", close=False)
-            return
+        assert isinstance(vc, SSLNetVConnection)
         # Still "connecting" until the handshake is done: the session stays blocked meanwhile.
         self.connecting = token
         self.connect_vc = vc
@@ -611,6 +661,42 @@ class HttpClientSession(Continuation):
             _log.warning(
                 "origin %s certificate problem (policy PERMISSIVE, continuing): %s", origin, outcome.reason
             )
+        runner = vc.outbound_hooks
+        if (
+            runner is not None
+            and settings.policy is not VerifyServerPolicy.DISABLED
+            and self.proc.hooks.has(HookID.SSL_VERIFY_SERVER)
+        ):
+            # SSL_VERIFY_SERVER: the configured checks passed (or PERMISSIVE let them go); the
+            # plugin sees the certificate and may still refuse it, before any request byte.
+            runner.verify_error = outcome.reason
+            self.connecting = token
+            self.connect_vc = vc
+            vc.set_inactivity_timeout(self.http.connect_timeout)  # a hook that never re-enables
+
+            def verified(ok: bool) -> None:
+                self._origin_verified(vc, key, token, ok)
+
+            runner.run(HookID.SSL_VERIFY_SERVER, verified)
+            return
+        self._use_origin(OriginConnection(self.proc, key, vc))
+        self._process_client_input()
+
+    def _origin_verified(self, vc: SSLNetVConnection, key: OriginKey, token: _Connecting, ok: bool) -> None:
+        if token is not self.connecting or self.closed:
+            vc.do_io_close()
+            return
+        self.connecting = None
+        self.connect_vc = None
+        if not ok:
+            if not vc.closed:  # refused by a plugin (a timeout while paused is not a verify failure)
+                self.proc.counters[M_VERIFY_FAILED] += 1
+            vc.do_io_close()
+            self._send_error(
+                502, f"origin {key[1]}:{key[2]} certificate rejected in SSL_VERIFY_SERVER", close=False
+            )
+            self._process_client_input()
+            return
         self._use_origin(OriginConnection(self.proc, key, vc))
         self._process_client_input()
 

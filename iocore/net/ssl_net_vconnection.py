@@ -25,6 +25,17 @@ ACTIVE: ``SSL_WAIT_FOR_HOOK`` is returned and read interest is dropped, so a rea
 does not spin. ``reenable`` (synchronous, from a timer, from anywhere on the loop) moves it back
 to INVOKE and puts the VC on the read ready list.
 
+Client certificates (SSL_VERIFY_CLIENT): pyOpenSSL cannot pause inside OpenSSL's verify
+callback, so OpenSSL's own chain check runs in the handshake (certification_level 1/2) and the
+SSL_VERIFY_CLIENT hooks run right after ``do_handshake`` succeeded and before the VC is handed
+to the HTTP session, when the client presented a certificate. They may pause (nothing is read
+meanwhile) or fail the connection (closed, ``user_agent_cert_verify_failed``).
+
+Origin connections (``OutboundHooks``): VCONN_OUTBOUND_START after the TCP connect and before
+any byte (before the ClientHello for TLS), SSL_VERIFY_SERVER after the client handshake and the
+configured verification, VCONN_OUTBOUND_CLOSE once when the VC closes. The HTTP state machine
+drives the first two; the VC's ``do_io_close`` delivers the last.
+
 TS-4075: while a hook is active the VC is never freed under it; a client that went away is
 noticed after the hook re-enables (or by the handshake timeout), and VCONN_CLOSE hooks run
 exactly once for every VC whose VCONN_START phase began. A ``reenable`` after close is a no-op.
@@ -51,9 +62,10 @@ from iocore.eventsystem.event import (
     VC_EVENT_EOS,
     VC_EVENT_ERROR,
     VC_EVENT_INACTIVITY_TIMEOUT,
+    Continuation,
 )
 from iocore.net.hooks import HookID, HookOp, HookRegistry
-from iocore.net.net_vconnection import EVENT_READ, EVENT_WRITE, NetVConnection
+from iocore.net.net_vconnection import EVENT_READ, EVENT_WRITE, NetVConnection, PlainNetVConnection
 from iocore.net.tls.client_hello import ClientHello, ClientHelloParser, looks_like_tls_handshake
 from iocore.net.tls.context import session_reused
 from iocore.net.tls.errors import TLSProtocolError
@@ -61,6 +73,8 @@ from iocore.records.stats import METRIC_ID
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from cryptography import x509
 
     from iocore.net.net_handler import NetHandler
     from iocore.net.ssl_cert_lookup import SSLCertContext, SSLCertLookup
@@ -258,6 +272,9 @@ class SSLNetVConnection(NetVConnection):
         self._raw_eof = False
         self.plugin_data: dict[Any, Any] = {}
         self.hook_facade: Any = None
+        self.outbound_hooks: OutboundHooks | None = None  # origin VCs with outbound hooks
+        self._accept_done = False  # OpenSSL's handshake finished; SSL_VERIFY_CLIENT may still run
+        self._verify_client_done = False
 
     # -- entry from the acceptor -------------------------------------------------------------
     def start_handshake(self) -> None:
@@ -415,6 +432,9 @@ class SSLNetVConnection(NetVConnection):
             if self.hook_op_requested is HookOp.TERMINATE:
                 return EVENT_ERROR
 
+        if self._accept_done:
+            return self._verify_client_step()
+
         if self.ssl is None:
             ret = self._server_pre_ssl()
             if ret is not None:
@@ -429,7 +449,65 @@ class SSLNetVConnection(NetVConnection):
                 return EVENT_ERROR
             if retval < 0 and retval != -11:
                 return EVENT_ERROR
-        return self._ssl_accept_step()
+        ret = self._ssl_accept_step()
+        if ret == EVENT_DONE:
+            self._accept_done = True
+            return self._verify_client_step()
+        return ret
+
+    def _verify_client_step(self) -> int:
+        """SSL_VERIFY_CLIENT hooks, after OpenSSL's handshake and before the HTTP session.
+
+        They run when a plugin registered one and the client presented a certificate (the
+        server asks for one only with proxy.config.ssl.client.certification_level >= 1, and
+        OpenSSL has already checked its chain). pyOpenSSL cannot pause inside OpenSSL's verify
+        callback, so unlike ATS the hooks run once, for the leaf, after the handshake: an error
+        reenable closes the connection (no alert: the handshake is over) and counts
+        ``user_agent_cert_verify_failed``.
+        """
+        if self._out_raw:
+            self._flush_raw()  # session tickets: never leave them behind while a hook pauses
+        if self._hook_active:
+            return SSL_WAIT_FOR_HOOK
+        if self._verify_client_done:
+            return EVENT_DONE
+        cfg = self.config
+        ssl = self.ssl
+        if (
+            cfg is not None
+            and ssl is not None
+            and cfg.hooks.has(HookID.SSL_VERIFY_CLIENT)
+            and ssl.get_peer_certificate() is not None
+        ):
+            if not self._invoke_hooks(HookID.SSL_VERIFY_CLIENT):
+                return SSL_WAIT_FOR_HOOK
+            if self.hook_op_requested is HookOp.TERMINATE:
+                self.counters_incr(M_UA_VERIFY)
+                _dbg_err("SSL_VERIFY_CLIENT hook rejected the certificate of %s", self.remote_addr)
+                return EVENT_ERROR
+            if self.hook_op_requested is HookOp.TUNNEL:
+                _dbg("tunnel requested in SSL_VERIFY_CLIENT ignored (handshake already done)")
+                self.hook_op_requested = HookOp.DEFAULT
+        self._verify_client_done = True
+        return EVENT_DONE
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's leaf certificate (client certificate inbound, origin certificate outbound)."""
+        ssl = self.ssl
+        cert = ssl.get_peer_certificate() if ssl is not None else None
+        return cert.to_cryptography() if cert is not None else None
+
+    @property
+    def verify_error(self) -> str | None:
+        """OpenSSL's chain verification result for the peer certificate, None when it passed."""
+        ssl = self.ssl
+        if ssl is None:
+            return None
+        from iocore.net.tls.context import verify_result
+
+        code, text = verify_result(ssl)
+        return text if code != 0 else None
 
     _ssl_bio_has_data = False
 
@@ -747,6 +825,9 @@ class SSLNetVConnection(NetVConnection):
             self._flush_ssl_output()
         NetVConnection.do_io_close(self, error)
         self._hook_active = False
+        outbound_hooks = self.outbound_hooks
+        if outbound_hooks is not None:
+            outbound_hooks.on_close()  # VCONN_OUTBOUND_CLOSE (it may still read the peer cert)
         if self.close_hooks_pending:
             self.close_hooks_pending = False
             cfg = self.config
@@ -903,6 +984,139 @@ class SSLNetVConnection(NetVConnection):
         return self.ssl.get_protocol_version_name() if self.ssl is not None else None
 
 
+class OutboundHooks(Continuation):
+    """The hook target of one origin connection (plain or TLS): VCONN_OUTBOUND_START,
+    SSL_VERIFY_SERVER and VCONN_OUTBOUND_CLOSE, as ATS fires them on its outbound VCs.
+
+    Made only when a plugin registered one of those hooks. The HTTP state machine calls
+    ``run(hook, then)``; the callbacks run in registration order, each once, and ``then(ok)`` is
+    called when they all re-enabled (``ok`` False: one failed with ``reenable(error=True)`` or
+    raised, or the VC closed while a hook was paused). The VC's ``do_io_close`` calls
+    ``on_close``, which delivers VCONN_OUTBOUND_CLOSE once if VCONN_OUTBOUND_START ran.
+
+    It quacks like the VC for the plugin facade: addresses, ``server_name`` (the SNI we send,
+    None for plain origins), ``plugin_data``, ``peer_certificate`` and ``verify_error``.
+    """
+
+    client_hello: ClientHello | None = None
+    ssl_context: SSL.Context | None = None  # set_ssl_context has no meaning on origin VCs
+    npn_set: tuple[bytes, ...] = ()
+    outbound = True
+
+    def __init__(self, vc: NetVConnection, hooks: HookRegistry, sni: str | None) -> None:
+        super().__init__(self._resume)
+        self.vc = vc
+        self.hooks = hooks
+        self.server_name = sni
+        self.plugin_data: dict[Any, Any] = {}
+        self.hook_facade: Any = None
+        self.verify_error: str | None = None
+        self.started = False
+        self._close_delivered = False
+        self._hook = HookID.VCONN_OUTBOUND_START
+        self._callbacks: tuple[Any, ...] = ()
+        self._index = 0
+        self._active = False
+        self._in_call = False
+        self._error = False
+        self._then: Callable[[bool], None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.vc.closed
+
+    @property
+    def remote_addr(self) -> tuple[Any, ...]:
+        return self.vc.remote_addr
+
+    @property
+    def local_addr(self) -> tuple[Any, ...]:
+        return self.vc.local_addr
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        vc = self.vc
+        return vc.peer_certificate if isinstance(vc, SSLNetVConnection) else None
+
+    def run(self, hook: HookID, then: Callable[[bool], None]) -> None:
+        self._hook = hook
+        self._callbacks = self.hooks.get(hook)
+        self._index = 0
+        self._error = False
+        self._then = then
+        if hook is HookID.VCONN_OUTBOUND_START:
+            self.started = True
+        self._next()
+
+    def _next(self) -> None:
+        callbacks = self._callbacks
+        while self._index < len(callbacks) and not self._error and not self.vc.closed:
+            callback = callbacks[self._index]
+            self._index += 1
+            self._active = True
+            self._in_call = True
+            try:
+                callback(self._hook, self)
+            except Exception as exc:  # a plugin bug fails this origin connection only
+                _dbg_err("hook %s raised %r; failing the origin connection", self._hook.name, exc)
+                self._error = True
+                self._active = False
+            finally:
+                self._in_call = False
+            if self._active:
+                return  # paused until reenable_hook
+        then = self._then
+        self._then = None
+        self._callbacks = ()
+        if then is not None:
+            then(not self._error and not self.vc.closed)
+
+    def _resume(self, event: int, data: Any) -> None:
+        if self._then is not None and not self._active:
+            self._next()
+
+    def reenable_hook(self, *, error: bool = False) -> None:
+        if self.vc.closed or not self._active:
+            _dbg("outbound reenable on %s ignored (closed=%s, no hook active)", self.vc, self.vc.closed)
+            return
+        self._active = False
+        if error:
+            self._error = True
+        if not self._in_call:
+            self.vc.nh.thread.schedule_imm(self)
+
+    def request_tunnel(self, destination: str | None) -> None:
+        _dbg("tunnel(%s) on an origin connection ignored", destination)
+
+    def on_close(self) -> None:
+        if self._active:
+            # Closed while a hook was paused (timeout, the client went away): the waiting state
+            # machine hears ``then(False)`` from the loop, never from inside do_io_close.
+            self._active = False
+            self.vc.nh.thread.schedule_imm(self)
+        if self.started and not self._close_delivered:
+            self._close_delivered = True
+            for callback in self.hooks.get(HookID.VCONN_OUTBOUND_CLOSE):
+                try:
+                    callback(HookID.VCONN_OUTBOUND_CLOSE, self)
+                except Exception as exc:
+                    _dbg_err("VCONN_OUTBOUND_CLOSE hook raised %r", exc)
+
+
+class OutboundPlainNetVConnection(PlainNetVConnection):
+    """A cleartext origin connection: a PlainNetVConnection that delivers VCONN_OUTBOUND_CLOSE."""
+
+    outbound_hooks: OutboundHooks | None = None
+
+    def do_io_close(self, error: int = 0) -> None:
+        if self.closed:
+            return
+        PlainNetVConnection.do_io_close(self, error)
+        outbound_hooks = self.outbound_hooks
+        if outbound_hooks is not None:
+            outbound_hooks.on_close()
+
+
 __all__ = [
     "EVENT_READ",
     "SSL_EVENT_CLIENT",
@@ -910,6 +1124,8 @@ __all__ = [
     "VC_EVENT_EOS",
     "VC_EVENT_ERROR",
     "HandshakeHookState",
+    "OutboundHooks",
+    "OutboundPlainNetVConnection",
     "SSLAcceptConfig",
     "SSLHookState",
     "SSLNetVConnection",

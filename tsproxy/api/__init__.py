@@ -40,9 +40,10 @@ from iocore.net.hooks import HookID
 from iocore.records.errors import TSError
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from OpenSSL import SSL
 
-    from iocore.net.ssl_net_vconnection import SSLNetVConnection
+    from iocore.net.ssl_net_vconnection import OutboundHooks, SSLNetVConnection
     from iocore.net.tls.client_hello import ClientHello
 
 __all__ = [
@@ -91,12 +92,37 @@ class _WorkerLike(Protocol):
 
 
 class VConn:
-    """What a TLS/VConn hook may see and do on one client connection (ATS TSVConn)."""
+    """What a TLS/VConn hook may see and do on one connection (ATS TSVConn).
+
+    Inbound (client) connections: VCONN_START, SSL_CLIENT_HELLO, SSL_SERVERNAME, SSL_CERT,
+    SSL_VERIFY_CLIENT, VCONN_CLOSE. Outbound (origin) connections, plain or TLS:
+    VCONN_OUTBOUND_START, SSL_VERIFY_SERVER, VCONN_OUTBOUND_CLOSE; there ``client_address`` is
+    the origin's address, ``local_address`` ours, ``sni`` the name we send (None for plain
+    origins and IP literals), and ``tunnel``/``set_ssl_context``/``protocol_disable`` do nothing.
+    """
 
     __slots__ = ("_vc",)
 
-    def __init__(self, vc: SSLNetVConnection) -> None:
+    def __init__(self, vc: SSLNetVConnection | OutboundHooks) -> None:
         self._vc = vc
+
+    @property
+    def outbound(self) -> bool:
+        """True on origin connections (VCONN_OUTBOUND_START, SSL_VERIFY_SERVER, VCONN_OUTBOUND_CLOSE)."""
+        return bool(self._vc.outbound)
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's leaf certificate: the client's in SSL_VERIFY_CLIENT, the origin's in
+        SSL_VERIFY_SERVER (and after); None when there is none (plain, not yet, no client cert)."""
+        return self._vc.peer_certificate
+
+    @property
+    def verify_error(self) -> str | None:
+        """The chain/name verification result for the peer certificate, None when it passed.
+        In SSL_VERIFY_SERVER: what the configured policy found (only ever set under
+        PERMISSIVE, since ENFORCED fails such a connection before the hook)."""
+        return self._vc.verify_error
 
     @property
     def closed(self) -> bool:
@@ -114,7 +140,8 @@ class VConn:
 
     @property
     def sni(self) -> str | None:
-        """TSVConnSslSniGet: the server name the client asked for (lower case), if any."""
+        """TSVConnSslSniGet: the server name the client asked for (lower case), if any; on an
+        origin connection the SNI tsproxy sends."""
         return self._vc.server_name
 
     @property
@@ -133,7 +160,8 @@ class VConn:
 
     def tunnel(self, destination: str | None = None) -> None:
         """TSVConnTunnel: blind-tunnel this connection to ``host:port`` (default:
-        proxy.config.tunnel.route), replaying what the client sent. Then call ``reenable()``."""
+        proxy.config.tunnel.route), replaying what the client sent. Then call ``reenable()``.
+        Only from VCONN_START, SSL_SERVERNAME and SSL_CERT; ignored (debug log) elsewhere."""
         self._vc.request_tunnel(destination)
 
     def set_ssl_context(self, ctx: SSL.Context) -> None:
@@ -418,7 +446,7 @@ class PluginAPI:
             self._worker.hooks.add(hook, _txn_adapter(name, callback, count_error))
             return
 
-        def adapter(hook_id: HookID, vc: SSLNetVConnection) -> None:
+        def adapter(hook_id: HookID, vc: SSLNetVConnection | OutboundHooks) -> None:
             facade = vc.hook_facade
             if facade is None:
                 facade = vc.hook_facade = VConn(vc)

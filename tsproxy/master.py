@@ -425,9 +425,20 @@ class Master:
             pw = pwd.getpwuid(int(user[1:])) if user.startswith("#") else pwd.getpwnam(user)
         except (KeyError, ValueError) as exc:
             raise StartupError(f"proxy.config.admin.user_id: no such user {user!r}", EX_NOPERM) from exc
+        # Everything a worker imports lazily must be loaded while we can still read it: the
+        # interpreter's own files may not be readable by the new user (e.g. a Python under
+        # /root). Workers fork from this process and inherit these modules.
+        import encodings.idna  # noqa: F401  (getaddrinfo / SNI encoding)
+
+        import tsproxy.worker  # noqa: F401
+
         owned = [p for p in (self.pidfile, self.sock_path, self.state_dir, self.log_dir) if p is not None]
         if self.log_dir is not None:
             owned.extend(self.log_dir.glob("*.log"))
+        if self.state_dir is not None and (self.state_dir / "devcert").is_dir():
+            # The development certificate is re-read on reload, by the new user.
+            owned.append(self.state_dir / "devcert")
+            owned.extend((self.state_dir / "devcert").iterdir())
         for path in owned:
             with contextlib.suppress(OSError):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
@@ -893,6 +904,10 @@ class Master:
             return
         except TSError as exc:
             fail(control.E_CONFIG, str(exc), {"exit_code": exit_code_for(exc)})
+            return
+        except Exception as exc:  # e.g. a file the proxy user may not read: never fatal here
+            _log.exception("reload failed; the running configuration stays")
+            fail(control.E_CONFIG, f"reload failed: {type(exc).__name__}: {exc}", {"exit_code": EX_CONFIG})
             return
         old = self.config
         changed = old.records.diff(new.records)

@@ -242,7 +242,7 @@ class OriginPool:
     def close_all(self) -> None:
         for conns in self.idle.values():
             for conn in conns:
-                conn.vc.do_io_close()
+                conn.close()
         self.idle.clear()
 
 

@@ -21,6 +21,7 @@ HookRegistry, starts a NetAccept per listener and runs until told to stop.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -156,7 +157,7 @@ class Worker(Continuation):
                 ),
                 tr_pass=desc.tr_pass,
                 tunnel_route=cfg.ssl_params.tunnel_route or None,
-                on_ready=lambda vc, port=port: self._https_ready(vc, port),
+                on_ready=functools.partial(self._https_ready, port=port),
                 on_tunnel=self._tunnel,
             )
         self.ssl_configs = configs

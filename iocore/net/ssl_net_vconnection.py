@@ -229,7 +229,8 @@ def _mem_pending(bio: Any) -> int:
     return int(_ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.NULL))
 
 
-def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> Any:
+    # -> bytes | SSL.NO_OVERLAPPING_PROTOCOLS (pyOpenSSL's sentinel type is private)
     """ALPN selection with the server's preference (the VC's protocol set, in order)."""
     vc: SSLNetVConnection = conn.get_app_data()
     for proto in vc.npn_set:

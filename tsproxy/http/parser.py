@@ -496,9 +496,8 @@ class ResponseParser:
         elif n == 17:
             if name.lower() == b"transfer-encoding":
                 if self._te is not None:
-                    # A coding list split over two headers ("gzip" + "chunked") must not be read
-                    # as its last half: refuse rather than guess (request smuggling).
-                    self._abort(400, "more than one Transfer-Encoding header")
+                    # As for requests: a coding list split over two headers is refused.
+                    self._abort("more than one Transfer-Encoding header")
                 self._te = value
         elif n == 10 and name.lower() == b"connection":
             self._conn.append(value)

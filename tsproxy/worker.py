@@ -80,12 +80,14 @@ class WorkerBoot:
     plugin_loader: Callable[[ProxyConfig, Worker], list[Any]] | None = None
 
 
-def port_protocols(desc: PortDescriptor) -> tuple[bytes, ...]:
-    """The ALPN offer of a port: the registered protocols, restricted by ``proto=``."""
+def port_protocols(desc: PortDescriptor, plugin_protocols: tuple[bytes, ...] = ()) -> tuple[bytes, ...]:
+    """The ALPN offer of a port: plugin protocols (api.register_protocol) first, then the
+    built-in ones, restricted by ``proto=``."""
+    registered = (*plugin_protocols, *REGISTERED_PROTOCOLS)
     if desc.protocols is None:
-        return REGISTERED_PROTOCOLS
+        return registered
     wanted = {p.encode("ascii") for p in desc.protocols}
-    return tuple(p for p in REGISTERED_PROTOCOLS if p in wanted)
+    return tuple(p for p in registered if p in wanted)
 
 
 class Worker(Continuation):
@@ -105,6 +107,7 @@ class Worker(Continuation):
         self.stop_deadline = 0.0
         self.exit_code = 0
         self.plugins: list[Any] = []
+        self.protocol_endpoints: dict[bytes, Callable[[SSLNetVConnection], None]] = {}
 
     # -- setup ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -148,7 +151,7 @@ class Worker(Continuation):
             configs[port] = SSLAcceptConfig(
                 lookup=cfg.cert_lookup,
                 hooks=self.hooks,
-                protocols=port_protocols(desc),
+                protocols=port_protocols(desc, tuple(self.protocol_endpoints)),
                 # 0 must not mean "forever" (ATS CLOSE_WAIT pile-ups): fall back to the
                 # default inactivity timeout so a stalled or paused handshake always ends.
                 handshake_timeout=float(
@@ -185,7 +188,17 @@ class Worker(Continuation):
         return NetAccept(self.nh, lst.sock, PlainNetVConnection, on_accept_plain, self.max_connections)
 
     def _https_ready(self, vc: SSLNetVConnection, port: int) -> None:
-        self.http.new_session(vc, "https", port)
+        endpoint = self.protocol_endpoints.get(vc.negotiated_protocol) if vc.negotiated_protocol else None
+        if endpoint is not None:
+            endpoint(vc)
+        else:
+            self.http.new_session(vc, "https", port)
+
+    def register_protocol(self, name: bytes, endpoint: Callable[[SSLNetVConnection], None]) -> None:
+        """An ALPN protocol served by a plugin (offered on every ssl port from now on)."""
+        if name in REGISTERED_PROTOCOLS:
+            raise TSError(f"ALPN protocol {name!r} is built in and cannot be registered")
+        self.protocol_endpoints[name] = endpoint
 
     def _tunnel(self, vc: NetVConnection, replay: bytes, dest: str | None) -> None:
         timeout = float(self.config.records.get_int("proxy.config.net.default_inactivity_timeout"))

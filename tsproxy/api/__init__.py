@@ -35,7 +35,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
-from iocore.eventsystem.event import EVENT_INTERVAL, Continuation, Event
+from iocore.eventsystem.event import (
+    EVENT_INTERVAL,
+    VC_EVENT_READ_COMPLETE,
+    VC_EVENT_READ_READY,
+    VC_EVENT_WRITE_READY,
+    Continuation,
+    Event,
+)
+from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.hooks import HookID
 from iocore.records.errors import TSError
 
@@ -52,6 +60,7 @@ __all__ = [
     "HookID",
     "PluginAPI",
     "PluginError",
+    "ProtocolStream",
     "Request",
     "Response",
     "ScheduledCall",
@@ -84,6 +93,8 @@ class PluginError(TSError):
 
 
 class _WorkerLike(Protocol):
+    def register_protocol(self, name: bytes, endpoint: Callable[[Any], None]) -> None: ...
+
     hooks: Any
     thread: Any
     config: Any
@@ -171,6 +182,115 @@ class VConn:
     def protocol_disable(self, protocol: bytes) -> None:
         """TSVConnProtocolDisable: stop offering an ALPN protocol on this connection."""
         self._vc.npn_set = tuple(p for p in self._vc.npn_set if p != protocol)
+
+    def protocol_enable(self, protocol: bytes) -> None:
+        """TSVConnProtocolEnable: offer an ALPN protocol on this connection (after the others).
+
+        A protocol with no endpoint that the client then picks fails the connection cleanly
+        (counted as ``proxy.process.ssl.ssl_alpn_no_endpoint``).
+        """
+        if protocol not in self._vc.npn_set:
+            self._vc.npn_set = (*self._vc.npn_set, protocol)
+
+
+class ProtocolStream(Continuation):
+    """A TLS connection handed to a plugin's own ALPN protocol (``api.register_protocol``).
+
+    The plugin sees decrypted bytes and writes plain bytes; the TLS layer, backpressure and
+    timeouts stay the proxy's. Callbacks run on the worker's loop; one that raises closes the
+    connection.
+    """
+
+    def __init__(self, vc: Any, plugin: str, inactivity_timeout: float) -> None:
+        super().__init__(self._on_event)
+        self._vc = vc
+        self._plugin = plugin
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_close: Callable[[], None] | None = None
+        self._closing = False
+        self._closed = False
+        self._rbuf = MIOBuffer(64 * 1024)
+        self._reader = self._rbuf.alloc_reader()
+        self._wbuf = MIOBuffer(256 * 1024)
+        vc.do_io_read(self, INT64_MAX, self._rbuf)
+        vc.do_io_write(self, INT64_MAX, self._wbuf.alloc_reader())
+        vc.set_inactivity_timeout(inactivity_timeout)
+
+    @property
+    def protocol(self) -> bytes | None:
+        return self._vc.negotiated_protocol  # type: ignore[no-any-return]
+
+    @property
+    def sni(self) -> str | None:
+        return self._vc.server_name  # type: ignore[no-any-return]
+
+    @property
+    def client_address(self) -> tuple[str, int] | None:
+        addr = self._vc.remote_addr
+        return (str(addr[0]), int(addr[1])) if addr else None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def on_data(self, callback: Callable[[bytes], None]) -> None:
+        """``callback(data)`` for every piece of data the client sends."""
+        self._on_data = callback
+        if self._reader.read_avail():
+            self._deliver()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once, when the connection is gone (either side)."""
+        self._on_close = callback
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self._closing:
+            return
+        self._wbuf.write(data)
+        self._vc.write.reenable()
+
+    def close(self) -> None:
+        """Close after what was written went out."""
+        if self._closed:
+            return
+        self._closing = True
+        if not self._wbuf.max_read_avail():
+            self._finish()
+
+    def _deliver(self) -> None:
+        data = self._reader.read()
+        if data and self._on_data is not None:
+            try:
+                self._on_data(data)
+            except Exception:
+                _log.exception("plugin %s: protocol data callback raised; closing", self._plugin)
+                self._finish()
+                return
+        if not self._closed:
+            self._vc.read.reenable()
+
+    def _on_event(self, event: int, data: Any) -> None:
+        if self._closed:
+            return
+        if event in (VC_EVENT_READ_READY, VC_EVENT_READ_COMPLETE):
+            if self._on_data is not None:
+                self._deliver()
+        elif event == VC_EVENT_WRITE_READY:
+            if self._closing and not self._wbuf.max_read_avail():
+                self._finish()
+        else:  # EOS, errors, timeouts
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._vc.do_io_close()
+        if self._on_close is not None:
+            try:
+                self._on_close()
+            except Exception:
+                _log.exception("plugin %s: protocol close callback raised", self._plugin)
 
 
 def _b(value: str | bytes) -> bytes:
@@ -521,6 +641,33 @@ class PluginAPI:
     @property
     def config_dir(self) -> Path:
         return Path(self._worker.boot.config_dir)
+
+    def register_protocol(self, alpn: str | bytes, endpoint: Callable[[ProtocolStream], None]) -> None:
+        """Serve an ALPN protocol of your own (call from ``plugin_init``).
+
+        Every ssl port offers it (before http/1.1, unless the port's ``proto=`` leaves it out);
+        a TLS connection that negotiates it is handed to ``endpoint(stream)`` instead of the
+        HTTP state machine.
+        """
+        name = _b(alpn)
+        plugin = self.name
+        timeout = float(self._worker.config.records.get_int("proxy.config.net.default_inactivity_timeout"))
+
+        def accept(vc: Any) -> None:
+            stream = ProtocolStream(vc, plugin, timeout)
+            try:
+                endpoint(stream)
+            except Exception:
+                _log.exception("plugin %s: protocol endpoint raised; closing", plugin)
+                stream._finish()
+
+        self._worker.register_protocol(name, accept)
+
+    def ssl_context_find_by_addr(self, ip: str, port: int) -> SSL.Context | None:
+        """TSSslContextFindByAddr: the context configured for a local address (dest_ip)."""
+        lookup = self._worker.config.cert_lookup
+        cc = lookup.find_addr(ip, port) if lookup is not None else None
+        return cc.ctx if cc is not None else None
 
     def ssl_context_find_by_name(self, name: str) -> SSL.Context | None:
         """TSSslContextFindByName: the configured context for a server name."""

@@ -1,0 +1,28 @@
+"""Test plugin: serves the ALPN protocol ``echo/1`` (echoes every byte back, upper-cased), and
+with the argument ``enable-h2`` also offers ``h2`` — which nothing serves — from CLIENT_HELLO."""
+
+from __future__ import annotations
+
+from tsproxy.api import HookID, PluginAPI, ProtocolStream, VConn
+
+
+def plugin_init(api: PluginAPI, args: list[str]) -> None:
+    def serve(stream: ProtocolStream) -> None:
+        def on_data(data: bytes) -> None:
+            if data.strip() == b"BYE":
+                stream.write(b"bye\n")
+                stream.close()
+            else:
+                stream.write(data.upper())
+
+        stream.on_data(on_data)
+
+    api.register_protocol("echo/1", serve)
+
+    if "enable-h2" in args:
+
+        def on_hello(hook: HookID, vconn: VConn) -> None:
+            vconn.protocol_enable(b"h2")
+            vconn.reenable()
+
+        api.hook_add(HookID.SSL_CLIENT_HELLO, on_hello)

@@ -1,0 +1,98 @@
+"""Plugin-served ALPN protocols (``api.register_protocol``) and ALPN offers edited by plugins,
+against the real proxy with Python ``ssl`` clients."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+PLUGIN = Path(__file__).parent / "plugins" / "echo_protocol.py"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def start(factory: Callable[..., Any], ca: trustme.CA, tmp_path: Path, *plugin_args: str) -> Any:
+    cert = ca.issue_cert("echo.test")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cert.private_key_and_cert_chain_pem.write_to_path(str(etc / "server.pem"))
+    (etc / "server.pem").chmod(0o600)
+    return factory(
+        name="etc",
+        records={"proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1"},
+        files={
+            "ssl_multicert.config": "dest_ip=* ssl_cert_name=server.pem\n",
+            "plugin.config": f"{PLUGIN} {' '.join(plugin_args)}\n",
+        },
+    )
+
+
+def connect(proxy: Any, ca: trustme.CA, alpn: list[str]) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.set_alpn_protocols(alpn)
+    raw = socket.create_connection(("127.0.0.1", proxy.port()), timeout=5)
+    return ctx.wrap_socket(raw, server_hostname="echo.test")
+
+
+def recv_until(sock: ssl.SSLSocket, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_plugin_serves_its_own_alpn_protocol(
+    tsproxy_factory: Callable[..., Any], ca: trustme.CA, tmp_path: Path
+) -> None:
+    proxy = start(tsproxy_factory, ca, tmp_path)
+    with connect(proxy, ca, ["echo/1"]) as tls:
+        assert tls.selected_alpn_protocol() == "echo/1"
+        tls.sendall(b"hello\n")
+        assert recv_until(tls, b"\n") == b"HELLO\n"
+        tls.sendall(b"again\n")
+        assert recv_until(tls, b"\n") == b"AGAIN\n"
+        tls.sendall(b"BYE\n")
+        assert recv_until(tls, b"bye\n") == b"bye\n"
+        assert tls.recv(10) == b""  # the plugin closed it
+    # The server's preference puts the plugin protocol first...
+    with connect(proxy, ca, ["http/1.1", "echo/1"]) as tls:
+        assert tls.selected_alpn_protocol() == "echo/1"
+    # ...and HTTP on the same port is untouched.
+    with connect(proxy, ca, ["http/1.1"]) as tls:
+        assert tls.selected_alpn_protocol() == "http/1.1"
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n")
+        assert recv_until(tls, b"\n").startswith(b"HTTP/1.1 404")
+
+
+def test_a_protocol_enabled_without_an_endpoint_fails_cleanly(
+    tsproxy_factory: Callable[..., Any], ca: trustme.CA, tmp_path: Path
+) -> None:
+    """ATS PR 7981: a negotiated protocol nothing serves must fail the connection, counted, and
+    never crash the worker."""
+    proxy = start(tsproxy_factory, ca, tmp_path, "enable-h2")
+    pids = proxy.worker_pids()
+    with connect(proxy, ca, ["h2"]) as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            if tls.recv(10) == b"":
+                raise ConnectionResetError("closed by the proxy")
+    out = proxy.ctl("metric", "get", "proxy.process.ssl.ssl_alpn_no_endpoint")
+    assert out.stdout.split() == ["proxy.process.ssl.ssl_alpn_no_endpoint", "1"]
+    with connect(proxy, ca, ["echo/1"]) as tls:
+        tls.sendall(b"still up\n")
+        assert recv_until(tls, b"\n") == b"STILL UP\n"
+    assert proxy.worker_pids() == pids

@@ -96,3 +96,75 @@ def test_a_protocol_enabled_without_an_endpoint_fails_cleanly(
         tls.sendall(b"still up\n")
         assert recv_until(tls, b"\n") == b"STILL UP\n"
     assert proxy.worker_pids() == pids
+
+
+def test_a_paused_hook_talks_to_a_service_without_blocking_the_loop(
+    tsproxy_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """api.connect from a paused hook: the answer comes from a TCP service that replies after a
+    delay, and meanwhile other clients on the same worker are served."""
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def service() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            line = conn.makefile("rb").readline()
+            if b"slow" in line:
+                time.sleep(0.8)
+            conn.sendall(b"allowed " + line)
+
+    thread = threading.Thread(target=service, daemon=True)
+    thread.start()
+    plugin = Path(__file__).parent / "plugins" / "ask_policy.py"
+    proxy = tsproxy_factory(files={"plugin.config": f"{plugin} 127.0.0.1 {port}\n"})
+    try:
+        results: dict[str, tuple[float, bytes]] = {}
+
+        def get(path: str) -> None:
+            t0 = time.monotonic()
+            with socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x.test\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            results[path] = (time.monotonic() - t0, data)
+
+        slow = threading.Thread(target=get, args=("/slow",))
+        slow.start()
+        time.sleep(0.2)
+        get("/fast")  # while /slow's hook waits for the service
+        slow.join(10)
+        fast_time, fast = results["/fast"]
+        slow_time, slow_reply = results["/slow"]
+        assert fast.startswith(b"HTTP/1.1 200") and fast.endswith(b"allowed /fast\n"), fast
+        assert slow_reply.startswith(b"HTTP/1.1 200") and slow_reply.endswith(b"allowed /slow\n"), slow_reply
+        assert slow_time >= 0.8
+        assert fast_time < 0.6, "the paused hook blocked another client"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    # An unreachable service is an ordinary failure the plugin can answer.
+    closed_port = socket.create_server(("127.0.0.1", 0))
+    dead = closed_port.getsockname()[1]
+    closed_port.close()
+    proxy2 = tsproxy_factory(files={"plugin.config": f"{plugin} 127.0.0.1 {dead}\n"})
+    with socket.create_connection(("127.0.0.1", proxy2.port()), timeout=5) as s:
+        s.sendall(b"GET /x HTTP/1.1\r\nHost: x.test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 503") and b"policy unreachable" in data, data

@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -93,6 +94,8 @@ class PluginError(TSError):
 
 
 class _WorkerLike(Protocol):
+    nh: Any
+
     def register_protocol(self, name: bytes, endpoint: Callable[[Any], None]) -> None: ...
 
     hooks: Any
@@ -218,11 +221,12 @@ class ProtocolStream(Continuation):
 
     @property
     def protocol(self) -> bytes | None:
-        return self._vc.negotiated_protocol  # type: ignore[no-any-return]
+        """The ALPN protocol of an accepted TLS connection; None for ``api.connect`` streams."""
+        return getattr(self._vc, "negotiated_protocol", None)
 
     @property
     def sni(self) -> str | None:
-        return self._vc.server_name  # type: ignore[no-any-return]
+        return getattr(self._vc, "server_name", None)
 
     @property
     def client_address(self) -> tuple[str, int] | None:
@@ -603,6 +607,65 @@ class PluginAPI:
             thread.call_soon_threadsafe(lambda: deliver(outcome))
 
         _thread_pool().submit(fn).add_done_callback(finished)
+
+    def resolve(
+        self, host: str, port: int, on_done: Callable[[tuple[str, int] | BaseException], None]
+    ) -> None:
+        """Resolve ``host`` without blocking the loop: ``on_done((ip, port))`` or
+        ``on_done(exception)`` back on the loop."""
+
+        def lookup() -> tuple[str, int]:
+            _family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            return str(addr[0]), int(addr[1])
+
+        self.run_in_thread(lookup, on_done)
+
+    def connect(
+        self,
+        host: str,
+        port: int,
+        on_done: Callable[[ProtocolStream | BaseException], None],
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        """Open a TCP connection from this worker's loop (e.g. to ask a policy service from a
+        paused hook): ``on_done(stream)`` once connected, or ``on_done(exception)``. The stream
+        is the same ``ProtocolStream`` as for ``register_protocol`` (on_data, write, close)."""
+        from iocore.eventsystem.event import NET_EVENT_OPEN
+        from iocore.net.net_accept import connect as net_connect
+
+        plugin = self.name
+        worker = self._worker
+
+        def deliver(result: ProtocolStream | BaseException) -> None:
+            try:
+                on_done(result)
+            except Exception:
+                _log.exception("plugin %s: connect callback raised", plugin)
+                if isinstance(result, ProtocolStream):
+                    result.close()
+
+        class _Opened(Continuation):
+            def __init__(self) -> None:
+                super().__init__(self._opened)
+
+            def _opened(self, event: int, data: Any) -> None:
+                if event == NET_EVENT_OPEN:
+                    deliver(ProtocolStream(data, plugin, timeout))
+                else:
+                    err = data if isinstance(data, int) else 0
+                    deliver(ConnectionError(err, f"connect to {host}:{port} failed: {os.strerror(err)}"))
+
+        def resolved(result: tuple[str, int] | BaseException) -> None:
+            if isinstance(result, BaseException):
+                deliver(result)
+                return
+            family = socket.AF_INET6 if ":" in result[0] else socket.AF_INET
+            vc = net_connect(worker.nh, _Opened(), result, family)
+            if vc is not None:
+                vc.set_inactivity_timeout(timeout)  # also bounds the connect itself
+
+        self.resolve(host, port, resolved)
 
     def ssl_context_from_files(
         self, cert: str | os.PathLike[str], key: str | os.PathLike[str]

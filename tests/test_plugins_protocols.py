@@ -60,6 +60,7 @@ def test_a_plugin_serves_its_own_alpn_protocol(
     proxy = start(tsproxy_factory, ca, tmp_path)
     with connect(proxy, ca, ["echo/1"]) as tls:
         assert tls.selected_alpn_protocol() == "echo/1"
+        assert recv_until(tls, b"\n") == b"hi echo/1\n"
         tls.sendall(b"hello\n")
         assert recv_until(tls, b"\n") == b"HELLO\n"
         tls.sendall(b"again\n")
@@ -70,6 +71,9 @@ def test_a_plugin_serves_its_own_alpn_protocol(
     # The server's preference puts the plugin protocol first...
     with connect(proxy, ca, ["http/1.1", "echo/1"]) as tls:
         assert tls.selected_alpn_protocol() == "echo/1"
+        assert recv_until(tls, b"\n") == b"hi echo/1\n"
+    # The VCONN_CLOSE hook saw what was negotiated.
+    assert "closed: alpn=b'echo/1' version=TLSv1.3" in proxy.output()
     # ...and HTTP on the same port is untouched.
     with connect(proxy, ca, ["http/1.1"]) as tls:
         assert tls.selected_alpn_protocol() == "http/1.1"
@@ -93,6 +97,7 @@ def test_a_protocol_enabled_without_an_endpoint_fails_cleanly(
     out = proxy.ctl("metric", "get", "proxy.process.ssl.ssl_alpn_no_endpoint")
     assert out.stdout.split() == ["proxy.process.ssl.ssl_alpn_no_endpoint", "1"]
     with connect(proxy, ca, ["echo/1"]) as tls:
+        assert recv_until(tls, b"\n") == b"hi echo/1\n"
         tls.sendall(b"still up\n")
         assert recv_until(tls, b"\n") == b"STILL UP\n"
     assert proxy.worker_pids() == pids

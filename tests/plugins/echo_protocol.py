@@ -8,6 +8,8 @@ from tsproxy.api import HookID, PluginAPI, ProtocolStream, VConn
 
 def plugin_init(api: PluginAPI, args: list[str]) -> None:
     def serve(stream: ProtocolStream) -> None:
+        stream.write(b"hi " + (stream.protocol or b"-") + b"\n")
+
         def on_data(data: bytes) -> None:
             if data.strip() == b"BYE":
                 stream.write(b"bye\n")
@@ -26,3 +28,10 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
             vconn.reenable()
 
         api.hook_add(HookID.SSL_CLIENT_HELLO, on_hello)
+
+    def on_close(hook: HookID, vconn: VConn) -> None:
+        # After the handshake the facade knows what was negotiated.
+        api.log.info("closed: alpn=%s version=%s", vconn.protocol, vconn.tls_version)
+        vconn.reenable()
+
+    api.hook_add(HookID.VCONN_CLOSE, on_close)

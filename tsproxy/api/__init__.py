@@ -159,6 +159,20 @@ class VConn:
         return self._vc.server_name
 
     @property
+    def protocol(self) -> bytes | None:
+        """The negotiated ALPN protocol (after the handshake), if any."""
+        return getattr(self._vc, "negotiated_protocol", None)
+
+    @property
+    def tls_version(self) -> str | None:
+        """``TLSv1.3`` / ``TLSv1.2`` once the handshake is done (None before, or for plain VCs)."""
+        return (
+            getattr(self._vc, "ssl_version", None)
+            if getattr(self._vc, "ssl_handshake_complete", False)
+            else None
+        )
+
+    @property
     def client_hello(self) -> ClientHello | None:
         """TSVConnClientHelloGet: the parsed ClientHello (from SSL_CLIENT_HELLO on)."""
         return self._vc.client_hello

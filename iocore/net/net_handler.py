@@ -13,6 +13,7 @@ listens.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from iocore.eventsystem.ethread import EThread
@@ -26,6 +27,8 @@ from iocore.records.stats import METRIC_ID
 
 if TYPE_CHECKING:
     from iocore.net.net_vconnection import NetVConnection
+
+_log = logging.getLogger("tsproxy.net")
 
 _M_OPEN = METRIC_ID["proxy.process.net.connections_currently_open"]
 _M_INACTIVITY = METRIC_ID["proxy.process.net.inactivity_timeouts"]
@@ -42,6 +45,7 @@ class NetHandler(Continuation):
         self.open_vcs: dict[NetVConnection, None] = {}
         self.read_ready_list: dict[NetVConnection, None] = {}
         self.write_ready_list: dict[NetVConnection, None] = {}
+        self.ssl_scratch: Any = None  # the TLS data path's scratch memory (ssl_net_vconnection)
         thread.ready_callbacks.append(self._process_read_ready)
         thread.post_io_callbacks.append(self._process_write_ready)
         thread.schedule_every(self, 1.0, EVENT_INTERVAL)
@@ -67,7 +71,11 @@ class NetHandler(Continuation):
         self.read_ready_list = {}
         for vc in ready:
             if not vc.closed:
-                vc.guarded(vc.net_read_io)
+                try:  # vc.guarded(vc.net_read_io), inlined
+                    vc.net_read_io()
+                except Exception:
+                    _log.exception("unexpected error on %r; closing it", vc)
+                    vc.do_io_close()
         return bool(self.read_ready_list)
 
     def _process_write_ready(self) -> None:
@@ -77,7 +85,11 @@ class NetHandler(Continuation):
             self.write_ready_list = {}
             for vc in ready:
                 if not vc.closed:
-                    vc.guarded(vc.write_to_net_io)
+                    try:  # vc.guarded(vc.write_to_net_io), inlined
+                        vc.write_to_net_io()
+                    except Exception:
+                        _log.exception("unexpected error on %r; closing it", vc)
+                        vc.do_io_close()
 
     def _inactivity_cop(self, event: int, data: Any) -> int:
         now = self.thread.now

@@ -218,7 +218,12 @@ class NetVConnection(Continuation):
         self._mask = mask
 
     def _on_io(self, mask: int) -> None:
-        self.guarded(self._on_io_unguarded, mask)
+        # guarded(), inlined: this runs once per readiness event.
+        try:
+            self._on_io_unguarded(mask)
+        except Exception:
+            _log.exception("unexpected error on %r; closing it", self)
+            self.do_io_close()
 
     def guarded(self, fn: Callable[..., None], *args: Any) -> None:
         """Run one step of this VC; an unexpected exception (ours or a plugin's) fails this

@@ -229,6 +229,51 @@ def _mem_pending(bio: Any) -> int:
     return int(_ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.NULL))
 
 
+_SSL_read = _ssl_lib.SSL_read
+_SSL_write = _ssl_lib.SSL_write
+_BIO_read = _ssl_lib.BIO_read
+_BIO_write = _ssl_lib.BIO_write
+_ffi_buffer = _ssl_ffi.buffer
+_ffi_from_buffer = _ssl_ffi.from_buffer
+_OUT_SCRATCH = 65536
+
+
+class _SSLScratch:
+    """Per-EThread scratch memory of the TLS data path: the raw socket read lands in ``raw``
+    and goes to the read BIO from there, decrypted records land in ``rec``, ciphertext is
+    drained through ``out``. The data is copied out before the loop runs anything else, so one
+    set per thread suffices and no read allocates a buffer of its own size."""
+
+    __slots__ = ("out", "raw", "raw_view", "rec")
+
+    def __init__(self) -> None:
+        self.raw = _ssl_ffi.new("char[]", RAW_READ)
+        self.raw_view = _ssl_ffi.buffer(self.raw)
+        self.rec = _ssl_ffi.new("char[]", TLS_RECORD_MAX)
+        self.out = _ssl_ffi.new("char[]", _OUT_SCRATCH)
+
+
+def _scratch_of(nh: Any) -> _SSLScratch:
+    scratch = getattr(nh, "ssl_scratch", None)
+    if scratch is None:
+        scratch = _SSLScratch()
+        with contextlib.suppress(AttributeError):
+            nh.ssl_scratch = scratch
+    return scratch
+
+
+def _drain_out(ssl: SSL.Connection, pending: int, scratch: _SSLScratch, out: bytearray) -> None:
+    """Append ``pending`` bytes of the write BIO to ``out`` (ssl.bio_read without its copy)."""
+    if pending > _OUT_SCRATCH:
+        out += ssl.bio_read(pending)
+        return
+    n = _BIO_read(ssl._from_ssl, scratch.out, pending)
+    if n <= 0:
+        ssl._handle_bio_errors(ssl._from_ssl, n)
+        return
+    out += _ffi_buffer(scratch.out, n)
+
+
 def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> Any:
     # -> bytes | SSL.NO_OVERLAPPING_PROTOCOLS (pyOpenSSL's sentinel type is private)
     """ALPN selection with the server's preference (the VC's protocol set, in order)."""
@@ -247,6 +292,7 @@ class SSLNetVConnection(NetVConnection):
     def __init__(self, sock: socket.socket, nh: NetHandler, config: SSLAcceptConfig | None = None) -> None:
         super().__init__(sock, nh)
         self.config = config
+        self._scratch = _scratch_of(nh)
         self.ssl: SSL.Connection | None = None
         self.ssl_handshake_complete = False
         self.ssl_handshake_begin_time = 0.0
@@ -628,20 +674,25 @@ class SSLNetVConnection(NetVConnection):
 
         Returns the byte count, 0 for EOF, or ``-errno`` (``-11`` = EAGAIN: nothing yet).
         """
+        scratch = self._scratch
         try:
-            data = self.sock.recv(RAW_READ)
+            n = self.sock.recv_into(scratch.raw_view)
         except (BlockingIOError, InterruptedError):
             return -11
         except OSError as exc:
             return -(exc.errno or 5)
-        if not data:
+        if not n:
             return 0
-        if self.ssl is None:
-            self.handshake_buffer += data
+        ssl = self.ssl
+        if ssl is None:
+            self.handshake_buffer += scratch.raw_view[0:n]
         else:
-            self.ssl.bio_write(data)
+            # ssl.bio_write, straight from the scratch buffer (a memory BIO takes it all)
+            result = _BIO_write(ssl._into_ssl, scratch.raw, n)
+            if result <= 0:
+                ssl._handle_bio_errors(ssl._into_ssl, result)
             self._ssl_bio_has_data = True
-        return len(data)
+        return n
 
     def _ssl_accept_step(self) -> int:
         ssl = self.ssl
@@ -847,7 +898,7 @@ class SSLNetVConnection(NetVConnection):
         out = self._out_raw
         pending = _mem_pending(ssl._from_ssl)
         if pending:
-            out += ssl.bio_read(pending)
+            _drain_out(ssl, pending, self._scratch, out)
         if out:
             self._flush_raw()
 
@@ -883,10 +934,17 @@ class SSLNetVConnection(NetVConnection):
         room = min(buf.write_avail(), vio.nbytes - vio.ndone)
         eos = False
         error = False
+        rec = self._scratch.rec
         while room > 0:
             if self._raw_eof or ssl.pending() or _mem_pending(ssl._into_ssl):
                 try:
-                    data = ssl.recv(min(room, TLS_RECORD_MAX))
+                    # ssl.recv() without its per-call buffer allocation; errors as in pyOpenSSL
+                    n = _SSL_read(ssl._ssl, rec, min(room, TLS_RECORD_MAX))
+                    if n > 0:
+                        data = _ffi_buffer(rec, n)[:]
+                    else:
+                        ssl._raise_ssl_error(ssl._ssl, n)
+                        data = b""
                 except SSL.WantReadError:  # a partial record: more ciphertext is needed
                     self._ssl_bio_has_data = False
                     if self._raw_eof:
@@ -950,10 +1008,13 @@ class SSLNetVConnection(NetVConnection):
         todo = vio.nbytes - vio.ndone
         avail = min(reader.read_avail(), todo)
         wrote = 0
+        scratch = self._scratch
         while avail > 0 and len(self._out_raw) < 262144:
             try:
-                with reader.peek(min(avail, TLS_RECORD_MAX)) as chunk:
-                    n = ssl.send(chunk)
+                with reader.peek(min(avail, TLS_RECORD_MAX)) as chunk, _ffi_from_buffer(chunk) as cdata:
+                    n = _SSL_write(ssl._ssl, cdata, len(chunk))  # ssl.send(chunk)
+                if n <= 0:
+                    ssl._raise_ssl_error(ssl._ssl, n)
             except SSL.Error as exc:
                 _dbg_err("SSL write error to %s: %s", self.remote_addr, exc)
                 self.write_enabled = False
@@ -965,7 +1026,7 @@ class SSLNetVConnection(NetVConnection):
             wrote += n
             pending = _mem_pending(ssl._from_ssl)
             if pending:
-                self._out_raw += ssl.bio_read(pending)
+                _drain_out(ssl, pending, scratch, self._out_raw)
         if wrote:
             self.net_activity()
         if self._out_raw and not self._flush_raw():

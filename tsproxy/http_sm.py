@@ -1012,8 +1012,11 @@ class HttpClientSession(Continuation):
         waits (``_blocked``) and the loop serves everyone else. ``respond()`` or an error ends
         the hook chain with a local answer instead of ``then``.
         """
-        callbacks = self.proc.hooks.get(hook)
         txn_hooks = self.txn_hooks
+        if txn_hooks is None and not self.proc.hooks.by_id:
+            then()  # no plugin registered any hook: nothing to look up
+            return
+        callbacks = self.proc.hooks.get(hook)
         if txn_hooks is not None and hook in txn_hooks:
             callbacks = (*callbacks, *txn_hooks[hook])
         if not callbacks:

@@ -95,7 +95,13 @@ class IOBufferReader:
         return memoryview(buf)[self.pos : end]
 
     def read(self, n: int = -1) -> bytes:
-        buf = self.mbuf._buf
+        mbuf = self.mbuf
+        buf = mbuf._buf
+        if self.pos == 0 and (n < 0 or n >= len(buf)) and len(mbuf.readers) == 1:
+            # Everything, one reader: one copy, and the buffer empties (what consume() would do).
+            data = bytes(buf)
+            buf.clear()
+            return data
         end = len(buf) if n < 0 else min(len(buf), self.pos + n)
         data = bytes(buf[self.pos : end])
         self.consume(end - self.pos)

@@ -47,10 +47,13 @@ HookCallback = Callable[[HookID, Any], None]
 class HookRegistry:
     """Callbacks per hook id, in registration order."""
 
-    __slots__ = ("_hooks",)
+    __slots__ = ("_hooks", "by_id")
 
     def __init__(self) -> None:
         self._hooks: dict[HookID, tuple[HookCallback, ...]] = {}
+        # The same dict, read-only for hot paths: empty means no hook has a callback, so the
+        # HTTP state machine skips its hook bookkeeping with one truth test.
+        self.by_id = self._hooks
 
     def add(self, hook: HookID, callback: HookCallback) -> None:
         self._hooks[hook] = (*self._hooks.get(hook, ()), callback)

@@ -244,7 +244,7 @@ class NetVConnection(Continuation):
     def _signal(self, vio: VIO, event: int) -> None:
         cont = vio.cont
         if cont is not None and not self.closed:
-            cont.handle_event(event, vio)
+            cont.handler(event, vio)  # cont.handle_event(event, vio), one call fewer
 
     def net_read_io(self) -> None:
         """Read what the socket has into the read VIO's buffer and call the consumer back."""

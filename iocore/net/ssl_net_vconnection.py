@@ -230,6 +230,9 @@ def _mem_pending(bio: Any) -> int:
 
 
 _SSL_read = _ssl_lib.SSL_read
+_SSL_pending = _ssl_lib.SSL_pending
+_BIO_get_mem_data = _ssl_lib.BIO_get_mem_data
+_NULL = _ssl_ffi.NULL
 _SSL_write = _ssl_lib.SSL_write
 _BIO_read = _ssl_lib.BIO_read
 _BIO_write = _ssl_lib.BIO_write
@@ -330,6 +333,15 @@ class SSLNetVConnection(NetVConnection):
 
     # -- net_read_io / write_to_net_io ---------------------------------------------------------
     def _on_io_unguarded(self, mask: int) -> None:
+        if self.ssl_handshake_complete and self.attributes is not Transport.BLIND_TUNNEL:
+            # The TLS data path: net_read_io / write_to_net_io resolved without their dispatch.
+            if mask & EVENT_WRITE and self._out_raw and not self._flush_raw():
+                return
+            if mask & EVENT_READ:
+                self._ssl_read()
+            if mask & EVENT_WRITE and not self.closed:
+                self.write_to_net_io()
+            return
         if self.attributes is Transport.BLIND_TUNNEL or self.ssl_handshake_complete:
             if mask & EVENT_WRITE and self._out_raw and not self._flush_raw():
                 return
@@ -896,7 +908,7 @@ class SSLNetVConnection(NetVConnection):
         if ssl is None:
             return
         out = self._out_raw
-        pending = _mem_pending(ssl._from_ssl)
+        pending = _BIO_get_mem_data(ssl._from_ssl, _NULL)  # _mem_pending, inlined
         if pending:
             _drain_out(ssl, pending, self._scratch, out)
         if out:
@@ -935,11 +947,14 @@ class SSLNetVConnection(NetVConnection):
         eos = False
         error = False
         rec = self._scratch.rec
+        ssl_ptr = ssl._ssl
+        into = ssl._into_ssl
         while room > 0:
-            if self._raw_eof or ssl.pending() or _mem_pending(ssl._into_ssl):
+            # ssl.pending() / _mem_pending(), inlined
+            if self._raw_eof or _SSL_pending(ssl_ptr) or _BIO_get_mem_data(into, _NULL):
                 try:
                     # ssl.recv() without its per-call buffer allocation; errors as in pyOpenSSL
-                    n = _SSL_read(ssl._ssl, rec, min(room, TLS_RECORD_MAX))
+                    n = _SSL_read(ssl_ptr, rec, min(room, TLS_RECORD_MAX))
                     if n > 0:
                         data = _ffi_buffer(rec, n)[:]
                     else:
@@ -1024,7 +1039,7 @@ class SSLNetVConnection(NetVConnection):
             vio.ndone += n
             avail -= n
             wrote += n
-            pending = _mem_pending(ssl._from_ssl)
+            pending = _BIO_get_mem_data(ssl._from_ssl, _NULL)  # _mem_pending, inlined
             if pending:
                 _drain_out(ssl, pending, scratch, self._out_raw)
         if wrote:

@@ -369,7 +369,10 @@ class HttpClientSession(Continuation):
     # -- client side -----------------------------------------------------------------------------
     def handle_client_event(self, event: int, data: Any) -> None:
         try:
-            self._client_event(event)
+            if event == VC_EVENT_READ_READY:  # the common event, without _client_event's dispatch
+                self._process_client_input()
+            else:
+                self._client_event(event)
         except Exception:
             # The VC's guard closes only the VC that raised: fail the whole session so neither
             # the client nor the origin connection is left waiting for a transaction that died.
@@ -751,7 +754,10 @@ class HttpClientSession(Continuation):
     # -- origin side --------------------------------------------------------------------------
     def handle_origin_event(self, event: int, data: Any) -> None:
         try:
-            self._origin_event(event)
+            if event == VC_EVENT_READ_READY:  # the common event, without _origin_event's dispatch
+                self._process_origin_input()
+            else:
+                self._origin_event(event)
         except Exception:
             self.close()  # as in handle_client_event
             raise

@@ -53,9 +53,17 @@ class MIOBuffer:
 
     def write_avail(self) -> int:
         """How many bytes may still be added before the water mark is reached."""
-        return max(self.water_mark - self.max_read_avail(), 0)
+        readers = self.readers
+        if len(readers) == 1:  # max_read_avail's common case, inlined (hot)
+            avail = self.water_mark - len(self._buf) + readers[0].pos
+        else:
+            avail = self.water_mark - self.max_read_avail()
+        return avail if avail > 0 else 0
 
     def high_water(self) -> bool:
+        readers = self.readers
+        if len(readers) == 1:  # max_read_avail's common case, inlined (hot)
+            return len(self._buf) - readers[0].pos >= self.water_mark
         return self.max_read_avail() >= self.water_mark
 
     def _trim(self) -> None:

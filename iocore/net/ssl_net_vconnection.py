@@ -364,8 +364,10 @@ class SSLNetVConnection(NetVConnection):
             self._ssl_write()
 
     def _wants_read(self) -> bool:
-        if self.attributes is Transport.BLIND_TUNNEL or self.ssl_handshake_complete:
-            return NetVConnection._wants_read(self)
+        if self.ssl_handshake_complete or self.attributes is Transport.BLIND_TUNNEL:
+            # NetVConnection._wants_read, inlined (runs on every reenable)
+            buf = self.read.buffer
+            return self.read_enabled and buf is not None and not buf.high_water()
         return self._hs_want_read
 
     def _wants_write(self) -> bool:
@@ -380,7 +382,7 @@ class SSLNetVConnection(NetVConnection):
         return (
             self.ssl_handshake_complete
             and ssl is not None
-            and (ssl.pending() > 0 or self._raw_eof or _mem_pending(ssl._into_ssl) > 0)
+            and (_SSL_pending(ssl._ssl) > 0 or self._raw_eof or _BIO_get_mem_data(ssl._into_ssl, _NULL) > 0)
         )
 
     # -- the handshake driver (ATS SSLNetVConnection::net_read_io, handshake part) --------------

@@ -100,6 +100,9 @@ class RemapResult:
     options: Mapping[str, str]
 
 
+_CACHE_SIZE = 512
+_CACHE_MAX_PATH = 512
+
 _Index = dict[tuple[str, bytes, int], list[tuple[int, RemapRule]]]
 
 
@@ -111,8 +114,12 @@ class RemapTable:
     warnings: list[str] = field(default_factory=list)
     _by_host_port: _Index = field(default_factory=dict, repr=False)
     _by_recv_port: _Index = field(default_factory=dict, repr=False)
+    # Recent lookups (the result is immutable, so it is shared): keep-alive clients repeat the
+    # same few URLs, and a hit spares the host parsing, the rule scan and the result's __init__.
+    _cache: dict[tuple[str, str | bytes, int, bytes], RemapResult] = field(default_factory=dict, repr=False)
 
     def add(self, rule: RemapRule) -> None:
+        self._cache.clear()
         index = self._by_recv_port if rule.directive == "map_with_recv_port" else self._by_host_port
         key = (rule.from_scheme, rule.from_host.encode("ascii"), rule.from_port)
         index.setdefault(key, []).append((len(self.rules), rule))
@@ -132,6 +139,19 @@ class RemapTable:
         ``host`` is the Host header value (may carry ":port"); ``port`` is the port the request
         arrived on (used by map_with_recv_port rules); ``path`` the origin-form request-target.
         """
+        key = (scheme, host, port, path)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        result = self._lookup(scheme, host, port, path)
+        if result is not None and len(path) <= _CACHE_MAX_PATH and len(host) <= _CACHE_MAX_PATH:
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()  # bounded; clearing is O(1) per insert amortised
+            cache[key] = result
+        return result
+
+    def _lookup(self, scheme: str, host: str | bytes, port: int, path: bytes) -> RemapResult | None:
         hb = host.encode("latin-1") if isinstance(host, str) else host
         hb = hb.lower()
         name = hb

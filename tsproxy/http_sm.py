@@ -55,6 +55,7 @@ from iocore.eventsystem.event import (
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.hooks import HookID, HookRegistry
 from iocore.net.net_accept import connect
+from iocore.net.net_vconnection import EVENT_READ
 from iocore.net.ssl_config import VerifyServerPolicy
 from iocore.net.ssl_net_vconnection import OutboundHooks, OutboundPlainNetVConnection, SSLNetVConnection
 from iocore.records.errors import TSError
@@ -269,7 +270,22 @@ class OriginConnection(Continuation):
         self.session = session
         self.set_handler(session.handle_origin_event)
         vc = self.vc
-        vc.do_io_read(self, INT64_MAX, self.read_buf)
+        rvio = vc.read
+        if (
+            vc._mask == EVENT_READ
+            and vc.read_enabled
+            and rvio.cont is self
+            and rvio.buffer is self.read_buf
+            and rvio.nbytes == INT64_MAX
+            and not self.read_buf.high_water()
+            and not vc._has_buffered_input()
+        ):
+            # A pooled connection park() left reading (and polled for reading only) into
+            # read_buf: do_io_read would only reset ndone, as its reschedule would find no
+            # buffered input and compute the interest already registered.
+            rvio.ndone = 0
+        else:
+            vc.do_io_read(self, INT64_MAX, self.read_buf)
         vc.do_io_write(self, INT64_MAX, self.write_reader)
         vc.set_inactivity_timeout(self.proc.http.txn_timeout_out)
 
@@ -354,6 +370,7 @@ class HttpClientSession(Continuation):
         self.synthetic: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self.resp_pending: list[Any] = []
         self.status_sent = 0  # the status the client got for the current transaction (0: none yet)
+        self._in_client_input = False  # _process_client_input is on the stack
         proc.sessions[self] = None
         counters = proc.counters
         counters[M_CUR_CLIENT] += 1
@@ -406,30 +423,38 @@ class HttpClientSession(Continuation):
             self.close()
 
     def _process_client_input(self) -> None:
-        if self.closed:
+        if self.closed or self._in_client_input:
+            # _in_client_input: called again from inside a step of the call on the stack (a
+            # request head sent, a local answer ended the transaction). No bytes are read in
+            # between, and that call goes on with the pending events and the reenable as soon
+            # as this step returns, so a second pass would find nothing to do.
             return
         if self._blocked():
             return
-        reader = self.reader
-        if reader.read_avail():
-            data = reader.read()
-            parser = self.parser
-            try:
-                self.pending.extend(parser.feed(data))
-            except HTTPProtocolError as exc:
-                self.pending.extend(exc.events_before)
-                self.pending.append(exc)
-            # The inactivity timer restarts with every byte, so a head dripped one byte at a
-            # time would never time out: the whole head must arrive within
-            # transaction_no_activity_timeout_in of its first byte (an active timeout).
-            if parser.in_head:
-                if not self.head_timer:
-                    self.head_timer = True
-                    self.vc.set_active_timeout(self.http.txn_timeout_in)
-            elif self.head_timer:
-                self.head_timer = False
-                self.vc.set_active_timeout(0)
-        self._run_pending()
+        self._in_client_input = True
+        try:
+            reader = self.reader
+            if reader.read_avail():
+                data = reader.read()
+                parser = self.parser
+                try:
+                    self.pending.extend(parser.feed(data))
+                except HTTPProtocolError as exc:
+                    self.pending.extend(exc.events_before)
+                    self.pending.append(exc)
+                # The inactivity timer restarts with every byte, so a head dripped one byte at a
+                # time would never time out: the whole head must arrive within
+                # transaction_no_activity_timeout_in of its first byte (an active timeout).
+                if parser.in_head:
+                    if not self.head_timer:
+                        self.head_timer = True
+                        self.vc.set_active_timeout(self.http.txn_timeout_in)
+                elif self.head_timer:
+                    self.head_timer = False
+                    self.vc.set_active_timeout(0)
+            self._run_pending()
+        finally:
+            self._in_client_input = False
         if not self.closed and not self._blocked():
             self.vc.read.reenable()
 
@@ -754,8 +779,11 @@ class HttpClientSession(Continuation):
     # -- origin side --------------------------------------------------------------------------
     def handle_origin_event(self, event: int, data: Any) -> None:
         try:
-            if event == VC_EVENT_READ_READY:  # the common event, without _origin_event's dispatch
+            # the common events, without _origin_event's dispatch
+            if event == VC_EVENT_READ_READY:
                 self._process_origin_input()
+            elif event == VC_EVENT_WRITE_READY:  # the origin drained the upload buffer
+                self._process_client_input()
             else:
                 self._origin_event(event)
         except Exception:

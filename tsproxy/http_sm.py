@@ -621,11 +621,8 @@ class HttpClientSession(Continuation):
         settings: OriginTLSSettings | None,
         ok: bool,
     ) -> None:
-        if token is not self.connecting or self.closed:
-            vc.do_io_close()
+        if not self._claim_connect(vc, token):
             return
-        self.connecting = None
-        self.connect_vc = None
         if not ok:
             vc.do_io_close()
             self._send_error(
@@ -634,6 +631,16 @@ class HttpClientSession(Continuation):
             self._process_client_input()
             return
         self._origin_connected(vc, key, token, settings)
+
+    def _claim_connect(self, vc: NetVConnection, token: _Connecting) -> bool:
+        """This connect step still belongs to the current transaction: take the connection.
+        Otherwise (superseded, or the session closed) the connection is dropped."""
+        if token is not self.connecting or self.closed:
+            vc.do_io_close()
+            return False
+        self.connecting = None
+        self.connect_vc = None
+        return True
 
     def _origin_connected(
         self, vc: NetVConnection, key: OriginKey, token: _Connecting, settings: OriginTLSSettings | None
@@ -661,11 +668,8 @@ class HttpClientSession(Continuation):
     def _origin_tls_done(
         self, vc: SSLNetVConnection, ok: bool, key: OriginKey, token: _Connecting, settings: OriginTLSSettings
     ) -> None:
-        if token is not self.connecting or self.closed:
-            vc.do_io_close()
+        if not self._claim_connect(vc, token):
             return
-        self.connecting = None
-        self.connect_vc = None
         counters = self.proc.counters
         origin = f"{key[1]}:{key[2]}"
         if not ok:
@@ -711,11 +715,8 @@ class HttpClientSession(Continuation):
         self._process_client_input()
 
     def _origin_verified(self, vc: SSLNetVConnection, key: OriginKey, token: _Connecting, ok: bool) -> None:
-        if token is not self.connecting or self.closed:
-            vc.do_io_close()
+        if not self._claim_connect(vc, token):
             return
-        self.connecting = None
-        self.connect_vc = None
         if not ok:
             if not vc.closed:  # refused by a plugin (a timeout while paused is not a verify failure)
                 self.proc.counters[M_VERIFY_FAILED] += 1

@@ -269,6 +269,20 @@ def _openssl_reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _load_verify_locations(ctx: SSL.Context, cafile: Path | None, capath: Path | None) -> None:
+    """The trusted CAs from a PEM file and/or a hashed directory; errors name the file."""
+    if cafile is not None:
+        _check_readable(cafile, "CA certificate file")
+    try:
+        ctx.load_verify_locations(
+            str(cafile).encode() if cafile else None, str(capath).encode() if capath else None
+        )
+    except SSL.Error as exc:
+        raise ConfigError(
+            str(cafile or capath), None, f"bad CA certificates: {_openssl_reason(exc)}"
+        ) from exc
+
+
 def _check_readable(path: Path, what: str) -> None:
     try:
         with open(path, "rb") as f:
@@ -457,16 +471,7 @@ def _setup_client_verification(ctx: SSL.Context, params: SSLConfigParams) -> Non
             f"proxy.config.ssl.client.certification_level={params.certification_level} needs "
             "proxy.config.ssl.CA.cert.filename or proxy.config.ssl.CA.cert.path",
         )
-    if cafile is not None:
-        _check_readable(cafile, "CA certificate file")
-    try:
-        ctx.load_verify_locations(
-            str(cafile).encode() if cafile else None, str(capath).encode() if capath else None
-        )
-    except SSL.Error as exc:
-        raise ConfigError(
-            str(cafile or capath), None, f"bad CA certificates: {_openssl_reason(exc)}"
-        ) from exc
+    _load_verify_locations(ctx, cafile, capath)
     names = _read_pem_certs(cafile) if cafile is not None else []
     if capath is not None:
         names += _ca_dir_certs(capath)
@@ -529,16 +534,7 @@ def build_client_context(params: SSLConfigParams, *, alpn_protocols: Sequence[by
         if cafile is None and capath is None:
             ctx.set_default_verify_paths()
         else:
-            if cafile is not None:
-                _check_readable(cafile, "CA certificate file")
-            try:
-                ctx.load_verify_locations(
-                    str(cafile).encode() if cafile else None, str(capath).encode() if capath else None
-                )
-            except SSL.Error as exc:
-                raise ConfigError(
-                    str(cafile or capath), None, f"bad CA certificates: {_openssl_reason(exc)}"
-                ) from exc
+            _load_verify_locations(ctx, cafile, capath)
         ctx.set_verify_depth(params.client_verify_depth)
 
         policy, props = params.client_verify_policy, params.client_verify_properties

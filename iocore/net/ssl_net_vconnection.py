@@ -978,6 +978,8 @@ class SSLNetVConnection(NetVConnection):
                     error = True
                     break
                 else:
+                    if not data:
+                        break  # SSL_read gave nothing and no error: never spin on it
                     chunks.append(data)
                     room -= len(data)
                     continue

@@ -36,6 +36,7 @@ P1/W1/W3 and nginx for the nginx rows (both skipped with a message when missing)
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import contextlib
@@ -354,14 +355,15 @@ def _tls_origin_server(d: Path, certs: dict[str, Path] | None) -> str:
 # --------------------------------------------------------------------------- proxies
 
 
-class Proxy:
+class Proxy(abc.ABC):
     def __init__(self, name: str, plain: int, tls: int):
         self.name = name
         self.plain = plain
         self.tls = tls
 
+    @abc.abstractmethod
     def start(self, tmp: Path, certs: dict[str, Path], origin_port: int, instance: int) -> Service:
-        raise NotImplementedError
+        """Start this proxy in front of the origin; the Service is stopped by the caller."""
 
     def logs_hint(self, svc: Service) -> str:
         return str(svc.logfile)

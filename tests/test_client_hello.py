@@ -484,11 +484,6 @@ def framed_junk_hello(draw: st.DrawFn) -> bytes:
     return frame(b"\x01" + len(body).to_bytes(3, "big") + body, draw(st.integers(1, 700)))
 
 
-# The default run has no -m filter, so the long runs also skip themselves unless -m selects them.
-only_when_selected = pytest.mark.skipif(
-    "'slow' not in config.getoption('markexpr')", reason="long fuzz run; select with -m slow"
-)
-
 CUTS = st.lists(st.integers(0, 2**16), max_size=12)
 
 
@@ -529,7 +524,6 @@ def test_built_hellos_round_trip(host: str, alpn: list[bytes], groups: list[int]
 
 
 @pytest.mark.slow
-@only_when_selected
 @SLOW
 @given(st.binary(max_size=4000), CUTS)
 def test_fuzz_arbitrary_bytes_long(data: bytes, cuts: list[int]) -> None:
@@ -537,7 +531,6 @@ def test_fuzz_arbitrary_bytes_long(data: bytes, cuts: list[int]) -> None:
 
 
 @pytest.mark.slow
-@only_when_selected
 @SLOW
 @given(mutated_capture(), CUTS)
 def test_fuzz_mutated_captures_long(data: bytes, cuts: list[int]) -> None:
@@ -545,7 +538,6 @@ def test_fuzz_mutated_captures_long(data: bytes, cuts: list[int]) -> None:
 
 
 @pytest.mark.slow
-@only_when_selected
 @SLOW
 @given(framed_junk_hello(), CUTS)
 def test_fuzz_framed_junk_bodies_long(data: bytes, cuts: list[int]) -> None:

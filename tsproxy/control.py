@@ -71,6 +71,33 @@ class RPCError(TSError):
         self.exit_code: int = exit_code if isinstance(exit_code, int) else EX_FAILURE
 
 
+def encode_line(obj: Any) -> bytes:
+    """One message on a control channel (the control socket, master <-> worker): JSON, one line."""
+    return json.dumps(obj).encode() + b"\n"
+
+
+def recv_ready(sock: socket.socket) -> bytes | None:
+    """A non-blocking read: None when nothing is there yet, b"" when the peer closed (or the
+    socket failed), else the bytes."""
+    try:
+        return sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
+def pop_lines(buf: bytearray) -> list[bytes]:
+    """Remove the complete lines from ``buf`` and return them (without newlines); a partial
+    last line stays in ``buf`` for the next read."""
+    end = buf.rfind(b"\n")
+    if end < 0:
+        return []
+    lines = bytes(buf[:end]).split(b"\n")
+    del buf[: end + 1]
+    return lines
+
+
 def socket_path(local_state_dir: Path) -> Path:
     return local_state_dir / SOCKET_NAME
 
@@ -225,12 +252,9 @@ class ControlServer:
             conn.flush()
         if not mask & selectors.EVENT_READ or conn.closed:
             return
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.drop(conn)
             return
@@ -240,9 +264,9 @@ class ControlServer:
             conn.send(b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"request too large"}}\n')
             self.drop(conn)
             return
-        while b"\n" in conn.rbuf and not conn.closed:
-            line, _, rest = bytes(conn.rbuf).partition(b"\n")
-            conn.rbuf = bytearray(rest)
+        for line in pop_lines(conn.rbuf):
+            if conn.closed:
+                break
             if line.strip():
                 self._handle_line(conn, line)
 

@@ -569,26 +569,21 @@ class Master:
         if slot.sock is None:
             return False
         try:
-            slot.sock.send(json.dumps(message).encode() + b"\n")
+            slot.sock.send(control.encode_line(message))
         except OSError:
             return False
         return True
 
     def _on_worker_io(self, slot: _Slot) -> None:
         assert slot.sock is not None
-        try:
-            data = slot.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = control.recv_ready(slot.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the worker closed its end: it is exiting; reaping does the rest
             self._close_worker_sock(slot)
             return
         slot.rbuf += data
-        while b"\n" in slot.rbuf:
-            line, _, rest = bytes(slot.rbuf).partition(b"\n")
-            slot.rbuf = bytearray(rest)
+        for line in control.pop_lines(slot.rbuf):
             try:
                 event = json.loads(line)
             except ValueError:
@@ -1087,7 +1082,7 @@ class Master:
         sent = False
         if retiree.sock is not None:
             with contextlib.suppress(OSError):
-                retiree.sock.send(json.dumps({"cmd": "stop", "timeout": timeout}).encode() + b"\n")
+                retiree.sock.send(control.encode_line({"cmd": "stop", "timeout": timeout}))
                 sent = True
         if not sent:
             with contextlib.suppress(ProcessLookupError):
@@ -1095,12 +1090,9 @@ class Master:
 
     def _on_retiree_io(self, retiree: _Retiree) -> None:
         assert retiree.sock is not None
-        try:
-            data = retiree.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = control.recv_ready(retiree.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close_retiree_sock(retiree)
         # Anything else an old worker says (a late "ready" or "reloaded") no longer matters.

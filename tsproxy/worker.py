@@ -44,6 +44,7 @@ from iocore.net.ports import PortDescriptor
 from iocore.net.ssl_net_vconnection import SSLAcceptConfig, SSLNetVConnection
 from iocore.records.errors import TSError
 from iocore.records.stats import SlotState, StatsRegion
+from tsproxy.control import encode_line, pop_lines, recv_ready
 from tsproxy.http_sm import HttpProcessor
 from tsproxy.logs import get_logger, set_process_label
 from tsproxy.tunnel import BlindTunnel
@@ -208,19 +209,16 @@ class Worker(Continuation):
     def _send(self, msg: dict[str, Any]) -> None:
         try:
             self.boot.control.setblocking(True)
-            self.boot.control.sendall(json.dumps(msg).encode() + b"\n")
+            self.boot.control.sendall(encode_line(msg))
         except OSError:
             pass
         finally:
             self.boot.control.setblocking(False)
 
     def _on_control(self, mask: int) -> None:
-        try:
-            data = self.boot.control.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = recv_ready(self.boot.control)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             # The master is gone: exit now instead of serving as an orphan.
             _log.warning("master went away; worker exiting")
@@ -228,9 +226,7 @@ class Worker(Continuation):
             self.thread.stop()
             return
         self.control_buf += data
-        while b"\n" in self.control_buf:
-            line, _, rest = self.control_buf.partition(b"\n")
-            self.control_buf = bytearray(rest)
+        for line in pop_lines(self.control_buf):
             try:
                 msg = json.loads(line)
             except ValueError:

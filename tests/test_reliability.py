@@ -1201,7 +1201,10 @@ def test_plugins_raise_and_never_reenable_under_load(
 ) -> None:
     p_ok, p_raise, p_stall = free_port(), free_port(), free_port()
     log = tmp_path / "hooks.log"
-    plugin_cfg = f"{PLUGINS}/raise_hook.py {p_raise} {log}\n{PLUGINS}/never_reenable.py {p_stall} {log}\n"
+    plugin_cfg = "".join(
+        f"{PLUGINS}/misbehave.py {mode} {port} {log}\n"
+        for mode, port in (("raise", p_raise), ("stall", p_stall))
+    )
     proxy = start_proxy(
         tsproxy_factory,
         certs,

@@ -24,8 +24,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +281,17 @@ def tsproxy(tsproxy_factory: Callable[..., ProxyProcess]) -> ProxyProcess:
 
 def json_of(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(result.stdout)
+
+
+@contextlib.contextmanager
+def http_origin(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A threaded HTTP/1.x origin on 127.0.0.1 serving ``handler``; yields its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,12 +16,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import psutil
 import pytest
-from conftest import TSPROXY_CMD, ProxyProcess, subprocess_env
+from conftest import TSPROXY_CMD, ProxyProcess, http_origin, subprocess_env
 
 from tsproxy.exitcodes import EX_FAILURE, EX_OK, EX_UNAVAILABLE
 
@@ -59,13 +59,8 @@ class _Origin(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def origin_port() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with http_origin(_Origin) as port:
+        yield port
 
 
 def _start(

@@ -11,13 +11,14 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import trustme
+from conftest import http_origin
 
 BODY = b"hello from the origin\n" * 10
 
@@ -37,13 +38,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def origin() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with http_origin(_Handler) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from iocore.net.tls.context import (
     build_server_context,
     load_or_create_ticket_keys,
     session_reused,
+    socket_bio_functions,
     ticket_keys_supported,
     verify_hostname,
     verify_ip,
@@ -367,6 +369,60 @@ def test_client_cert_level_needs_ca(tmp_path: Path, ecdsa: CertKeyPair) -> None:
     p = params(tmp_path, **{"proxy.config.ssl.client.certification_level": 2})
     with pytest.raises(ConfigError, match=r"CA\.cert\.filename"):
         build_server_context(p, [ecdsa], None, None)
+
+
+# ----------------------------------------------------------------------------- socket BIO
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_socket_bio_after_memory_bio_handshake(
+    tmp_path: Path, ca: trustme.CA, ecdsa: CertKeyPair, read_ahead: bool
+) -> None:
+    """What SSLNetVConnection does: handshake over memory BIOs, then SSL_set_fd. With
+    read-ahead (set before the handshake) one read(2) takes every record the peer queued and
+    SSL_has_pending reports the rest; without it OpenSSL takes one record at a time."""
+    fns = socket_bio_functions()
+    assert fns is not None, "SSL_ctrl / SSL_has_pending not found: TLS stays on memory BIOs"
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        peer = SSL.Connection(client_ctx(ca, "1.3"), theirs)
+        peer.set_connect_state()
+        sctx = build_server_context(params(tmp_path), [ecdsa], None, load_or_create_ticket_keys(None))
+        server = SSL.Connection(sctx)
+        server.set_accept_state()
+        if read_ahead:
+            fns.set_read_ahead(server._ssl)
+        # Handshake: the peer on its socket, the server on memory BIOs bridged to ours.
+        theirs.setblocking(False)
+        ours.setblocking(False)
+        done = False
+        for _ in range(50):
+            with contextlib.suppress(SSL.WantReadError):
+                peer.do_handshake()
+            with contextlib.suppress(BlockingIOError):
+                server.bio_write(ours.recv(65536))
+            with contextlib.suppress(SSL.WantReadError):
+                server.do_handshake()
+                done = True
+            with contextlib.suppress(SSL.WantReadError):
+                ours.send(server.bio_read(65536))
+            if done:
+                break
+        assert done
+        assert _lib.SSL_set_fd(server._ssl, ours.fileno()) == 1
+        server._into_ssl = server._from_ssl = None
+        theirs.setblocking(True)
+        for i in range(3):  # three records, all in our socket buffer before the first read
+            peer.sendall(b"%d" % i * 100)
+        assert server.recv(1000) == b"0" * 100
+        assert fns.has_pending(server._ssl) == (1 if read_ahead else 0)
+        assert server.recv(1000) == b"1" * 100
+        assert server.recv(1000) == b"2" * 100
+        assert fns.has_pending(server._ssl) == 0
+        with pytest.raises(SSL.WantReadError):
+            server.recv(1000)
+        server.sendall(b"pong")
+        assert peer.recv(100) == b"pong"
 
 
 # ----------------------------------------------------------------------------- session tickets

@@ -67,7 +67,7 @@ from iocore.eventsystem.event import (
 from iocore.net.hooks import HookID, HookOp, HookRegistry
 from iocore.net.net_vconnection import EVENT_READ, EVENT_WRITE, NetVConnection, PlainNetVConnection
 from iocore.net.tls.client_hello import ClientHello, ClientHelloParser, looks_like_tls_handshake
-from iocore.net.tls.context import session_reused
+from iocore.net.tls.context import session_reused, socket_bio_functions
 from iocore.net.tls.errors import TLSProtocolError
 from iocore.records.stats import METRIC_ID
 
@@ -238,7 +238,26 @@ _BIO_read = _ssl_lib.BIO_read
 _BIO_write = _ssl_lib.BIO_write
 _ffi_buffer = _ssl_ffi.buffer
 _ffi_from_buffer = _ssl_ffi.from_buffer
+_SSL_get_error = _ssl_lib.SSL_get_error
+_SSL_ERROR_WANT_READ = _ssl_lib.SSL_ERROR_WANT_READ
+_SSL_ERROR_WANT_WRITE = _ssl_lib.SSL_ERROR_WANT_WRITE
+_SSL_ERROR_ZERO_RETURN = _ssl_lib.SSL_ERROR_ZERO_RETURN
 _OUT_SCRATCH = 65536
+
+
+def _no_pending(ssl: Any) -> int:
+    return 0
+
+
+_socket_bio = socket_bio_functions()
+# SSL_has_pending when available; without it read-ahead stays off and SSL_pending suffices.
+_has_pending: Callable[[Any], int] = _socket_bio.has_pending if _socket_bio is not None else _no_pending
+
+
+def _set_read_ahead(ssl: SSL.Connection) -> None:
+    """Before the handshake (see SocketBIOFunctions): lets one read(2) fetch every record."""
+    if _socket_bio is not None:
+        _socket_bio.set_read_ahead(ssl._ssl)
 
 
 class _SSLScratch:
@@ -317,6 +336,7 @@ class SSLNetVConnection(NetVConnection):
         self.negotiated_protocol: bytes | None = None
         self.close_hooks_pending = False
         self._out_raw = bytearray()
+        self._sock_bio = False  # OpenSSL reads and writes the socket itself (_use_socket_bio)
         self._hs_want_read = False
         self._hs_want_write = False
         self._raw_eof = False
@@ -335,6 +355,12 @@ class SSLNetVConnection(NetVConnection):
     def _on_io_unguarded(self, mask: int) -> None:
         if self.ssl_handshake_complete and self.attributes is not Transport.BLIND_TUNNEL:
             # The TLS data path: net_read_io / write_to_net_io resolved without their dispatch.
+            if self._sock_bio:
+                if mask & EVENT_READ:
+                    self._ssl_read_sock()
+                if mask & EVENT_WRITE and not self.closed:
+                    self._ssl_write_sock()
+                return
             if mask & EVENT_WRITE and self._out_raw and not self._flush_raw():
                 return
             if mask & EVENT_READ:
@@ -354,12 +380,16 @@ class SSLNetVConnection(NetVConnection):
             NetVConnection.net_read_io(self)
         elif not self.ssl_handshake_complete:
             self._handshake_step()
+        elif self._sock_bio:
+            self._ssl_read_sock()
         else:
             self._ssl_read()
 
     def write_to_net_io(self) -> None:
         if self.attributes is Transport.BLIND_TUNNEL:
             NetVConnection.write_to_net_io(self)
+        elif self._sock_bio:
+            self._ssl_write_sock()
         elif self.ssl_handshake_complete:
             self._ssl_write()
 
@@ -371,18 +401,25 @@ class SSLNetVConnection(NetVConnection):
         return self._hs_want_read
 
     def _wants_write(self) -> bool:
+        if self._sock_bio:
+            return self._write_blocked  # OpenSSL holds a record the socket did not take
         if self.attributes is Transport.BLIND_TUNNEL:
             return self._write_blocked and self.write_enabled
         return bool(self._out_raw) or self._hs_want_write
 
     def _has_buffered_input(self) -> bool:
-        # Decrypted bytes, or ciphertext already in the read BIO that OpenSSL has not looked
-        # at yet (application data that arrived with the client's Finished).
+        # Record bytes OpenSSL already holds (decrypted or not), or, on the memory BIO,
+        # ciphertext it has not looked at yet (application data that came with the Finished).
         ssl = self.ssl
+        if not self.ssl_handshake_complete or ssl is None:
+            return False
+        if self._sock_bio:
+            return bool(_has_pending(ssl._ssl))
         return (
-            self.ssl_handshake_complete
-            and ssl is not None
-            and (_SSL_pending(ssl._ssl) > 0 or self._raw_eof or _BIO_get_mem_data(ssl._into_ssl, _NULL) > 0)
+            _SSL_pending(ssl._ssl) > 0
+            or self._raw_eof
+            or _BIO_get_mem_data(ssl._into_ssl, _NULL) > 0
+            or _has_pending(ssl._ssl) > 0
         )
 
     # -- the handshake driver (ATS SSLNetVConnection::net_read_io, handshake part) --------------
@@ -642,6 +679,7 @@ class SSLNetVConnection(NetVConnection):
             return EVENT_ERROR
         ssl.set_app_data(self)
         ssl.set_accept_state()
+        _set_read_ahead(ssl)
         ssl.bio_write(bytes(self.handshake_buffer))
         self._ssl_bio_has_data = True
         self.handshake_buffer = bytearray()
@@ -805,6 +843,7 @@ class SSLNetVConnection(NetVConnection):
                 self._handshake_failed()  # the caller hears of it through done(), as of any failure
                 return
         ssl.set_connect_state()
+        _set_read_ahead(ssl)
         self.ssl = ssl
         self._handshake_step()
 
@@ -814,6 +853,7 @@ class SSLNetVConnection(NetVConnection):
         self.cancel_inactivity_timeout()
         ssl = self.ssl
         assert ssl is not None
+        self._use_socket_bio()
         if self.outbound:
             cb = self.on_client_handshake
             if cb is not None:
@@ -907,7 +947,7 @@ class SSLNetVConnection(NetVConnection):
     # -- TLS data path -----------------------------------------------------------------------
     def _flush_ssl_output(self) -> None:
         ssl = self.ssl
-        if ssl is None:
+        if ssl is None or self._sock_bio:
             return
         out = self._out_raw
         pending = _BIO_get_mem_data(ssl._from_ssl, _NULL)  # _mem_pending, inlined
@@ -953,7 +993,12 @@ class SSLNetVConnection(NetVConnection):
         into = ssl._into_ssl
         while room > 0:
             # ssl.pending() / _mem_pending(), inlined
-            if self._raw_eof or _SSL_pending(ssl_ptr) or _BIO_get_mem_data(into, _NULL):
+            if (
+                self._raw_eof
+                or _SSL_pending(ssl_ptr)
+                or _BIO_get_mem_data(into, _NULL)
+                or _has_pending(ssl_ptr)  # read-ahead: records OpenSSL already took from the BIO
+            ):
                 try:
                     # ssl.recv() without its per-call buffer allocation; errors as in pyOpenSSL
                     n = _SSL_read(ssl_ptr, rec, min(room, TLS_RECORD_MAX))
@@ -1012,6 +1057,8 @@ class SSLNetVConnection(NetVConnection):
             self._raw_eof = False
             self._update_interest()
             self._signal(vio, VC_EVENT_EOS)
+        elif not self.closed:
+            self._use_socket_bio()
 
     def _ssl_write(self) -> None:
         vio = self.write
@@ -1050,6 +1097,7 @@ class SSLNetVConnection(NetVConnection):
             self.net_activity()
         if self._out_raw and not self._flush_raw():
             return
+        self._use_socket_bio()
         if vio.ndone >= vio.nbytes:
             self.write_enabled = False
             self._update_interest()
@@ -1059,6 +1107,133 @@ class SSLNetVConnection(NetVConnection):
                 self.nh.write_ready_list[self] = None
             else:
                 self._signal(vio, 101)  # VC_EVENT_WRITE_READY
+
+    # -- the socket-BIO data path (ATS: the fd BIO once the handshake buffer is drained) ------------
+    def _use_socket_bio(self) -> None:
+        """Hand the socket to OpenSSL once both memory BIOs are empty.
+
+        The memory BIOs exist for the handshake (the ClientHello is read and parsed before
+        OpenSSL sees it). Afterwards they only cost copies: SSL_read and SSL_write on the
+        socket save a recv/send from Python, a BIO copy each way, and the BIOs' memory. Bytes
+        OpenSSL already took from the read BIO stay in its record layer across the switch.
+        """
+        ssl = self.ssl
+        if (
+            self._sock_bio
+            or ssl is None
+            or self._out_raw
+            or self._raw_eof
+            or _BIO_get_mem_data(ssl._into_ssl, _NULL)
+            or _BIO_get_mem_data(ssl._from_ssl, _NULL)
+            or _socket_bio is None
+        ):
+            return
+        if _ssl_lib.SSL_set_fd(ssl._ssl, self.fd) != 1:  # frees both memory BIOs
+            return
+        ssl._into_ssl = ssl._from_ssl = None  # pyOpenSSL: a socket-backed connection from now on
+        self._sock_bio = True
+
+    def _ssl_read_sock(self) -> None:
+        vio = self.read
+        buf = vio.buffer
+        ssl = self.ssl
+        if self.closed or not self.read_enabled or buf is None or ssl is None:
+            self._update_interest()
+            return
+        room = min(buf.write_avail(), vio.nbytes - vio.ndone)
+        rec = self._scratch.rec
+        ssl_ptr = ssl._ssl
+        has_pending = _has_pending
+        chunks: list[bytes] = []
+        eos = error = False
+        while room > 0:
+            n = _SSL_read(ssl_ptr, rec, room if room < TLS_RECORD_MAX else TLS_RECORD_MAX)
+            if n > 0:
+                chunks.append(_ffi_buffer(rec, n)[:])
+                room -= n
+                if not has_pending(ssl_ptr):
+                    break  # the next SSL_read would find an empty socket: wait for epoll instead
+                continue
+            err = _SSL_get_error(ssl_ptr, n)
+            if err == _SSL_ERROR_WANT_READ:
+                break
+            if err == _SSL_ERROR_ZERO_RETURN:
+                eos = True
+            elif err == _SSL_ERROR_WANT_WRITE:
+                # OpenSSL has something to send (a KeyUpdate reply) and the socket is full.
+                self._set_write_blocked(True)
+                self.nh.read_ready_list[self] = None
+            else:
+                try:  # pyOpenSSL's mapping of the error, which also clears OpenSSL's error queue
+                    ssl._raise_ssl_error(ssl_ptr, n)
+                except SSL.SysCallError:
+                    eos = True  # EOF without close_notify, or a reset
+                except SSL.Error as exc:
+                    _dbg_err("SSL read error from %s: %s", self.remote_addr, exc)
+                    error = True
+            break
+        if chunks:
+            self._deliver(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+            if self.closed:
+                return
+        if error:
+            self.read_enabled = False
+            self._update_interest()
+            self._signal(vio, VC_EVENT_ERROR)
+        elif eos:
+            self.eos = True
+            self.read_enabled = False
+            self._update_interest()
+            self._signal(vio, VC_EVENT_EOS)
+
+    def _ssl_write_sock(self) -> None:
+        vio = self.write
+        reader = vio.reader
+        ssl = self.ssl
+        if self.closed or ssl is None:
+            return
+        if not self.write_enabled or reader is None:
+            self._update_interest()
+            return
+        avail = min(reader.read_avail(), vio.nbytes - vio.ndone)
+        wrote = 0
+        ssl_ptr = ssl._ssl
+        blocked = False
+        while avail > 0:
+            # After a WANT_WRITE the same bytes are offered again (nothing was consumed); the
+            # buffer may have moved (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, set by pyOpenSSL).
+            with (
+                reader.peek(avail if avail < TLS_RECORD_MAX else TLS_RECORD_MAX) as chunk,
+                _ffi_from_buffer(chunk) as cdata,
+            ):
+                n = _SSL_write(ssl_ptr, cdata, len(chunk))
+            if n <= 0:
+                if _SSL_get_error(ssl_ptr, n) == _SSL_ERROR_WANT_WRITE:
+                    blocked = True
+                    break
+                try:
+                    ssl._raise_ssl_error(ssl_ptr, n)
+                except SSL.Error as exc:
+                    _dbg_err("SSL write error to %s: %s", self.remote_addr, exc)
+                self.write_enabled = False
+                self._signal(vio, VC_EVENT_ERROR)
+                return
+            reader.consume(n)
+            vio.ndone += n
+            avail -= n
+            wrote += n
+        if wrote:
+            self.net_activity()
+        if blocked != self._write_blocked:
+            self._set_write_blocked(blocked)
+        if blocked:
+            return
+        if vio.ndone >= vio.nbytes:
+            self.write_enabled = False
+            self._update_interest()
+            self._signal(vio, 103)  # VC_EVENT_WRITE_COMPLETE
+        elif wrote:
+            self._signal(vio, 101)  # VC_EVENT_WRITE_READY
 
     @property
     def ssl_version(self) -> str | None:

@@ -65,6 +65,7 @@ __all__ = [
     "load_or_create_ticket_keys",
     "num_tickets_supported",
     "session_reused",
+    "socket_bio_functions",
     "ticket_keys_supported",
     "verify_hostname",
     "verify_ip",
@@ -140,11 +141,26 @@ def _elf_function_symbols(path: str, wanted: frozenset[str]) -> dict[str, int]:
     return found
 
 
-@functools.cache
-def _private_openssl() -> _PrivateOpenSSL | None:
-    """Locate SSL_CTX_ctrl and SSL_CTX_set_num_tickets inside cryptography's _rust module.
+# The functions looked up in cryptography's _rust module (one read of its symbol table).
+_RUST_FUNCTIONS = frozenset({"SSL_CTX_ctrl", "SSL_CTX_set_num_tickets", "SSL_ctrl", "SSL_has_pending"})
 
-    Cached for the life of the process: the answer depends only on the loaded binary.
+
+def _rust_symbols(names: frozenset[str]) -> dict[str, int] | None:
+    """Absolute addresses of the named functions (a subset of _RUST_FUNCTIONS), or None when
+    any of them cannot be found."""
+    table = _rust_symbol_table()
+    if table is None or not names <= table.keys():
+        return None
+    return {name: table[name] for name in names}
+
+
+@functools.cache
+def _rust_symbol_table() -> dict[str, int] | None:
+    """Absolute addresses of those of _RUST_FUNCTIONS found inside cryptography's _rust module.
+
+    The load address comes from two cffi wrappers whose addresses the binding does give us
+    (both anchors must agree). Cached for the life of the process: the answer depends only on
+    the loaded binary.
     """
     try:
         from cryptography.hazmat.bindings import _rust
@@ -153,9 +169,9 @@ def _private_openssl() -> _PrivateOpenSSL | None:
         if not sys.platform.startswith("linux") or lib.OpenSSL_version_num() < 0x10101000:
             return None
         anchors = ("SSL_CTX_set_session_id_context", "SSL_CTX_set_options")
-        wanted = frozenset({"SSL_CTX_ctrl", "SSL_CTX_set_num_tickets"} | {f"_cffi_d_{a}" for a in anchors})
-        syms = _elf_function_symbols(str(_rust.__file__), wanted)
-        if set(syms) != wanted:
+        anchor_syms = {f"_cffi_d_{a}" for a in anchors}
+        syms = _elf_function_symbols(str(_rust.__file__), _RUST_FUNCTIONS | anchor_syms)
+        if not anchor_syms <= syms.keys():
             return None
         bases = {
             int(ffi.cast("uintptr_t", ffi.cast("void *", getattr(lib, a)))) - syms[f"_cffi_d_{a}"]
@@ -164,15 +180,61 @@ def _private_openssl() -> _PrivateOpenSSL | None:
         if len(bases) != 1:
             return None
         (base,) = bases
-        ctrl = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)(
-            base + syms["SSL_CTX_ctrl"]
-        )
-        num = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)(
-            base + syms["SSL_CTX_set_num_tickets"]
-        )
-        return _PrivateOpenSSL(ctrl=ctrl, set_num_tickets=num)
+        return {name: base + syms[name] for name in _RUST_FUNCTIONS if name in syms}
     except (OSError, ValueError, ImportError, AttributeError, struct.error, IndexError):
         return None
+
+
+@functools.cache
+def _private_openssl() -> _PrivateOpenSSL | None:
+    """SSL_CTX_ctrl and SSL_CTX_set_num_tickets, called through ctypes (context set-up only)."""
+    addrs = _rust_symbols(frozenset({"SSL_CTX_ctrl", "SSL_CTX_set_num_tickets"}))
+    if addrs is None:
+        return None
+    ctrl = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)(
+        addrs["SSL_CTX_ctrl"]
+    )
+    num = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)(addrs["SSL_CTX_set_num_tickets"])
+    return _PrivateOpenSSL(ctrl=ctrl, set_num_tickets=num)
+
+
+class SocketBIOFunctions(NamedTuple):
+    """What the TLS data path needs to let OpenSSL read and write the socket itself.
+
+    ``set_read_ahead(ssl)`` must run before the handshake: OpenSSL >= 3.2 hands the setting
+    to a record layer when it creates one, and without it every record costs two read(2)
+    calls (header, then body). ``has_pending(ssl)`` is SSL_has_pending: record bytes, whole
+    or partial, already read from the socket and still buffered in OpenSSL. Both are cffi
+    function pointers (a call costs about as much as a binding function).
+    """
+
+    set_read_ahead: Callable[[Any], None]
+    has_pending: Callable[[Any], int]
+
+
+_SSL_CTRL_SET_READ_AHEAD = 41
+
+
+@functools.cache
+def socket_bio_functions() -> SocketBIOFunctions | None:
+    """SSL_ctrl(SSL_CTRL_SET_READ_AHEAD) and SSL_has_pending, or None when they cannot be found
+    (then TLS connections keep their memory BIOs for life). ``TSPROXY_TLS_MEMORY_BIO=1`` in the
+    environment forces the memory BIOs, to compare the two data paths."""
+    if os.environ.get("TSPROXY_TLS_MEMORY_BIO") == "1":
+        return None
+    addrs = _rust_symbols(frozenset({"SSL_ctrl", "SSL_has_pending"}))
+    if addrs is None:
+        return None
+    from OpenSSL._util import ffi
+
+    ssl_ctrl = ffi.cast("long (*)(SSL *, int, long, void *)", addrs["SSL_ctrl"])
+    has_pending = ffi.cast("int (*)(const SSL *)", addrs["SSL_has_pending"])
+    null = ffi.NULL
+
+    def set_read_ahead(ssl: Any) -> None:
+        ssl_ctrl(ssl, _SSL_CTRL_SET_READ_AHEAD, 1, null)
+
+    return SocketBIOFunctions(set_read_ahead=set_read_ahead, has_pending=has_pending)
 
 
 def _ctx_pointer(ctx: SSL.Context) -> int:

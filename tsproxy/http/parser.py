@@ -80,7 +80,7 @@ class BodyMode(enum.Enum):
     UNTIL_CLOSE = "until_close"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestReceived:
     method: bytes
     target: bytes
@@ -91,7 +91,7 @@ class RequestReceived:
     content_length: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseReceived:
     status: int
     reason: bytes
@@ -102,16 +102,19 @@ class ResponseReceived:
     content_length: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BodyDataReceived:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MessageEnded:
     pass
 
 
+# The events are plain slotted dataclasses, not frozen ones: a frozen dataclass's __init__ goes
+# through object.__setattr__ per field (~3x the cost), and one head event per message is hot.
+# Nobody mutates an event; a plugin rewriting the target makes a new one (dataclasses.replace).
 Event = RequestReceived | ResponseReceived | BodyDataReceived | MessageEnded
 
 _MESSAGE_ENDED = MessageEnded()
@@ -125,6 +128,21 @@ class _State(enum.Enum):
     DONE = "done"
     CLOSED = "closed"
     DEAD = "dead"
+
+
+# The states as module globals: the callbacks below run once per header, and a global lookup is
+# cheaper than _State.X (a global plus a class attribute lookup).
+_AWAIT = _State.AWAIT
+_IDLE = _State.IDLE
+_HEAD = _State.HEAD
+_BODY = _State.BODY
+_DONE = _State.DONE
+_CLOSED = _State.CLOSED
+_DEAD = _State.DEAD
+_NONE = BodyMode.NONE
+_LENGTH = BodyMode.LENGTH
+_CHUNKED = BodyMode.CHUNKED
+_UNTIL_CLOSE = BodyMode.UNTIL_CLOSE
 
 
 class _Stop(Exception):
@@ -163,7 +181,7 @@ class RequestParser:
         self._max_header_size = max_header_size
         self._p = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
-        self._state = _State.IDLE
+        self._state = _IDLE
         self._error: HTTPProtocolError | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -173,42 +191,41 @@ class RequestParser:
         self._cl: bytes | None = None
         self._te: bytes | None = None
         self._keep_alive = True
-        self._body_mode = BodyMode.NONE
+        self._body_mode = _NONE
 
     @property
     def closed(self) -> bool:
         """True once a keep_alive=False message has ended; the caller should close."""
-        return self._state is _State.CLOSED
+        return self._state is _CLOSED
 
     @property
     def in_head(self) -> bool:
         """Part of a request head arrived, not all of it (the caller bounds how long that lasts)."""
-        return self._state is _State.HEAD
+        return self._state is _HEAD
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         state = self._state
-        if state is _State.CLOSED:
+        if state is _CLOSED:
             return []
-        if state is _State.DEAD:
+        if state is _DEAD:
             assert self._error is not None
             raise self._error
         events: list[Event] = []
         self._events = events
-        was_in_head = state is _State.HEAD
         try:
             self._p.feed_data(data)
         except HttpParserUpgrade as exc:  # defensive: on_headers_complete refuses upgrades first
             raise self._failed_with(events, self._fail(501, "protocol upgrade is not supported")) from exc
         except HttpParserError as exc:
-            if self._state is _State.CLOSED:
+            if self._state is _CLOSED:
                 return events
             if self._error is not None:
-                self._state = _State.DEAD
+                self._state = _DEAD
                 raise self._failed_with(events, self._error) from None
             raise self._failed_with(events, self._fail(400, str(exc) or "malformed request")) from exc
-        if self._state is _State.HEAD:
+        if self._state is _HEAD:
             # llhttp accumulates a long header name/value in C without calling us; bound it here.
-            self._head_fed = self._head_fed + len(data) if was_in_head else 0
+            self._head_fed = self._head_fed + len(data) if state is _HEAD else 0
             if self._head_fed > self._max_header_size:
                 raise self._failed_with(events, self._fail(431, "request header section too large"))
         return events
@@ -221,7 +238,7 @@ class RequestParser:
         return error
 
     def _fail(self, status: int, reason: str) -> HTTPProtocolError:
-        self._state = _State.DEAD
+        self._state = _DEAD
         self._error = HTTPProtocolError(status, reason)
         return self._error
 
@@ -232,7 +249,7 @@ class RequestParser:
     # -- llhttp callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._state = _State.HEAD
+        self._state = _HEAD
         self._url = b""
         self._headers = []
         self._head_size = 0
@@ -242,35 +259,38 @@ class RequestParser:
         self._te = None
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > MAX_TARGET_SIZE:
+        url = self._url + url
+        self._url = url
+        if len(url) > MAX_TARGET_SIZE:
             self._abort(414, "request-target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._state is not _State.HEAD:
+        if self._state is not _HEAD:
             return  # a chunked trailer: not forwarded
         headers = self._headers
         headers.append((name, value))
-        self._head_size += len(name) + len(value) + _HEADER_OVERHEAD
+        n = len(name)
+        size = self._head_size + n + len(value) + _HEADER_OVERHEAD
+        self._head_size = size
         if len(headers) > MAX_HEADERS:
             self._abort(431, "too many request headers")
-        if self._head_size > self._max_header_size:
+        if size > self._max_header_size:
             self._abort(431, "request header section too large")
-        n = len(name)
-        if n == 14:
+        # Only three names matter here; their lengths tell them apart before any lower().
+        if n == 4:
+            if name.lower() == b"host":
+                self._host_count += 1
+        elif n == 14:
             if name.lower() == b"content-length":
                 if self._cl is not None and self._cl != value:
                     self._abort(400, "conflicting Content-Length")
                 self._cl = value
-        elif n == 17:
-            if name.lower() == b"transfer-encoding":
-                if self._te is not None:
-                    # A coding list split over two headers ("gzip" + "chunked") must not be read
-                    # as its last half: refuse rather than guess (request smuggling).
-                    self._abort(400, "more than one Transfer-Encoding header")
-                self._te = value
-        elif n == 4 and name.lower() == b"host":
-            self._host_count += 1
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            if self._te is not None:
+                # A coding list split over two headers ("gzip" + "chunked") must not be read
+                # as its last half: refuse rather than guess (request smuggling).
+                self._abort(400, "more than one Transfer-Encoding header")
+            self._te = value
 
     def on_headers_complete(self) -> None:
         p = self._p
@@ -282,22 +302,24 @@ class RequestParser:
             self._abort(501, "CONNECT is not supported")
         if p.should_upgrade():
             self._abort(501, "protocol upgrade is not supported")
-        if self._host_count > 1 or (self._host_count == 0 and version == b"1.1"):
+        hosts = self._host_count
+        if hosts != 1 and (hosts or version == b"1.1"):
             self._abort(400, "request needs exactly one Host header")
         cl: int | None = None
-        if self._te is not None:
-            if self._te.strip().lower() != b"chunked":
+        te = self._te
+        if te is not None:
+            if te.strip().lower() != b"chunked":
                 self._abort(400, "unsupported Transfer-Encoding")
-            body = BodyMode.CHUNKED
+            body = _CHUNKED
         elif self._cl is not None:
             cl = int(self._cl)
-            body = BodyMode.LENGTH
+            body = _LENGTH
         else:
-            body = BodyMode.NONE
+            body = _NONE
         keep_alive = p.should_keep_alive()
         self._keep_alive = keep_alive
         self._body_mode = body
-        self._state = _State.BODY
+        self._state = _BODY
         self._events.append(RequestReceived(method, self._url, version, self._headers, keep_alive, body, cl))
 
     def on_body(self, body: bytes) -> None:
@@ -306,9 +328,9 @@ class RequestParser:
     def on_message_complete(self) -> None:
         self._events.append(_MESSAGE_ENDED)
         if self._keep_alive:
-            self._state = _State.IDLE
+            self._state = _IDLE
         else:
-            self._state = _State.CLOSED
+            self._state = _CLOSED
             raise _Stop
 
 
@@ -319,7 +341,6 @@ class ResponseParser:
         "_body_mode",
         "_buf",
         "_cl",
-        "_conn",
         "_error",
         "_events",
         "_head_fed",
@@ -342,7 +363,7 @@ class ResponseParser:
         self._max_headers = max_headers
         self._p: httptools.HttpResponseParser | None = None
         self._events: list[Event] = []
-        self._state = _State.AWAIT
+        self._state = _AWAIT
         self._error: HTTPProtocolError | None = None
         self._head_request = False
         self._buf = bytearray()
@@ -352,39 +373,39 @@ class ResponseParser:
         self._head_fed = 0
         self._cl: bytes | None = None
         self._te: bytes | None = None
-        self._conn: list[bytes] = []
         self._interim = False
         self._keep_alive = False
-        self._body_mode = BodyMode.NONE
+        self._body_mode = _NONE
         self._unsolicited = False
 
     @property
     def reusable(self) -> bool:
         """True when the last response ended cleanly and the connection may carry another request."""
-        return self._state is _State.DONE and self._keep_alive and not self._unsolicited
+        return self._state is _DONE and self._keep_alive and not self._unsolicited
 
     def start(self, request_method: bytes) -> None:
         """Prepare for the response to a request sent with ``request_method``."""
-        if self._state is _State.DEAD:
+        state = self._state
+        if state is _DEAD:
             assert self._error is not None
             raise self._error
         if self._unsolicited:
             raise self._fail("origin sent data after the response")
-        if self._state not in (_State.AWAIT, _State.DONE):
+        if state is not _DONE and state is not _AWAIT:
             raise self._fail("start() called before the previous response ended")
         head = request_method == b"HEAD"
         if self._p is None or head or self._head_request or not self._keep_alive:
             self._p = httptools.HttpResponseParser(self)
         self._head_request = head
         self._keep_alive = True
-        self._state = _State.IDLE
+        self._state = _IDLE
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         state = self._state
-        if state is _State.DEAD:
+        if state is _DEAD:
             assert self._error is not None
             raise self._error
-        if state is _State.AWAIT or state is _State.DONE:
+        if state is _DONE or state is _AWAIT:
             if data:
                 self._unsolicited = True
             return []
@@ -393,10 +414,9 @@ class ResponseParser:
         if self._head_request:
             self._feed_head_only(data)
             return events
-        was_in_head = state is _State.HEAD
         self._run(data)
-        if self._state is _State.HEAD:
-            self._head_fed = self._head_fed + len(data) if was_in_head else 0
+        if self._state is _HEAD:
+            self._head_fed = self._head_fed + len(data) if state is _HEAD else 0
             if self._head_fed > self._max_header_size:
                 raise self._fail("response header section too large")
         return events
@@ -404,24 +424,24 @@ class ResponseParser:
     def feed_eof(self) -> list[Event]:
         """The origin closed its side: end an UNTIL_CLOSE body, or report the truncation."""
         state = self._state
-        if state is _State.DEAD:
+        if state is _DEAD:
             assert self._error is not None
             raise self._error
-        if state is _State.AWAIT or state is _State.DONE:
+        if state is _AWAIT or state is _DONE:
             self._keep_alive = False
             return []
-        if state is _State.BODY and self._body_mode is BodyMode.UNTIL_CLOSE:
-            self._state = _State.DONE
+        if state is _BODY and self._body_mode is _UNTIL_CLOSE:
+            self._state = _DONE
             self._keep_alive = False
             return [_MESSAGE_ENDED]
-        if state is _State.IDLE and not self._buf and not self._interim:
+        if state is _IDLE and not self._buf and not self._interim:
             raise self._fail("origin closed the connection without a response")
-        if state is _State.BODY:
+        if state is _BODY:
             raise self._fail("origin closed the connection in the middle of the body")
         raise self._fail("origin closed the connection in the middle of the response head")
 
     def _fail(self, reason: str) -> HTTPProtocolError:
-        self._state = _State.DEAD
+        self._state = _DEAD
         self._error = HTTPProtocolError(502, reason)
         return self._error
 
@@ -436,16 +456,16 @@ class ResponseParser:
             raise self._fail("unexpected protocol upgrade from origin") from exc
         except HttpParserError as exc:
             if self._error is not None:
-                self._state = _State.DEAD
+                self._state = _DEAD
                 raise self._error from None
-            if self._state is _State.DONE:  # stopped on purpose (unsolicited data / close)
+            if self._state is _DONE:  # stopped on purpose (unsolicited data / close)
                 return
             raise self._fail(f"malformed response: {exc}") from exc
 
     def _feed_head_only(self, data: bytes | memoryview) -> None:
         buf = self._buf
         buf += data
-        while self._state is not _State.DONE:
+        while self._state is not _DONE:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > self._max_header_size:
@@ -461,46 +481,44 @@ class ResponseParser:
     # -- llhttp callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._state is _State.DONE:
+        if self._state is _DONE:
             self._unsolicited = True
             raise _Stop
-        self._state = _State.HEAD
+        self._state = _HEAD
         self._reason = b""
         self._headers = []
         self._head_size = 0
         self._head_fed = 0
         self._cl = None
         self._te = None
-        self._conn = []
         self._interim = False
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._state is not _State.HEAD:
+        if self._state is not _HEAD:
             return  # a chunked trailer: not forwarded
         headers = self._headers
         headers.append((name, value))
-        self._head_size += len(name) + len(value) + _HEADER_OVERHEAD
+        n = len(name)
+        size = self._head_size + n + len(value) + _HEADER_OVERHEAD
+        self._head_size = size
         if len(headers) > self._max_headers:
             self._abort("too many response headers")
-        if self._head_size > self._max_header_size:
+        if size > self._max_header_size:
             self._abort("response header section too large")
-        n = len(name)
+        # Only the framing headers matter here; their lengths tell them apart before any lower().
         if n == 14:
             if name.lower() == b"content-length":
                 if self._cl is not None and self._cl != value:
                     self._abort("conflicting Content-Length")
                 self._cl = value
-        elif n == 17:
-            if name.lower() == b"transfer-encoding":
-                if self._te is not None:
-                    # As for requests: a coding list split over two headers is refused.
-                    self._abort("more than one Transfer-Encoding header")
-                self._te = value
-        elif n == 10 and name.lower() == b"connection":
-            self._conn.append(value)
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            if self._te is not None:
+                # As for requests: a coding list split over two headers is refused.
+                self._abort("more than one Transfer-Encoding header")
+            self._te = value
 
     def on_headers_complete(self) -> None:
         p = self._p
@@ -515,25 +533,29 @@ class ResponseParser:
                 self._abort("unexpected 101 Switching Protocols from origin")
             self._interim = True
             self._events.append(
-                ResponseReceived(status, self._reason, version, self._headers, True, BodyMode.NONE, None)
+                ResponseReceived(status, self._reason, version, self._headers, True, _NONE, None)
             )
             return
-        if self._te is not None and self._te.strip().lower() != b"chunked":
+        te = self._te
+        head_request = self._head_request
+        if te is not None and te.strip().lower() != b"chunked":
             self._abort("unsupported Transfer-Encoding from origin")
-        if self._head_request or status in _NO_BODY_STATUS:
-            body = BodyMode.NONE
-        elif self._te is not None:
-            body = BodyMode.CHUNKED
+        if head_request or status in _NO_BODY_STATUS:
+            body = _NONE
+        elif te is not None:
+            body = _CHUNKED
         elif self._cl is not None:
-            body = BodyMode.LENGTH
+            body = _LENGTH
             cl = int(self._cl)
         else:
-            body = BodyMode.UNTIL_CLOSE
-        if body is BodyMode.UNTIL_CLOSE:
+            body = _UNTIL_CLOSE
+        if body is _UNTIL_CLOSE:
             keep_alive = False
-        elif self._head_request:
+        elif head_request:
             # llhttp's should_keep_alive() thinks a HEAD response without framing needs EOF.
-            tokens = _connection_tokens(self._conn)
+            tokens = _connection_tokens(
+                [v for n, v in self._headers if len(n) == 10 and n.lower() == b"connection"]
+            )
             keep_alive = b"close" not in tokens if version == b"1.1" else b"keep-alive" in tokens
         else:
             keep_alive = p.should_keep_alive()
@@ -542,12 +564,12 @@ class ResponseParser:
         self._events.append(
             ResponseReceived(status, self._reason, version, self._headers, keep_alive, body, cl)
         )
-        if self._head_request:
+        if head_request:
             self._events.append(_MESSAGE_ENDED)
-            self._state = _State.DONE
+            self._state = _DONE
             self._p = None  # llhttp still expects a body; the next response gets a fresh parser
             raise _Stop
-        self._state = _State.BODY
+        self._state = _BODY
 
     def on_body(self, body: bytes) -> None:
         self._events.append(BodyDataReceived(body))
@@ -555,11 +577,11 @@ class ResponseParser:
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
-            self._state = _State.IDLE
+            self._state = _IDLE
             return
-        if self._state is _State.DONE:
+        if self._state is _DONE:
             return
         self._events.append(_MESSAGE_ENDED)
-        self._state = _State.DONE
+        self._state = _DONE
         if not self._keep_alive:
             raise _Stop

@@ -52,6 +52,30 @@ READ_CHUNK = 65536
 class NetVConnection(Continuation):
     """A TCP connection with a read VIO and a write VIO."""
 
+    # Slots: thousands of these live at once (an idle keep-alive connection is one of them).
+    __slots__ = (
+        "_mask",
+        "_registered",
+        "_write_blocked",
+        "active_at",
+        "closed",
+        "connect_waiter",
+        "eos",
+        "fd",
+        "inactivity_at",
+        "inactivity_timeout",
+        "local_addr",
+        "nh",
+        "outbound",
+        "read",
+        "read_enabled",
+        "remote_addr",
+        "sock",
+        "stats",
+        "user_data",
+        "write",
+        "write_enabled",
+    )
     is_ssl = False
 
     def __init__(self, sock: socket.socket, nh: NetHandler, *, outbound: bool = False) -> None:
@@ -70,6 +94,7 @@ class NetVConnection(Continuation):
         self.eos = False
         self._mask = 0
         self._registered = False
+        self._write_blocked = False  # the socket did not take all we offered: wait for EVENT_WRITE
         # Timeouts: absolute monotonic deadlines checked by the NetHandler's inactivity cop.
         self.inactivity_timeout = 0.0
         self.inactivity_at = 0.0
@@ -328,8 +353,6 @@ class NetVConnection(Continuation):
         elif avail:
             self._signal(vio, VC_EVENT_WRITE_READY)
 
-    _write_blocked = False
-
     def _set_write_blocked(self, blocked: bool) -> None:
         if blocked != self._write_blocked:
             self._write_blocked = blocked
@@ -341,6 +364,8 @@ class NetVConnection(Continuation):
 
 class PlainNetVConnection(NetVConnection):
     """A cleartext TCP connection."""
+
+    __slots__ = ()
 
     def _wants_write(self) -> bool:
         return self._write_blocked and self.write_enabled

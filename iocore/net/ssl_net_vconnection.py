@@ -309,6 +309,45 @@ def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> Any:
 class SSLNetVConnection(NetVConnection):
     """A server-side (accepted) or client-side (origin) TLS connection."""
 
+    __slots__ = (
+        "_accept_done",
+        "_hello_parser",
+        "_hook_active",
+        "_hook_index",
+        "_hs_want_read",
+        "_hs_want_write",
+        "_in_hook_call",
+        "_out_raw",
+        "_raw_eof",
+        "_scratch",
+        "_sock_bio",
+        "_ssl_bio_has_data",
+        "_ssl_started",
+        "_verify_client_done",
+        "attributes",
+        "cert_context",
+        "client_handshake_error",
+        "client_hello",
+        "close_hooks_pending",
+        "config",
+        "handshake_buffer",
+        "hook_facade",
+        "hook_op_requested",
+        "negotiated_protocol",
+        "npn_set",
+        "on_client_handshake",
+        "outbound_hooks",
+        "plugin_data",
+        "server_name",
+        "ssl",
+        "ssl_context",
+        "ssl_handshake_begin_time",
+        "ssl_handshake_complete",
+        "ssl_handshake_hook_state",
+        "ssl_pre_accept_hook_state",
+        "tunnel_destination",
+    )
+
     is_ssl = True
 
     def __init__(self, sock: socket.socket, nh: NetHandler, config: SSLAcceptConfig | None = None) -> None:
@@ -345,6 +384,11 @@ class SSLNetVConnection(NetVConnection):
         self.outbound_hooks: OutboundHooks | None = None  # origin VCs with outbound hooks
         self._accept_done = False  # OpenSSL's handshake finished; SSL_VERIFY_CLIENT may still run
         self._verify_client_done = False
+        self._ssl_bio_has_data = False
+        # Client side (origin connections): see start_client_handshake.
+        self._ssl_started = False
+        self.client_handshake_error: str | None = None
+        self.on_client_handshake: Callable[[SSLNetVConnection, bool], None] | None = None
 
     # -- entry from the acceptor -------------------------------------------------------------
     def start_handshake(self) -> None:
@@ -607,7 +651,6 @@ class SSLNetVConnection(NetVConnection):
         code, text = verify_result(ssl)
         return text if code != 0 else None
 
-    _ssl_bio_has_data = False
 
     def _server_pre_ssl(self) -> int | None:
         """ClientHello, hooks and context selection; None when the SSL object now exists."""
@@ -823,9 +866,6 @@ class SSLNetVConnection(NetVConnection):
         self.counters_incr(_m("total_success_handshake_count_out"))
         return EVENT_DONE
 
-    _ssl_started = False
-    client_handshake_error: str | None = None
-    on_client_handshake: Callable[[SSLNetVConnection, bool], None] | None = None
 
     def start_client_handshake(
         self, ctx: SSL.Context, sni: str | None, done: Callable[[SSLNetVConnection, bool], None]

@@ -651,7 +651,6 @@ class SSLNetVConnection(NetVConnection):
         code, text = verify_result(ssl)
         return text if code != 0 else None
 
-
     def _server_pre_ssl(self) -> int | None:
         """ClientHello, hooks and context selection; None when the SSL object now exists."""
         cfg = self.config
@@ -865,7 +864,6 @@ class SSLNetVConnection(NetVConnection):
         self._flush_ssl_output()
         self.counters_incr(_m("total_success_handshake_count_out"))
         return EVENT_DONE
-
 
     def start_client_handshake(
         self, ctx: SSL.Context, sni: str | None, done: Callable[[SSLNetVConnection, bool], None]

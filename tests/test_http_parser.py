@@ -99,6 +99,25 @@ def test_pipelined_requests_in_order() -> None:
     assert body_of(events) == b"hello world"
 
 
+def test_between_messages_only_at_a_request_boundary() -> None:
+    # The proxy lends a parser that is between messages to another connection: it must say so
+    # only when nothing of a next request (not even part of its request line) has been fed.
+    p = RequestParser()
+    assert p.between_messages
+    p.feed(GET[:5])
+    assert not p.between_messages and p.in_head
+    p.feed(GET[5:] + b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nab")
+    assert not p.between_messages  # in a body
+    assert p.feed(b"c") == [BodyDataReceived(b"c"), MessageEnded()]
+    assert p.between_messages
+    with pytest.raises(HTTPProtocolError):
+        p.feed(b"BAD\r\n\r\n")
+    assert not p.between_messages  # dead
+    closing = RequestParser()
+    closing.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert not closing.between_messages
+
+
 def test_connection_close_stops_parsing() -> None:
     p = RequestParser()
     events = p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /next HTTP/1.1\r\n\r\n")

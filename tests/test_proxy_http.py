@@ -596,6 +596,31 @@ def test_pipelined_requests_answered_in_order(proxy: Any) -> None:
         assert client.at_eof()
 
 
+def test_partial_requests_interleaved_across_connections(proxy: Any) -> None:
+    # A connection between requests holds no parser of its own (the worker shares one): requests
+    # split at every stage on one connection must not mix with whole requests on others.
+    with RawClient(proxy.port()) as a, RawClient(proxy.port()) as b, RawClient(proxy.port()) as c:
+        steps = [
+            b"GET /bytes?n=5 HTT",
+            b"P/1.1\r\nHost: origin.t",
+            b"est\r\n\r\nPOST /echo HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 10\r\n\r\nhel",
+            b"lo",
+            b"world",
+        ]
+        for i, step in enumerate(steps):
+            a.send(step)
+            time.sleep(0.05)
+            b.send(b"GET /bytes?n=%d HTTP/1.1\r\nHost: origin.test\r\n\r\n" % (100 + i))
+            assert b.response().body == pattern(100 + i)
+            c.send(b"GET /chunked?n=7&chunk=3 HTTP/1.1\r\nHost: origin.test\r\n\r\nGET /bytes?n=3 HT")
+            assert c.response().body == pattern(7)
+            c.send(b"TP/1.1\r\nHost: origin.test\r\n\r\n")
+            assert c.response().body == pattern(3)
+        assert a.response().body == pattern(5)
+        seen = json.loads(a.response().body)
+        assert seen["method"] == "POST" and seen["body_sha256"] == hashlib.sha256(b"helloworld").hexdigest()
+
+
 # -- broken peers ---------------------------------------------------------------------------------
 def test_client_disconnect_mid_response(proxy: Any, origin: OriginServer) -> None:
     (pid,) = proxy.worker_pids()

@@ -186,6 +186,8 @@ class HttpProcessor:
         self.resolver = Resolver()
         self.pool = OriginPool(self)
         self.sessions: dict[HttpClientSession, None] = {}
+        # A request parser between messages, shared: see HttpClientSession._process_client_input.
+        self.spare_parser: RequestParser | None = None
         self.draining = False
         self.set_config(config)
 
@@ -249,6 +251,20 @@ class OriginPool:
 
 class OriginConnection(Continuation):
     """One connection to an origin; owned by a session during a transaction, else by the pool."""
+
+    __slots__ = (
+        "config",
+        "key",
+        "parser",
+        "proc",
+        "read_buf",
+        "reader",
+        "requests",
+        "session",
+        "vc",
+        "write_buf",
+        "write_reader",
+    )
 
     def __init__(self, proc: HttpProcessor, key: OriginKey, vc: NetVConnection) -> None:
         super().__init__(self._handle_idle)
@@ -325,6 +341,52 @@ class _Connecting(Continuation):
 class HttpClientSession(Continuation):
     """One client connection and its sequence of transactions."""
 
+    # Slots, not an instance dict: a dict of this many attributes costs ~1.6 KiB per connection,
+    # and idle keep-alive connections are what a proxy holds most of.
+    __slots__ = (
+        "_hook_active",
+        "_hook_failed",
+        "_hook_id",
+        "_hook_queue",
+        "_hook_then",
+        "_in_client_input",
+        "_in_hook",
+        "_resumer",
+        "chunked",
+        "chunked_up",
+        "client_keep_alive",
+        "close_after_write",
+        "closed",
+        "connect_vc",
+        "connecting",
+        "framing",
+        "head_timer",
+        "http",
+        "origin",
+        "origin_bytes",
+        "origin_paused",
+        "parser",
+        "pending",
+        "port",
+        "proc",
+        "read_buf",
+        "reader",
+        "remap",
+        "request",
+        "request_done",
+        "resp_pending",
+        "response",
+        "retried",
+        "scheme",
+        "status_sent",
+        "synthetic",
+        "txn",
+        "txn_hooks",
+        "vc",
+        "write_buf",
+        "write_reader",
+    )
+
     def __init__(self, proc: HttpProcessor, vc: NetVConnection, scheme: str, port: int) -> None:
         super().__init__(self.handle_client_event)
         self.proc = proc
@@ -332,7 +394,9 @@ class HttpClientSession(Continuation):
         self.vc = vc
         self.scheme = scheme
         self.port = port
-        self.parser = RequestParser(proc.http.max_header_size)
+        # Only while a request is partly read: between requests the parser goes back to the
+        # processor's spare (see _process_client_input), so an idle connection holds none.
+        self.parser: RequestParser | None = None
         self.read_buf = MIOBuffer(CLIENT_WATER_MARK)
         self.reader = self.read_buf.alloc_reader()
         self.write_buf = MIOBuffer(RESPONSE_WATER_MARK)
@@ -353,6 +417,7 @@ class HttpClientSession(Continuation):
         self.response: ResponseReceived | None = None
         self.framing = BodyMode.NONE
         self.chunked: ChunkedEncoder | None = None
+        self.chunked_up: ChunkedEncoder | None = None
         self.client_keep_alive = True
         self.origin_paused = False
         self.retried = False
@@ -437,11 +502,25 @@ class HttpClientSession(Continuation):
             if reader.read_avail():
                 data = reader.read()
                 parser = self.parser
+                proc = self.proc
+                if parser is None:
+                    parser = proc.spare_parser
+                    if parser is None or parser.max_header_size != self.http.max_header_size:
+                        parser = RequestParser(self.http.max_header_size)
+                    else:
+                        proc.spare_parser = None
                 try:
                     self.pending.extend(parser.feed(data))
                 except HTTPProtocolError as exc:
                     self.pending.extend(exc.events_before)
                     self.pending.append(exc)
+                if parser.between_messages:
+                    # Nothing of a next request read yet: the next one may start on any parser,
+                    # so this one serves every connection of the worker (one llhttp, not one each).
+                    self.parser = None
+                    proc.spare_parser = parser
+                else:
+                    self.parser = parser
                 # The inactivity timer restarts with every byte, so a head dripped one byte at a
                 # time would never time out: the whole head must arrive within
                 # transaction_no_activity_timeout_in of its first byte (an active timeout).

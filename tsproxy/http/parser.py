@@ -203,6 +203,16 @@ class RequestParser:
         """Part of a request head arrived, not all of it (the caller bounds how long that lasts)."""
         return self._state is _HEAD
 
+    @property
+    def between_messages(self) -> bool:
+        """Every request fed so far has ended and no byte of a next one has arrived: the parser
+        holds nothing of this connection (it may go on parsing another connection's requests)."""
+        return self._state is _IDLE
+
+    @property
+    def max_header_size(self) -> int:
+        return self._max_header_size
+
     def feed(self, data: bytes | memoryview) -> list[Event]:
         state = self._state
         if state is _CLOSED:

@@ -26,12 +26,22 @@ Theory of operation
    This figure barely moves when other programs load the machine, unlike throughput. `bg`
    is the CPU used by processes this script did not start, as % of one core.
 
+6. --peers [proxy.py,mitmproxy] (issue 7's peer target: tsproxy >= 10x their req/s) adds the
+   peers to the same rounds, same origin, certificates and core, on P1/W1 only, in a table of their
+   own (req/s, cpu/op, tsproxy/peer ratios; runs with wrk errors do not count). Nothing is
+   installed: a peer is used when its executable is in --peer-bin (e.g. a venv's bin/), on PATH, or
+   its module is importable; a missing peer gets a note and no row. proxy.py runs --threaded (its
+   threadless mode breaks, see ProxyPyPeer) and has TLS on its only port, so no P1; mitmdump runs
+   in reverse mode with TLS auto-detected, so it has both.
+
 Everything runs on 127.0.0.1, every wait is bounded, and everything started is stopped
 (process groups, try/finally). Requires: python3 with psutil and cryptography; wrk for
 P1/W1/W3 and nginx for the nginx rows (both skipped with a message when missing).
 
   python3 scripts/bench.py                      # all workloads, 10 s each, nginx beside
   python3 scripts/bench.py --quick --workloads P1,W1 --no-nginx
+  python3 -m venv /tmp/peers-venv && /tmp/peers-venv/bin/pip install proxy.py mitmproxy
+  python3 scripts/bench.py --runs 3 --workloads P1,W1 --peers --peer-bin /tmp/peers-venv/bin
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import multiprocessing
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -165,6 +176,7 @@ class Service:
 
     def __init__(self, name: str, cmd: list[str], logfile: Path, env: dict | None = None):
         self.name = name
+        self.cmd = cmd
         self.logfile = logfile
         self._log = open(logfile, "ab")  # noqa: SIM115 (closed in stop())
         self.popen = subprocess.Popen(
@@ -356,7 +368,9 @@ def _tls_origin_server(d: Path, certs: dict[str, Path] | None) -> str:
 
 
 class Proxy(abc.ABC):
-    def __init__(self, name: str, plain: int, tls: int):
+    peer = False  # a peer (proxy.py, mitmproxy): its own table, keep-alive 1 KiB workloads only
+
+    def __init__(self, name: str, plain: int | None, tls: int):
         self.name = name
         self.plain = plain
         self.tls = tls
@@ -472,6 +486,130 @@ http {{
         return Service("nginx", pinned(cmd, PROXY_CPU), d / "stdout.log")
 
 
+# --------------------------------------------------------------------------- peers (issue 7)
+#
+# Other Python reverse proxies, run beside tsproxy in the same rounds, on the same origin, with the
+# same certificates and the same core. They are measured on the keep-alive 1 KiB workloads only
+# (PEER_WORKLOADS). Nothing is installed: a peer is used when its executable is in --peer-bin, on
+# PATH, or its module is importable by this Python; otherwise its row is skipped with a note.
+
+PEER_NAMES = ("proxy.py", "mitmproxy")
+PEER_WORKLOADS = ("P1", "W1")
+
+PROXYPY_PLUGIN = r'''
+"""bench.py: proxy.py reverse-proxy route that sends every path to the bench origin."""
+import os
+
+from proxy.http import Url
+from proxy.http.server import ReverseProxyBasePlugin
+
+ORIGIN = os.environ["BENCH_PEER_ORIGIN"].encode()
+
+
+class BenchReverseProxy(ReverseProxyBasePlugin):
+    def routes(self):
+        return [r"/"]
+
+    def handle_route(self, request, pattern):
+        return Url.from_bytes(ORIGIN + request.path)
+'''
+
+
+class PeerProxy(Proxy):
+    """A peer: `cmd` runs its executable; `mode` says what it terminates, for the output."""
+
+    peer = True
+    mode = ""
+
+    def __init__(self, name: str, plain: int | None, tls: int, cmd: list[str], version: str):
+        super().__init__(name, plain, tls)
+        self.cmd = cmd
+        self.version = version
+
+
+class ProxyPyPeer(PeerProxy):
+    # proxy.py 2.4 applies --cert-file/--key-file to every listening port, so there is no plain
+    # port (no P1). Its default threadless mode is not usable here: with TLS the event loop dies on
+    # the first request, without TLS on the second request of a keep-alive connection
+    # (selector.modify on a closed upstream fd, FileNotFoundError). --threaded works.
+    mode = "TLS terminated; --threaded (thread per connection), 1 acceptor, log-level WARNING"
+
+    def start(self, tmp: Path, certs: dict[str, Path], origin_port: int, instance: int) -> Service:
+        d = tmp / f"proxy.py-{instance}"
+        d.mkdir()
+        (d / "bench_proxypy_route.py").write_text(PROXYPY_PLUGIN)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(d), env.get("PYTHONPATH", "")) if p)
+        env["BENCH_PEER_ORIGIN"] = f"http://{HOST}:{origin_port}"
+        cmd = [
+            *self.cmd,
+            "--hostname", HOST, "--port", str(self.tls), "--backlog", "4096",
+            "--cert-file", str(certs["cert"]), "--key-file", str(certs["key"]),
+            "--enable-reverse-proxy", "--plugins", "bench_proxypy_route.BenchReverseProxy",
+            "--threaded", "--num-acceptors", "1", "--num-workers", "1",
+            "--data-dir", str(d / "data"), "--open-file-limit", "65536", "--log-level", "WARNING",
+        ]  # fmt: skip
+        return Service("proxy.py", pinned(cmd, PROXY_CPU), d / "stdout.log", env=env)
+
+
+class MitmproxyPeer(PeerProxy):
+    # Reverse mode detects TLS per connection (ClientHello), so the same mode serves the plain
+    # port (P1) and the TLS port (W1); --certs '*=PEM' makes it present the bench leaf certificate.
+    mode = "TLS terminated; mitmdump --mode reverse:, -q, flow_detail=0"
+
+    def start(self, tmp: Path, certs: dict[str, Path], origin_port: int, instance: int) -> Service:
+        d = tmp / f"mitmproxy-{instance}"
+        d.mkdir()
+        pem = d / "cert+key.pem"
+        pem.write_bytes(certs["cert"].read_bytes() + certs["key"].read_bytes())
+        os.chmod(pem, 0o600)
+        origin = f"http://{HOST}:{origin_port}"
+        cmd = [*self.cmd, "-q", "--listen-host", HOST]
+        for port in (self.plain, self.tls):
+            cmd += ["--mode", f"reverse:{origin}@{port}"]
+        cmd += [
+            "--certs", f"*={pem}", "--set", f"confdir={d / 'conf'}",
+            "--set", "flow_detail=0", "--set", "termlog_verbosity=error",
+        ]  # fmt: skip
+        return Service("mitmproxy", pinned(cmd, PROXY_CPU), d / "stdout.log")
+
+
+def find_peer(name: str, peer_bin: str | None) -> tuple[list[str] | None, str]:
+    """(command, version) of a peer, or (None, why it is missing)."""
+    import importlib.util
+
+    exe, module, via_python = {
+        "proxy.py": ("proxy", "proxy", ["-m", "proxy"]),
+        "mitmproxy": ("mitmdump", "mitmproxy", ["-c", "from mitmproxy.tools.main import mitmdump as m; m()"]),
+    }[name]
+    candidates: list[list[str]] = []
+    if peer_bin:
+        p = Path(peer_bin) / exe
+        if os.access(p, os.X_OK):
+            candidates.append([str(p)])
+    found = shutil.which(exe)
+    if found:
+        candidates.append([found])
+    if importlib.util.find_spec(module) is not None:
+        candidates.append([sys.executable, *via_python])
+    if not candidates:
+        where = f"{peer_bin}/{exe}, " if peer_bin else ""
+        return None, f"not found ({where}`{exe}` on PATH, or `import {module}`)"
+    for cmd in candidates:
+        try:
+            out = subprocess.run(
+                [*cmd, "--version"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        text = (out.stdout + out.stderr).strip()
+        # `proxy` is a common name: accept it only when it says it is proxy.py (a bare version)
+        if out.returncode == 0 and (name != "proxy.py" or text[:1].isdigit()):
+            first = text.splitlines()[0] if text else "?"
+            return cmd, first.replace("Mitmproxy:", "").strip()
+    return None, f"found {' / '.join(c[0] for c in candidates)} but `--version` failed or is not {name}"
+
+
 # --------------------------------------------------------------------------- measurement
 
 
@@ -537,6 +675,7 @@ def run_wrk(url: str, conns: int, duration: float, lua: Path, latency: bool = Tr
 
 def wrk_workload(wl: str, proxy: Proxy, svc: Service, origin: Service, args, lua: Path) -> dict:
     scheme, port = ("http", proxy.plain) if wl == "P1" else ("https", proxy.tls)
+    assert port is not None, f"{proxy.name} has no port for {wl}"
     path = {"W3": "/64k", "W5": "/tls/1k"}.get(wl, "/1k")
     with CpuSampler(svc, origin) as cs:
         r = run_wrk(f"{scheme}://{HOST}:{port}{path}", args.connections, args.duration, lua)
@@ -743,8 +882,13 @@ def run_proxy_round(proxy: Proxy, tmp, certs, origin, origin_port, args, lua, in
     try:
         log(f"starting {proxy.name} (instance {instance})")
         svc = proxy.start(tmp, certs, origin_port, instance)
+        if proxy.peer:
+            log(f"{proxy.name} command: {shlex.join(svc.cmd)}")
         ca_ctx = ssl.create_default_context(cafile=str(certs["ca"]))
-        wait_ready(svc, [(proxy.plain, None), (proxy.tls, ca_ctx)])
+        checks: list[tuple[int, ssl.SSLContext | None]] = [(proxy.tls, ca_ctx)]
+        if proxy.plain is not None:
+            checks.insert(0, (proxy.plain, None))
+        wait_ready(svc, checks)
         order = [w for w in ("W4", "P1", "W1", "W2", "W3", "W5") if w in args.workloads]
         warmed = False
         for wl in order:
@@ -753,6 +897,12 @@ def run_proxy_round(proxy: Proxy, tmp, certs, origin, origin_port, args, lua, in
                 continue
             if wl in ("P1", "W1", "W3", "W5") and not have_wrk:
                 results[wl] = {"skipped": "wrk not installed"}
+                continue
+            if proxy.peer and wl not in PEER_WORKLOADS:
+                results[wl] = {"skipped": f"peers are measured on {'/'.join(PEER_WORKLOADS)} only"}
+                continue
+            if wl == "P1" and proxy.plain is None:
+                results[wl] = {"skipped": f"{proxy.name} has no plain-HTTP port in this setup"}
                 continue
             if wl == "W5" and ORIGIN_TLS_PORT is None:
                 results[wl] = {"skipped": "needs the nginx origin (TLS origin port)"}
@@ -865,7 +1015,8 @@ def summarize(data: dict) -> str:
     ]
     for note in data["notes"]:
         lines.append(f"# NOTE: {note}")
-    names = list(proxies)
+    peers = data.get("peers", {})
+    names = [n for n in proxies if n not in peers]
     hdr = f"{'workload':<9}{'metric':<10}" + "".join(f"{n:>12}" for n in names)
     if len(names) == 2:
         hdr += f"{'ratio':>8}" + "".join(f"{'cpu/op ' + n:>18}" for n in names) + f"{'ratio':>8}"
@@ -890,8 +1041,68 @@ def summarize(data: dict) -> str:
         for n in names:
             for i, r in enumerate(proxies[n].get(wl, [])):
                 details.append(f"  {wl} {n} run{i + 1}: {detail(wl, r)}")
+    if peers:
+        lines += peer_table(data)
+        for n in peers:
+            for wl in data["workloads"]:
+                for i, r in enumerate(proxies[n].get(wl, [])):
+                    details.append(f"  {wl} {n} run{i + 1}: {detail(wl, r)}")
     lines += ["", "details (per run):", *details]
     return "\n".join(lines) + "\n"
+
+
+PEER_TARGET = 10.0  # issue 7: tsproxy >= 10x the proxied req/s of each peer
+
+
+def clean_median(runs: list[dict[str, Any]], key: str) -> tuple[float | None, int]:
+    """Median of `key` over the runs with no client error (a run with errors is no throughput
+    figure), and how many runs were clean."""
+    ok = [r for r in runs if "error" not in r and "skipped" not in r and not r.get("errors")]
+    vals = [r[key] for r in ok if r.get(key) is not None]
+    return (statistics.median(vals) if vals else None), len(ok)
+
+
+def peer_table(data: dict[str, Any]) -> list[str]:
+    proxies, peers = data["proxies"], data["peers"]
+    out = [
+        "",
+        f"peers (issue 7: tsproxy >= {PEER_TARGET:g}x each peer's req/s); same origin, certificates and "
+        f"core {PROXY_CPU}; medians over runs with 0 wrk errors",
+    ]
+    for n, info in peers.items():
+        out.append(f"# {n} {info['version']}: {info['mode']}")
+    hdr = (
+        f"{'workload':<9}{'proxy':<11}{'req/s':>10}{'cpu/op us':>11}{'clean':>7}"
+        f"{'tsproxy/peer req/s':>20}{'peer/tsproxy cpu/op':>21}  target"
+    )
+    out += [hdr, "-" * len(hdr)]
+    for wl in data["workloads"]:
+        if wl not in PEER_WORKLOADS:
+            continue
+        ts_runs = proxies.get("tsproxy", {}).get(wl, [])
+        ts_v, ts_ok = clean_median(ts_runs, "value")
+        ts_c, _ = clean_median(ts_runs, "cpu_op_us")
+        out.append(f"{wl:<9}{'tsproxy':<11}{fmt(ts_v):>10}{fmt(ts_c):>11}{f'{ts_ok}/{len(ts_runs)}':>7}")
+        for n in peers:
+            runs = proxies[n].get(wl, [])
+            skipped = [r["skipped"] for r in runs if "skipped" in r]
+            if skipped:
+                out.append(f"{wl:<9}{n:<11}  skipped: {skipped[0]}")
+                continue
+            v, ok = clean_median(runs, "value")
+            c, _ = clean_median(runs, "cpu_op_us")
+            if v is None:
+                why = "every run had client errors or failed (no throughput figure)"
+                out.append(f"{wl:<9}{n:<11}{'-':>10}{'-':>11}{f'{ok}/{len(runs)}':>7}  {why}")
+                continue
+            rv = ts_v / v if ts_v is not None and v else None
+            rc = c / ts_c if c is not None and ts_c else None
+            met = "-" if rv is None else ("met" if rv >= PEER_TARGET else "NOT met")
+            out.append(
+                f"{wl:<9}{n:<11}{fmt(v):>10}{fmt(c):>11}{f'{ok}/{len(runs)}':>7}"
+                f"{'-' if rv is None else f'{rv:.1f}x':>20}{'-' if rc is None else f'{rc:.1f}x':>21}  {met}"
+            )
+    return out
 
 
 def detail(wl: str, r: dict) -> str:
@@ -944,6 +1155,20 @@ def parse_args(argv=None):
     ap.add_argument("--origin", choices=("auto", "nginx", "python"), default="auto")
     ap.add_argument("--nginx", dest="nginx", action="store_true", default=True, help="nginx beside (default)")
     ap.add_argument("--no-nginx", dest="nginx", action="store_false", help="tsproxy only")
+    ap.add_argument(
+        "--peers",
+        nargs="?",
+        const=",".join(PEER_NAMES),
+        default=os.environ.get("BENCH_PEERS") or None,
+        help=f"also run peers ({','.join(PEER_NAMES)}; default all) on {'/'.join(PEER_WORKLOADS)} "
+        "beside tsproxy; nothing is installed, missing peers are skipped with a note (env BENCH_PEERS)",
+    )
+    ap.add_argument(
+        "--peer-bin",
+        default=os.environ.get("BENCH_PEER_BIN") or None,
+        help="directory searched first for the peers' executables (proxy, mitmdump), e.g. a venv's "
+        "bin/ (env BENCH_PEER_BIN)",
+    )
     ap.add_argument("--out", help="also write the table here, and raw data to OUT.json")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args(argv)
@@ -956,6 +1181,10 @@ def parse_args(argv=None):
         ap.error(f"unknown workloads {bad}; choose from {','.join(ALL_WORKLOADS)}")
     a.workloads = [w for w in ALL_WORKLOADS if w in wl]
     a.runs = max(1, a.runs)
+    a.peers = [p.strip() for p in a.peers.split(",") if p.strip()] if a.peers else []
+    bad = [p for p in a.peers if p not in PEER_NAMES]
+    if bad:
+        ap.error(f"unknown peers {bad}; choose from {','.join(PEER_NAMES)}")
     return a
 
 
@@ -988,7 +1217,22 @@ def main(argv=None) -> int:
     proxies: list[Proxy] = [TsProxy("tsproxy", free_port(), free_port())]
     if args.nginx and have_nginx:
         proxies.append(NginxProxy("nginx", free_port(), free_port()))
+    peers: dict[str, dict[str, str]] = {}
+    for name in args.peers:
+        cmd, version = find_peer(name, args.peer_bin)
+        if cmd is None:
+            note = f"peer {name} {version}: its row is skipped (pip install {name} into a venv, --peer-bin)"
+            notes.append(note)
+            log(note)
+            continue
+        klass = ProxyPyPeer if name == "proxy.py" else MitmproxyPeer
+        plain = None if klass is ProxyPyPeer else free_port()
+        peer = klass(name, plain, free_port(), cmd, version)
+        proxies.append(peer)
+        peers[name] = {"version": version, "mode": peer.mode, "cmd": " ".join(cmd)}
+        log(f"peer {name} {version}: {' '.join(cmd)}")
     data: dict[str, Any] = {"proxies": {p.name: {w: [] for w in args.workloads} for p in proxies}}
+    data["peers"] = peers
     try:
         certs = make_certs(tmp)
         origin_port = free_port()

@@ -33,7 +33,7 @@ from types import MappingProxyType
 
 from iocore.records.errors import ConfigError
 
-__all__ = ["RemapResult", "RemapRule", "RemapTable", "load_remap", "parse_remap"]
+__all__ = ["OriginKey", "RemapResult", "RemapRule", "RemapTable", "load_remap", "parse_remap"]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -64,6 +64,10 @@ _URL_RE = re.compile(
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?\Z")
 
 
+# (scheme, host, port, remap TLS options): what makes two origin connections interchangeable.
+OriginKey = tuple[str, str, int, tuple[tuple[str, str], ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class RemapRule:
     """One map line, parsed. str() gives ``FILE:LINE: text`` for logs."""
@@ -82,6 +86,14 @@ class RemapRule:
     to_path: bytes
     host_header: bytes
     options: Mapping[str, str]
+    # The origin pool's key for this rule's target, computed once here instead of per request.
+    # Per-rule TLS options (@sni, @ssl_verify, @client_cert) are part of it, so a connection
+    # verified one way is never reused for a rule that wants another.
+    origin_key: OriginKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        opts = tuple(sorted(self.options.items()))
+        object.__setattr__(self, "origin_key", (self.to_scheme, self.to_host, self.to_port, opts))
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.text}"

@@ -48,7 +48,6 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 # Headers the builders drop on top of the hop-by-hop ones because they write their own.
 _ORIGIN_DROP = HOP_BY_HOP | {b"host", b"content-length", b"via", b"x-forwarded-for"}
 _CLIENT_DROP = HOP_BY_HOP | {b"content-length", b"via"}
-_NOTHING: frozenset[bytes] = frozenset()
 
 
 def _connection_named(headers: Headers) -> set[bytes] | None:
@@ -75,14 +74,47 @@ def _forward(
     headers: Headers, base_drop: frozenset[bytes], parts: list[bytes]
 ) -> tuple[list[bytes], list[bytes]]:
     """Append the kept headers to ``parts``; return the Via and X-Forwarded-For values seen."""
-    named = _connection_named(headers) or _NOTHING
+    # One pass, assuming Connection names only hop-by-hop fields ("keep-alive", "close"): those
+    # are dropped anyway. Connection may come after the fields it names, so when it names
+    # anything else the kept part is redone by _forward_named (rare).
+    start = len(parts)
+    via: list[bytes] = []
+    xff: list[bytes] = []
+    connection: list[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in base_drop:
+            if lname == b"via":
+                via.append(value)
+            elif lname == b"x-forwarded-for":
+                xff.append(value)
+            elif lname == b"connection":
+                if connection is None:
+                    connection = []
+                connection.append(value)
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    # "Connection: keep-alive" (one hop-by-hop token) is the common case: no set to build.
+    if connection is not None and (len(connection) != 1 or connection[0].lower() not in HOP_BY_HOP):
+        named = {t for t in (t.strip().lower() for v in connection for t in v.split(b",")) if t}
+        if not named <= HOP_BY_HOP:
+            del parts[start:]
+            return _forward_named(headers, base_drop, named, parts)
+    return via, xff
+
+
+def _forward_named(
+    headers: Headers, base_drop: frozenset[bytes], named: set[bytes], parts: list[bytes]
+) -> tuple[list[bytes], list[bytes]]:
+    """_forward when Connection names end-to-end fields: those are dropped too (and a named Via
+    or X-Forwarded-For is dropped rather than merged)."""
     via: list[bytes] = []
     xff: list[bytes] = []
     for name, value in headers:
         lname = name.lower()
-        if lname in base_drop or lname in named:
-            if lname in named:
-                continue
+        if lname in named:
+            continue
+        if lname in base_drop:
             if lname == b"via":
                 via.append(value)
             elif lname == b"x-forwarded-for":

@@ -118,6 +118,33 @@ def test_between_messages_only_at_a_request_boundary() -> None:
     assert not closing.between_messages
 
 
+def test_http_version_per_message_whatever_the_feed_boundaries() -> None:
+    # The version of a feed's first message is read from its raw request/status line (a shortcut
+    # around llhttp's slow getter): every other message, and every split, must still be right.
+    r11 = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    r10 = b"GET /b HTTP/1.0\r\n\r\n"
+    data = r11 + r10 + r11
+    for cut in range(len(data) + 1):
+        p = RequestParser()
+        events = p.feed(data[:cut]) + (p.feed(data[cut:]) if cut < len(data) else [])
+        heads = [e for e in events if isinstance(e, RequestReceived)]
+        assert [h.http_version for h in heads] == [b"1.1", b"1.0"], cut  # 1.0 without keep-alive ends it
+    p = RequestParser()
+    events = p.feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" + r11)
+    assert [e.http_version for e in events if isinstance(e, RequestReceived)] == [b"1.0", b"1.1"]
+    assert request_error(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n").status == 505
+    resp = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    )
+    for cut in range(len(resp) + 1):
+        rp = ResponseParser()
+        rp.start(b"GET")
+        events = rp.feed(resp[:cut]) + rp.feed(resp[cut:])
+        heads = [e for e in events if isinstance(e, ResponseReceived)]
+        assert [(h.status, h.http_version) for h in heads] == [(100, b"1.1"), (200, b"1.0")], cut
+
+
 def test_connection_close_stops_parsing() -> None:
     p = RequestParser()
     events = p.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /next HTTP/1.1\r\n\r\n")

@@ -532,12 +532,14 @@ class HttpClientSession(Continuation):
                     # so this one serves every connection of the worker (one llhttp, not one each).
                     self.parser = None
                     proc.spare_parser = parser
+                    in_head = False
                 else:
                     self.parser = parser
+                    in_head = parser.in_head
                 # The inactivity timer restarts with every byte, so a head dripped one byte at a
                 # time would never time out: the whole head must arrive within
                 # transaction_no_activity_timeout_in of its first byte (an active timeout).
-                if parser.in_head:
+                if in_head:
                     if not self.head_timer:
                         self.head_timer = True
                         self.vc.set_active_timeout(self.http.txn_timeout_in)
@@ -636,7 +638,9 @@ class HttpClientSession(Continuation):
         return r.rule.origin_key  # computed once per remap rule (it includes the rule's TLS options)
 
     def _get_origin(self) -> None:
-        key = self._origin_key()
+        remap = self.remap
+        assert remap is not None
+        key = remap.rule.origin_key  # what _origin_key() returns, without the call (hot)
         proc = self.proc
         conn = proc.pool.get(key) if self.http.keep_alive_out else None
         if conn is not None:
@@ -858,7 +862,8 @@ class HttpClientSession(Continuation):
         conn.vc.write.reenable()
         if req.body is _NONE:
             self.request_done = True
-        self._process_client_input()  # body bytes that waited for the head
+        if not self._in_client_input:  # else the _process_client_input on the stack goes on
+            self._process_client_input()  # body bytes that waited for the head
 
     def _send_request_body(self, data: bytes) -> None:
         origin = self.origin

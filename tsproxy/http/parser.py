@@ -150,6 +150,14 @@ class _Stop(Exception):
 
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+
+# httptools' get_http_version() formats a str on every call (~0.3 us, one call per message). When a
+# feed starts at a message boundary, the version of that first message is read from the raw bytes
+# instead: a request line ending in " HTTP/1.1", a status line starting "HTTP/1.1 ". llhttp parses
+# exactly those bytes as the version, so the hint is exact; it is used by that message's
+# on_headers_complete only, and every other case still asks llhttp.
+_REQUEST_LINE_11 = b" HTTP/1.1"
+_STATUS_LINE_11 = b"HTTP/1.1 "
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -175,6 +183,7 @@ class RequestParser:
         "_state",
         "_te",
         "_url",
+        "_version_hint",
     )
 
     def __init__(self, max_header_size: int = 131072) -> None:
@@ -192,6 +201,7 @@ class RequestParser:
         self._te: bytes | None = None
         self._keep_alive = True
         self._body_mode = _NONE
+        self._version_hint: bytes | None = None
 
     @property
     def closed(self) -> bool:
@@ -222,6 +232,10 @@ class RequestParser:
             raise self._error
         events: list[Event] = []
         self._events = events
+        if state is _IDLE and type(data) is bytes:
+            eol = data.find(b"\r\n")
+            if eol > 0 and data[eol - 9 : eol] == _REQUEST_LINE_11:
+                self._version_hint = b"1.1"  # see _REQUEST_LINE_11
         try:
             self._p.feed_data(data)
         except HttpParserUpgrade as exc:  # defensive: on_headers_complete refuses upgrades first
@@ -304,9 +318,13 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         p = self._p
-        version = _VERSIONS.get(p.get_http_version())
+        version = self._version_hint
         if version is None:
-            self._abort(505, "HTTP version not supported")
+            version = _VERSIONS.get(p.get_http_version())
+            if version is None:
+                self._abort(505, "HTTP version not supported")
+        else:
+            self._version_hint = None
         method: bytes = p.get_method()
         if method == b"CONNECT":
             self._abort(501, "CONNECT is not supported")
@@ -366,6 +384,7 @@ class ResponseParser:
         "_state",
         "_te",
         "_unsolicited",
+        "_version_hint",
     )
 
     def __init__(self, max_header_size: int = 131072, max_headers: int = 256) -> None:
@@ -387,6 +406,7 @@ class ResponseParser:
         self._keep_alive = False
         self._body_mode = _NONE
         self._unsolicited = False
+        self._version_hint: bytes | None = None
 
     @property
     def reusable(self) -> bool:
@@ -409,6 +429,7 @@ class ResponseParser:
         self._head_request = head
         self._keep_alive = True
         self._state = _IDLE
+        self._version_hint = None
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         state = self._state
@@ -424,7 +445,18 @@ class ResponseParser:
         if self._head_request:
             self._feed_head_only(data)
             return events
-        self._run(data)
+        if state is _IDLE and data[:9] == _STATUS_LINE_11:
+            self._version_hint = b"1.1"  # see _STATUS_LINE_11
+        try:  # _run, inlined: this is the per-response path
+            self._p.feed_data(data)  # type: ignore[union-attr]  # start() made it
+        except HttpParserUpgrade as exc:
+            raise self._fail("unexpected protocol upgrade from origin") from exc
+        except HttpParserError as exc:
+            if self._error is not None:
+                self._state = _DEAD
+                raise self._error from None
+            if self._state is not _DONE:  # _DONE: stopped on purpose (unsolicited data / close)
+                raise self._fail(f"malformed response: {exc}") from exc
         if self._state is _HEAD:
             self._head_fed = self._head_fed + len(data) if state is _HEAD else 0
             if self._head_fed > self._max_header_size:
@@ -533,9 +565,13 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         p = self._p
         assert p is not None
-        version = _VERSIONS.get(p.get_http_version())
+        version = self._version_hint
         if version is None:
-            self._abort("unsupported HTTP version from origin")
+            version = _VERSIONS.get(p.get_http_version())
+            if version is None:
+                self._abort("unsupported HTTP version from origin")
+        else:
+            self._version_hint = None
         status: int = p.get_status_code()
         cl: int | None = None
         if status < 200:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from iocore.eventsystem.diags import DbgCtl
@@ -239,7 +239,9 @@ class OriginPool:
         return None
 
     def put(self, conn: OriginConnection) -> None:
-        conns = self.idle.setdefault(conn.key, [])
+        conns = self.idle.get(conn.key)
+        if conns is None:  # not setdefault: that builds a new empty list on every call
+            conns = self.idle[conn.key] = []
         if len(conns) >= MAX_IDLE_PER_ORIGIN or self.proc.draining or conn.config is not self.proc.config:
             conn.close()
             return
@@ -293,7 +295,7 @@ class OriginConnection(Continuation):
 
     def attach(self, session: HttpClientSession) -> None:
         self.session = session
-        self.set_handler(session.handle_origin_event)
+        self.handler = session.handle_origin_event  # set_handler, without the call
         vc = self.vc
         rvio = vc.read
         if (
@@ -316,7 +318,7 @@ class OriginConnection(Continuation):
 
     def park(self, timeout: float) -> None:
         self.session = None
-        self.set_handler(self._handle_idle)
+        self.handler = self._handle_idle  # set_handler, without the call
         self.vc.set_inactivity_timeout(timeout)
         if not self.vc.read_enabled:
             self.vc.do_io_read(self, INT64_MAX, self.read_buf)
@@ -353,6 +355,7 @@ class HttpClientSession(Continuation):
     # Slots, not an instance dict: a dict of this many attributes costs ~1.6 KiB per connection,
     # and idle keep-alive connections are what a proxy holds most of.
     __slots__ = (
+        "_client_held",
         "_hook_active",
         "_hook_failed",
         "_hook_id",
@@ -446,9 +449,12 @@ class HttpClientSession(Continuation):
         self._hook_failed = False
         self._resumer: Continuation | None = None
         self.synthetic: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
-        self.resp_pending: list[Any] = []
+        # Response events held back while a response hook pauses; a tuple when there are none,
+        # so ending a transaction allocates nothing.
+        self.resp_pending: Sequence[Any] = ()
         self.status_sent = 0  # the status the client got for the current transaction (0: none yet)
         self._in_client_input = False  # _process_client_input is on the stack
+        self._client_held = False  # a _process_client_input pass ended blocked (read re-enable owed)
         proc.sessions[self] = None
         counters = proc.counters
         counters[M_CUR_CLIENT] += 1
@@ -466,6 +472,8 @@ class HttpClientSession(Continuation):
         try:
             if event == VC_EVENT_READ_READY:  # the common event, without _client_event's dispatch
                 self._process_client_input()
+            elif event == VC_EVENT_WRITE_READY and not self.close_after_write and not self.origin_paused:
+                pass  # the response was sent on; nothing waits for the client buffer to drain
             else:
                 self._client_event(event)
         except Exception:
@@ -508,6 +516,7 @@ class HttpClientSession(Continuation):
             # as this step returns, so a second pass would find nothing to do.
             return
         if self._blocked():
+            self._client_held = True
             return
         self._in_client_input = True
         try:
@@ -549,8 +558,18 @@ class HttpClientSession(Continuation):
             self._run_pending()
         finally:
             self._in_client_input = False
-        if not self.closed and not self._blocked():
-            self.vc.read.reenable()
+        if not self.closed:
+            if self._blocked():
+                self._client_held = True  # the read re-enable is owed (see _client_side_waits)
+            else:
+                self._client_held = False
+                self.vc.read.reenable()
+
+    def _client_side_waits(self) -> bool:
+        """Client input may be held back: events or bytes not processed yet, or a pass that ended
+        blocked and skipped the read re-enable. Otherwise a pass of _process_client_input would
+        do nothing but re-enable an already running read."""
+        return self._client_held or bool(self.pending) or bool(self.reader.read_avail())
 
     def _blocked(self) -> bool:
         if self.connecting is not None or self._hook_then is not None:
@@ -887,7 +906,9 @@ class HttpClientSession(Continuation):
             if event == VC_EVENT_READ_READY:
                 self._process_origin_input()
             elif event == VC_EVENT_WRITE_READY:  # the origin drained the upload buffer
-                self._process_client_input()
+                # Sent after every request head: a pass is needed only if the client side waits.
+                if self._client_side_waits():
+                    self._process_client_input()
             else:
                 self._origin_event(event)
         except Exception:
@@ -956,7 +977,7 @@ class HttpClientSession(Continuation):
         if self.origin is origin and not origin.vc.closed:
             origin.vc.read.reenable()
 
-    def _handle_response_events(self, events: list[Any]) -> None:
+    def _handle_response_events(self, events: Sequence[Any]) -> None:
         write = self.write_buf.write
         for i, ev in enumerate(events):
             if isinstance(ev, BodyDataReceived):
@@ -1024,7 +1045,7 @@ class HttpClientSession(Continuation):
         if metric is not None:
             self.proc.counters[metric] += 1
         if self.resp_pending:
-            pending, self.resp_pending = self.resp_pending, []
+            pending, self.resp_pending = self.resp_pending, ()
             self._handle_response_events(pending)
         elif self.origin_paused:
             self.origin_paused = False
@@ -1104,7 +1125,7 @@ class HttpClientSession(Continuation):
         self.txn_hooks = None
         self.synthetic = None
         self.status_sent = 0
-        self.resp_pending = []
+        self.resp_pending = ()
         self.request = None
         self.remap = None
         self.response = None

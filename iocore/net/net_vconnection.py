@@ -164,8 +164,19 @@ class NetVConnection(Continuation):
         if self.closed:
             return
         if vio is self.read:
-            self.read_enabled = vio.cont is not None
-            self.read_reschedule()
+            self.read_enabled = enabled = vio.cont is not None
+            # read_reschedule(), with the common case (already polling for reads, nothing
+            # buffered, room in the buffer) settled without touching the selector.
+            if self._has_buffered_input():
+                self.nh.read_ready_list[self] = None
+            buf = vio.buffer
+            if (
+                not enabled
+                or buf is None
+                or not self._mask & EVENT_READ
+                or buf.high_water()
+            ):
+                self._update_interest()
         else:
             self.write_enabled = vio.cont is not None
             self.nh.write_ready_list[self] = None
@@ -306,7 +317,8 @@ class NetVConnection(Continuation):
         assert buf is not None
         buf.write(data)
         vio.ndone += len(data)
-        self.net_activity()
+        if self.inactivity_timeout:  # net_activity(), inlined (once per read)
+            self.inactivity_at = self.nh.thread.now + self.inactivity_timeout
         if vio.ndone >= vio.nbytes:
             self.read_enabled = False
             self._update_interest()
@@ -314,7 +326,9 @@ class NetVConnection(Continuation):
         else:
             if buf.high_water():
                 self._update_interest()
-            self._signal(vio, VC_EVENT_READ_READY)
+            cont = vio.cont  # _signal(), inlined
+            if cont is not None and not self.closed:
+                cont.handler(VC_EVENT_READ_READY, vio)
 
     # -- writing -----------------------------------------------------------------------------
     def write_to_net_io(self) -> None:
@@ -341,11 +355,13 @@ class NetVConnection(Continuation):
             if n:
                 reader.consume(n)
                 vio.ndone += n
-                self.net_activity()
+                if self.inactivity_timeout:  # net_activity(), inlined
+                    self.inactivity_at = self.nh.thread.now + self.inactivity_timeout
             if n < avail:
                 self._set_write_blocked(True)
                 return
-        self._set_write_blocked(False)
+        if self._write_blocked:
+            self._set_write_blocked(False)
         if vio.ndone >= vio.nbytes:
             self.write_enabled = False
             self._update_interest()

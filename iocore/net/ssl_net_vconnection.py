@@ -1260,8 +1260,8 @@ class SSLNetVConnection(NetVConnection):
             vio.ndone += n
             avail -= n
             wrote += n
-        if wrote:
-            self.net_activity()
+        if wrote and self.inactivity_timeout:  # net_activity(), inlined
+            self.inactivity_at = self.nh.thread.now + self.inactivity_timeout
         if blocked != self._write_blocked:
             self._set_write_blocked(blocked)
         if blocked:

@@ -9,6 +9,12 @@ reader stops the socket read on the other side, so memory never grows with the b
 Readers (IOBufferReader) consume from the front; with several readers, bytes are dropped only
 after every reader consumed them.
 
+Storage: one contiguous ``bytearray``, except that a ``bytes`` object written into an empty
+buffer is kept by reference (as ATS appends an IOBufferBlock) and handed back by reference when
+a single reader reads it all. A socket read that is consumed whole, the common case on both
+sides of a proxied request, is therefore never copied here. The next write turns it into a
+``bytearray``; every path that changes the storage knows it may be ``bytes``.
+
 A VIO describes one direction of I/O on a VConnection: the continuation to call back, how many
 bytes are wanted (``nbytes``; ``INT64_MAX`` for "until EOS"), how many are done (``ndone``), the
 buffer, and ``reenable()`` to ask the VConnection to continue.
@@ -31,7 +37,7 @@ class MIOBuffer:
     __slots__ = ("_buf", "readers", "water_mark")
 
     def __init__(self, water_mark: int = DEFAULT_WATER_MARK) -> None:
-        self._buf = bytearray()
+        self._buf: bytearray | bytes = bytearray()
         self.readers: list[IOBufferReader] = []
         self.water_mark = water_mark
 
@@ -42,7 +48,13 @@ class MIOBuffer:
         return reader
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._buf += data
+        buf = self._buf
+        if isinstance(buf, bytes):
+            buf = self._buf = bytearray(buf)
+        elif not buf and type(data) is bytes:
+            self._buf = data  # empty, so every reader is at 0: keep the bytes, no copy
+            return len(data)
+        buf += data
         return len(data)
 
     def max_read_avail(self) -> int:
@@ -71,10 +83,17 @@ class MIOBuffer:
         # prefix is large; otherwise defer, so small consumes do not memmove the tail each time.
         readers = self.readers
         low = readers[0].pos if len(readers) == 1 else min(r.pos for r in readers)
-        if low == len(self._buf):
-            self._buf.clear()
+        buf = self._buf
+        if low == len(buf):
+            if isinstance(buf, bytes):
+                self._buf = bytearray()
+            else:
+                buf.clear()
         elif low > 65536:
-            del self._buf[:low]
+            if isinstance(buf, bytes):
+                self._buf = bytearray(memoryview(buf)[low:])
+            else:
+                del buf[:low]
         else:
             return
         for r in readers:
@@ -106,7 +125,11 @@ class IOBufferReader:
         mbuf = self.mbuf
         buf = mbuf._buf
         if self.pos == 0 and (n < 0 or n >= len(buf)) and len(mbuf.readers) == 1:
-            # Everything, one reader: one copy, and the buffer empties (what consume() would do).
+            # Everything, one reader: the buffer empties (what consume() would do); kept bytes
+            # are handed over as they are, a bytearray is copied once.
+            if isinstance(buf, bytes):
+                mbuf._buf = bytearray()
+                return buf
             data = bytes(buf)
             buf.clear()
             return data

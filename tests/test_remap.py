@@ -112,6 +112,25 @@ def test_ipv6_hosts() -> None:
     assert t.lookup("http", "[::1]", 80, b"/") is None
 
 
+def test_origin_key_per_rule_includes_tls_options() -> None:
+    # The origin pool's key is computed once per rule; rules to the same origin share it only
+    # when their TLS options match (option order in the file does not matter).
+    table = parse_remap(
+        "map http://a/ http://o:81/\n"
+        "map http://b/ http://o:81/x/\n"
+        "map http://c/ https://o/ @sni=n @ssl_verify=disabled\n"
+        "map http://d/ https://o/ @ssl_verify=disabled @sni=n\n"
+        "map http://e/ https://o/ @sni=m\n",
+        "remap.config",
+    )
+    a, b, c, d, e = (r.origin_key for r in table.rules)
+    assert a == b == ("http", "o", 81, ())
+    assert c == d == ("https", "o", 443, (("sni", "n"), ("ssl_verify", "disabled")))
+    assert e == ("https", "o", 443, (("sni", "m"),))
+    hit = table.lookup("http", "d", 8080, b"/p")
+    assert hit is not None and hit.rule.origin_key == d
+
+
 def test_load_remap(tmp_path: Path) -> None:
     f = tmp_path / "remap.config"
     f.write_bytes(b"map http://a/ http://b/\n")

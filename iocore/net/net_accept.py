@@ -50,14 +50,22 @@ class NetAccept(Continuation):
         self.max_connections = max_connections
         self.paused = False
         sock.setblocking(False)
+        self._family = sock.family
+        # Every socket accepted on a listener bound to one address has that local address: no
+        # getsockname per connection. A wildcard listener must ask.
+        bound = sock.getsockname()
+        self._local_addr: tuple[Any, ...] | None = None if bound[0] in ("0.0.0.0", "::") else bound
         nh.thread.register(sock.fileno(), selectors.EVENT_READ, self._on_readable)
 
     def _on_readable(self, mask: int) -> None:
         nh = self.nh
         counters = nh.counters
+        raw_accept = self.sock._accept  # type: ignore[attr-defined]  # socket.accept without its wrapper
+        family = self._family
+        local_addr = self._local_addr
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = self.sock.accept()
+                fd, addr = raw_accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -65,6 +73,7 @@ class NetAccept(Continuation):
                     _dbg("accept: %s, backing off", exc.strerror)
                     self._pause(0.25)
                 return
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             counters[_M_ACCEPTS] += 1
             if len(nh.open_vcs) >= self.max_connections():
                 counters[_M_THROTTLED] += 1
@@ -76,7 +85,14 @@ class NetAccept(Continuation):
             except OSError:
                 pass
             vc = self.make_vc(conn, nh)
-            vc.set_addrs()
+            vc.remote_addr = addr  # what getpeername would say
+            if local_addr is None:
+                try:
+                    vc.local_addr = conn.getsockname()
+                except OSError:
+                    pass
+            else:
+                vc.local_addr = local_addr
             nh.add_vc(vc)
             self.on_accept(vc)
 

@@ -170,12 +170,7 @@ class NetVConnection(Continuation):
             if self._has_buffered_input():
                 self.nh.read_ready_list[self] = None
             buf = vio.buffer
-            if (
-                not enabled
-                or buf is None
-                or not self._mask & EVENT_READ
-                or buf.high_water()
-            ):
+            if not enabled or buf is None or not self._mask & EVENT_READ or buf.high_water():
                 self._update_interest()
         else:
             self.write_enabled = vio.cont is not None

@@ -8,9 +8,11 @@ Each worker process runs exactly one EThread. An iteration of ``run`` does, in o
 2. run the *ready callbacks* registered by the net layer (``ready_callbacks``): these are the
    NetHandler's read/write ready lists, so a VC that was re-enabled while its data was already
    buffered (decrypted TLS bytes, a hook's reenable) is processed without waiting for epoll;
-3. poll the selector (``selectors.DefaultSelector``) with a timeout up to the next timer, or
-   zero when something is still ready; every readiness calls the callback stored as the
-   registration's ``data`` with the event mask;
+3. poll (epoll directly where there is one, else ``selectors.DefaultSelector``) with a timeout
+   up to the next timer, or zero when something is still ready; every readiness calls the
+   callback registered for that fd with the event mask (``selectors.EVENT_READ`` /
+   ``EVENT_WRITE``). A callback whose fd was unregistered earlier in the same poll is not
+   called;
 4. run the timers that are due (a binary heap; cancelled events are dropped lazily).
 
 Invariants: callbacks never block; nothing here is thread-safe except ``call_soon_threadsafe``
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
+import select
 import selectors
 import socket
 import time
@@ -36,12 +40,102 @@ from iocore.eventsystem.event import EVENT_IMMEDIATE, EVENT_INTERVAL, Continuati
 IOCallback = Callable[[int], None]
 _log = logging.getLogger("tsproxy.eventsystem")
 
+_EVENT_READ = selectors.EVENT_READ
+_EVENT_WRITE = selectors.EVENT_WRITE
+_HAVE_EPOLL = hasattr(select, "epoll")
+_NOT_EPOLLIN = ~select.EPOLLIN if _HAVE_EPOLL else 0
+_NOT_EPOLLOUT = ~select.EPOLLOUT if _HAVE_EPOLL else 0
 
-class EThread:
-    """A single-threaded event loop: ready queue, timer heap and a selector."""
+
+class _SelectorsPoller:
+    """The portable poller: ``selectors.DefaultSelector`` behind EThread's small interface."""
 
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
+
+    def register(self, fd: int, mask: int, callback: IOCallback) -> None:
+        self.selector.register(fd, mask, callback)
+
+    def modify(self, fd: int, mask: int, callback: IOCallback) -> None:
+        self.selector.modify(fd, mask, callback)
+
+    def unregister(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def poll(self, timeout: float) -> None:
+        for key, mask in self.selector.select(timeout):
+            try:
+                key.data(mask)
+            except Exception:
+                _log.exception("I/O callback for fd %d raised", key.fd)
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+class _EpollPoller:
+    """epoll without the selectors layer: no SelectorKey per registration or per readiness,
+    a dict from fd to callback, masks translated as selectors.EpollSelector does."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.callbacks: dict[int, IOCallback] = {}
+
+    @staticmethod
+    def _events(mask: int) -> int:
+        return (select.EPOLLIN if mask & _EVENT_READ else 0) | (select.EPOLLOUT if mask & _EVENT_WRITE else 0)
+
+    def register(self, fd: int, mask: int, callback: IOCallback) -> None:
+        if fd in self.callbacks:
+            raise KeyError(f"fd {fd} is already registered")
+        self.epoll.register(fd, self._events(mask))
+        self.callbacks[fd] = callback
+
+    def modify(self, fd: int, mask: int, callback: IOCallback) -> None:
+        if fd not in self.callbacks:
+            raise KeyError(f"fd {fd} is not registered")
+        self.epoll.modify(fd, self._events(mask))
+        self.callbacks[fd] = callback
+
+    def unregister(self, fd: int) -> None:
+        if self.callbacks.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass  # already closed: the kernel dropped it
+
+    def poll(self, timeout: float) -> None:
+        # As selectors does: round a positive timeout up to a whole millisecond (no busy loop).
+        try:
+            ready = self.epoll.poll(math.ceil(timeout * 1e3) * 1e-3 if timeout > 0 else 0)
+        except InterruptedError:
+            return
+        callbacks = self.callbacks
+        for fd, ev in ready:
+            callback = callbacks.get(fd)
+            if callback is None:
+                continue  # unregistered by an earlier callback of this poll
+            # HUP and ERR wake both directions, as in selectors.EpollSelector.
+            mask = (_EVENT_WRITE if ev & ~select.EPOLLIN else 0) | (
+                _EVENT_READ if ev & ~select.EPOLLOUT else 0
+            )
+            try:
+                callback(mask)
+            except Exception:
+                _log.exception("I/O callback for fd %d raised", fd)
+
+    def close(self) -> None:
+        self.epoll.close()
+
+
+class EThread:
+    """A single-threaded event loop: ready queue, timer heap and a poller."""
+
+    def __init__(self) -> None:
+        self.poller: _EpollPoller | _SelectorsPoller = _EpollPoller() if _HAVE_EPOLL else _SelectorsPoller()
         self._ready: deque[Event] = deque()
         self._timers: list[Event] = []
         self._running = False
@@ -125,16 +219,13 @@ class EThread:
 
     # -- I/O registration -----------------------------------------------------------------
     def register(self, fd: int, mask: int, callback: IOCallback) -> None:
-        self.selector.register(fd, mask, callback)
+        self.poller.register(fd, mask, callback)
 
     def modify(self, fd: int, mask: int, callback: IOCallback) -> None:
-        self.selector.modify(fd, mask, callback)
+        self.poller.modify(fd, mask, callback)
 
     def unregister(self, fd: int) -> None:
-        try:
-            self.selector.unregister(fd)
-        except (KeyError, ValueError):
-            pass
+        self.poller.unregister(fd)
 
     # -- the loop -------------------------------------------------------------------------
     def stop(self) -> None:
@@ -172,12 +263,7 @@ class EThread:
             timeout = min(max(self._timers[0].timeout_at - time.monotonic(), 0.0), max_wait)
         else:
             timeout = max_wait
-        events = self.selector.select(timeout)
-        for key, mask in events:
-            try:
-                key.data(mask)
-            except Exception:
-                _log.exception("I/O callback for fd %d raised", key.fd)
+        self.poller.poll(timeout)
         for post in self.post_io_callbacks:
             try:
                 post()
@@ -202,7 +288,7 @@ class EThread:
             _log.exception("event handler %r raised", ev.cont)
 
     def close(self) -> None:
-        self.selector.close()
+        self.poller.close()
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()

@@ -15,7 +15,10 @@ sans-IO ClientHello parser says "need more" until the hello is complete, the hoo
 certificate context is chosen (``set_context_cert``: SNI exact, SNI wildcard, local IP:port, IP,
 default), and only then the ``SSL.Connection`` is created with that context and the buffered
 bytes are replayed into its memory BIO. From there ``do_handshake`` runs over memory BIOs; the
-ciphertext it produces is flushed to the socket.
+ciphertext it produces is flushed to the socket. Once the handshake is done and both memory
+BIOs are empty, the SSL gets the socket itself (``_use_socket_bio``, ATS's switch to the fd BIO
+once the handshake buffer is drained): SSL_read/SSL_write then do the reads and writes, with
+read-ahead on so one read(2) takes every queued record.
 
 Hook state (data, not flags): the pre-accept phase follows the seed's
 ``SSLHookState`` INIT -> INVOKE -> ACTIVE -> DONE; the handshake phases follow
@@ -319,6 +322,7 @@ class SSLNetVConnection(NetVConnection):
         "_in_hook_call",
         "_out_raw",
         "_raw_eof",
+        "_read_wants_write",
         "_scratch",
         "_sock_bio",
         "_ssl_bio_has_data",
@@ -376,6 +380,7 @@ class SSLNetVConnection(NetVConnection):
         self.close_hooks_pending = False
         self._out_raw = bytearray()
         self._sock_bio = False  # OpenSSL reads and writes the socket itself (_use_socket_bio)
+        self._read_wants_write = False  # SSL_read must send first (socket BIO): retry on EVENT_WRITE
         self._hs_want_read = False
         self._hs_want_write = False
         self._raw_eof = False
@@ -400,7 +405,7 @@ class SSLNetVConnection(NetVConnection):
         if self.ssl_handshake_complete and self.attributes is not Transport.BLIND_TUNNEL:
             # The TLS data path: net_read_io / write_to_net_io resolved without their dispatch.
             if self._sock_bio:
-                if mask & EVENT_READ:
+                if mask & EVENT_READ or self._read_wants_write:
                     self._ssl_read_sock()
                 if mask & EVENT_WRITE and not self.closed:
                     self._ssl_write_sock()
@@ -446,7 +451,8 @@ class SSLNetVConnection(NetVConnection):
 
     def _wants_write(self) -> bool:
         if self._sock_bio:
-            return self._write_blocked  # OpenSSL holds a record the socket did not take
+            # OpenSSL holds a record the socket did not take, or SSL_read has something to send.
+            return (self._write_blocked and self.write_enabled) or self._read_wants_write
         if self.attributes is Transport.BLIND_TUNNEL:
             return self._write_blocked and self.write_enabled
         return bool(self._out_raw) or self._hs_want_write
@@ -1175,6 +1181,9 @@ class SSLNetVConnection(NetVConnection):
         vio = self.read
         buf = vio.buffer
         ssl = self.ssl
+        if self._read_wants_write:
+            self._read_wants_write = False  # retried now; set again below if it still must wait
+            self._update_interest()
         if self.closed or not self.read_enabled or buf is None or ssl is None:
             self._update_interest()
             return
@@ -1198,9 +1207,10 @@ class SSLNetVConnection(NetVConnection):
             if err == _SSL_ERROR_ZERO_RETURN:
                 eos = True
             elif err == _SSL_ERROR_WANT_WRITE:
-                # OpenSSL has something to send (a KeyUpdate reply) and the socket is full.
-                self._set_write_blocked(True)
-                self.nh.read_ready_list[self] = None
+                # OpenSSL has something to send (a KeyUpdate reply) and the socket is full:
+                # the read is retried when the socket is writable.
+                self._read_wants_write = True
+                self._update_interest()
             else:
                 try:  # pyOpenSSL's mapping of the error, which also clears OpenSSL's error queue
                     ssl._raise_ssl_error(ssl_ptr, n)

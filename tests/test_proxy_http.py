@@ -14,6 +14,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -245,6 +246,48 @@ def test_keep_alive_client_and_pooled_origin(proxy: Any, origin: OriginServer) -
     c2.close()
     assert len(origin.requests) == len(sizes) + 4
     assert origin.connections == 1, f"origin saw {origin.connections} connections for 9 requests"
+
+
+@pytest.mark.parametrize("bio", ["socket", "memory"])
+def test_https_keep_alive_bodies_both_ways(
+    tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any, bio: str
+) -> None:
+    """The TLS data path after the handshake: by default OpenSSL gets the socket (socket BIO);
+    TSPROXY_TLS_MEMORY_BIO=1 keeps the memory BIOs. Both carry bodies of every size both ways
+    on one keep-alive connection, as a client would notice."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    (tmp_path / "certs").mkdir(exist_ok=True)
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "certs" / "leaf.pem"))
+    records = {
+        "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1",
+        "proxy.config.ssl.server.cert.path": str(tmp_path / "certs"),
+        "proxy.config.ssl.server.private_key.path": str(tmp_path / "certs"),
+    }
+    files = {
+        "remap.config": f"map https://{ORIGIN_HOST}/ http://{origin.authority}/\n",
+        "ssl_multicert.config": "dest_ip=* ssl_cert_name=leaf.pem\n",
+    }
+    env = {"TSPROXY_TLS_MEMORY_BIO": "1"} if bio == "memory" else {}
+    proxy = tsproxy_factory(records=records, files=files, env=env)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    c = http.client.HTTPSConnection("127.0.0.1", proxy.port(), context=ctx, timeout=10)
+    try:
+        for n in (0, 1, 16_384, 16_385, 70_000, 1_000_000):
+            resp, body = get(c, f"/bytes?n={n}")
+            assert resp.status == 200 and body == pattern(n), n
+        first_sock = c.sock
+        upload = os.urandom(300_000)
+        resp, body = get(c, "/echo", method="POST", body=upload)
+        seen = json.loads(body)
+        assert resp.status == 200 and seen["body_len"] == len(upload)
+        assert seen["body_sha256"] == hashlib.sha256(upload).hexdigest()
+        assert c.sock is first_sock, "the keep-alive TLS connection was not kept"
+    finally:
+        c.close()
 
 
 # -- chunked bodies -------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
     from cryptography import x509
 
+    from iocore.eventsystem.iobuffer import VIO, IOBufferReader
     from iocore.net.net_handler import NetHandler
     from iocore.net.ssl_cert_lookup import SSLCertContext, SSLCertLookup
 
@@ -1142,6 +1143,11 @@ class SSLNetVConnection(NetVConnection):
         if self._out_raw and not self._flush_raw():
             return
         self._use_socket_bio()
+        self._ssl_wrote(vio, reader, wrote)
+
+    def _ssl_wrote(self, vio: VIO, reader: IOBufferReader, wrote: int) -> None:
+        """After a write pass that was not held up: WRITE_COMPLETE, or WRITE_READY once the
+        reader is drained (with bytes left, another pass is queued)."""
         if vio.ndone >= vio.nbytes:
             self.write_enabled = False
             self._update_interest()
@@ -1274,14 +1280,8 @@ class SSLNetVConnection(NetVConnection):
             self.inactivity_at = self.nh.thread.now + self.inactivity_timeout
         if blocked != self._write_blocked:
             self._set_write_blocked(blocked)
-        if blocked:
-            return
-        if vio.ndone >= vio.nbytes:
-            self.write_enabled = False
-            self._update_interest()
-            self._signal(vio, 103)  # VC_EVENT_WRITE_COMPLETE
-        elif wrote:
-            self._signal(vio, 101)  # VC_EVENT_WRITE_READY
+        if not blocked:
+            self._ssl_wrote(vio, reader, wrote)
 
     @property
     def ssl_version(self) -> str | None:

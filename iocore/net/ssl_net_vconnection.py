@@ -245,6 +245,7 @@ _BIO_write = _ssl_lib.BIO_write
 _ffi_buffer = _ssl_ffi.buffer
 _ffi_from_buffer = _ssl_ffi.from_buffer
 _SSL_get_error = _ssl_lib.SSL_get_error
+_SSL_do_handshake = _ssl_lib.SSL_do_handshake
 _SSL_ERROR_WANT_READ = _ssl_lib.SSL_ERROR_WANT_READ
 _SSL_ERROR_WANT_WRITE = _ssl_lib.SSL_ERROR_WANT_WRITE
 _SSL_ERROR_ZERO_RETURN = _ssl_lib.SSL_ERROR_ZERO_RETURN
@@ -801,7 +802,15 @@ class SSLNetVConnection(NetVConnection):
         ssl = self.ssl
         assert ssl is not None
         try:
-            ssl.do_handshake()
+            # ssl.do_handshake(), without raising WantReadError on the first step of every
+            # handshake (the exception costs more than the check)
+            result = _SSL_do_handshake(ssl._ssl)
+            if result <= 0:
+                if _SSL_get_error(ssl._ssl, result) == _SSL_ERROR_WANT_READ:
+                    self._ssl_bio_has_data = False
+                    self._flush_ssl_output()
+                    return SSL_HANDSHAKE_WANT_WRITE if self._out_raw else SSL_HANDSHAKE_WANT_READ
+                ssl._raise_ssl_error(ssl._ssl, result)
         except SSL.WantReadError:
             self._ssl_bio_has_data = False
             self._flush_ssl_output()

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _ssl_lib
 
 from iocore.net.ssl_config import SSLConfigParams, VerifyServerPolicy, VerifyServerProperties
 from iocore.net.tls.errors import TLSError
@@ -624,9 +625,7 @@ def build_client_context(params: SSLConfigParams, *, alpn_protocols: Sequence[by
 
 def session_reused(conn: SSL.Connection) -> bool:
     """SSL_session_reused: did this handshake resume a session (pyOpenSSL has no method)?"""
-    from OpenSSL._util import lib
-
-    return bool(lib.SSL_session_reused(conn._ssl))
+    return bool(_ssl_lib.SSL_session_reused(conn._ssl))
 
 
 def verify_result(conn: SSL.Connection) -> tuple[int, str]:

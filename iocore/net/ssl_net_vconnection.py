@@ -675,7 +675,7 @@ class SSLNetVConnection(NetVConnection):
             if self._hello_parser is None:
                 self._hello_parser = ClientHelloParser()
             try:
-                hello = self._hello_parser.feed(bytes(self.handshake_buffer[-retval:]))
+                hello = self._hello_parser.feed(self.handshake_buffer[-retval:])
             except TLSProtocolError as exc:
                 if cfg.tr_pass and not looks_like_tls_handshake(bytes(self.handshake_buffer[:1])):
                     _dbg("data does not look like SSL handshake, starting blind tunnel")
@@ -700,6 +700,18 @@ class SSLNetVConnection(NetVConnection):
             )
 
         # CLIENT_HELLO -> (set_context_cert) SNI -> CERT, each phase's hooks in order.
+        hooks = cfg.hooks
+        if (
+            self.ssl_handshake_hook_state is HandshakeHookState.CLIENT_HELLO
+            and not hooks.has(HookID.SSL_CLIENT_HELLO)
+            and not hooks.has(HookID.SSL_SERVERNAME)
+            and not hooks.has(HookID.SSL_CERT)
+        ):
+            # No plugin hooks any phase (the common case): only the certificate choice.
+            ret = self.set_context_cert()
+            if ret is not None:
+                return ret
+            self.ssl_handshake_hook_state = HandshakeHookState.DONE
         while self.ssl_handshake_hook_state is not HandshakeHookState.DONE:
             phase = self.ssl_handshake_hook_state
             if self._hook_active:

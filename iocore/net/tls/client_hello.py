@@ -359,7 +359,7 @@ class ClientHelloParser:
         self._record_bytes = 0  # Headers + payloads of the records read so far.
         self._records = 0
 
-    def feed(self, data: bytes) -> ClientHello | None:
+    def feed(self, data: bytes | bytearray) -> ClientHello | None:
         """Consume the next bytes from the client.
 
         Returns the ClientHello once it is complete, None while more bytes are needed. Raises

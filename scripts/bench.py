@@ -89,10 +89,10 @@ done = function(summary, latency, requests)
    io.write(string.format(
       'WRKJSON {"duration_us": %.1f, "requests": %.1f, "bytes": %.1f, ' ..
       '"err_connect": %.1f, "err_read": %.1f, "err_write": %.1f, "err_status": %.1f, ' ..
-      '"err_timeout": %.1f, "p50_us": %.1f, "p99_us": %.1f}\n',
+      '"err_timeout": %.1f, "p50_us": %.1f, "p90_us": %.1f, "p99_us": %.1f, "max_us": %.1f}\n',
       summary.duration, summary.requests, summary.bytes,
       e.connect, e.read, e.write, e.status, e.timeout,
-      latency:percentile(50), latency:percentile(99)))
+      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
 end
 """
 
@@ -424,8 +424,12 @@ class TsProxy(Proxy):
                 rules.append(f"map {scheme}://{h}/ {origin}")
         (d / "remap.config").write_text("\n".join(rules) + "\n")
         (d / "plugin.config").write_text("")
+        self.customize(d)
         cmd = pinned([*tsproxy_cmd(), "start", "--config-dir", str(d)], PROXY_CPU)
         return Service("tsproxy", cmd, d / "stdout.log")
+
+    def customize(self, d):
+        """Subclasses (bench_plugins, bench_latency) add to the config dir here, before start."""
 
     def logs_hint(self, svc):
         return f"{self.config_dir}/log/ and {svc.logfile}"

@@ -48,7 +48,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # scripts/bench.py: certificates, origin, Service, TsProxy, CpuSampler, run_wrk
@@ -112,24 +111,13 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
     publish()
 '''
 
-REPORT_LUA = r"""
-done = function(summary, latency, requests)
-   local e = summary.errors
-   io.write(string.format(
-      'WRKJSON {"duration_us": %.1f, "requests": %.1f, "bytes": %.1f, ' ..
-      '"err_connect": %.1f, "err_read": %.1f, "err_write": %.1f, "err_status": %.1f, ' ..
-      '"err_timeout": %.1f, "p50_us": %.1f, "p90_us": %.1f, "p99_us": %.1f, "max_us": %.1f}\n',
-      summary.duration, summary.requests, summary.bytes,
-      e.connect, e.read, e.write, e.status, e.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
-end
-"""
+REPORT_LUA = bench.REPORT_LUA  # p50/p90/p99/max
 
 
 class PausingTsProxy(bench.TsProxy):
     """bench.TsProxy with the pausing plugin in plugin.config and the handshake timeout in
-    records.config (written after TsProxy.start wrote the config dir, before the process starts;
-    the same trick as bench_plugins.HookedTsProxy)."""
+    records.config (bench.TsProxy.customize: written into the config dir before the process
+    starts, as bench_plugins.HookedTsProxy does)."""
 
     def __init__(self, name: str, plain: int, tls: int, hook: str, handshake_timeout: int) -> None:
         super().__init__(name, plain, tls)
@@ -137,25 +125,14 @@ class PausingTsProxy(bench.TsProxy):
         self.handshake_timeout = handshake_timeout
         self.state_file: Path | None = None
 
-    def start(self, tmp: Path, certs: dict[str, Path], origin_port: int, instance: int) -> bench.Service:
-        real_service = bench.Service
-
-        def service(name: str, cmd: list[str], logfile: Path, env: dict[str, str] | None = None) -> Any:
-            d = self.config_dir  # TsProxy.start has written the config dir by now
-            self.state_file = d / "paused.json"
-            (d / "bench_pause.py").write_text(PLUGIN)
-            (d / "plugin.config").write_text(
-                f"{d / 'bench_pause.py'} {self.hook} {self.state_file} {PAUSED_SNI} {PAUSED_SRC}\n"
-            )
-            with (d / "records.config").open("a") as rec:
-                rec.write(f"CONFIG proxy.config.ssl.handshake_timeout_in INT {self.handshake_timeout}\n")
-            return real_service(name, cmd, logfile, env)
-
-        bench.Service = service  # type: ignore[assignment,misc]
-        try:
-            return super().start(tmp, certs, origin_port, instance)
-        finally:
-            bench.Service = real_service  # type: ignore[misc]
+    def customize(self, d: Path) -> None:
+        self.state_file = d / "paused.json"
+        (d / "bench_pause.py").write_text(PLUGIN)
+        (d / "plugin.config").write_text(
+            f"{d / 'bench_pause.py'} {self.hook} {self.state_file} {PAUSED_SNI} {PAUSED_SRC}\n"
+        )
+        with (d / "records.config").open("a") as rec:
+            rec.write(f"CONFIG proxy.config.ssl.handshake_timeout_in INT {self.handshake_timeout}\n")
 
     def state(self) -> dict[str, int] | None:
         """What the plugin last published, or None before it wrote anything."""

@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # scripts/bench.py: certificates, Service, TsProxy, CpuSampler
 
-PLUGIN = '''\
+PLUGIN = """\
 from tsproxy.api import HookID, PluginAPI, VConn
 
 
@@ -42,26 +42,15 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
 
     api.hook_add(HookID.VCONN_START, cb)
     api.hook_add(HookID.SSL_CERT, cb)
-'''
+"""
 
 
 class HookedTsProxy(bench.TsProxy):
     """bench.TsProxy with the hook plugin in plugin.config (written before the process starts)."""
 
-    def start(self, tmp: Path, certs: dict[str, Path], origin_port: int, instance: int) -> bench.Service:
-        real_service = bench.Service
-
-        def service(name: str, cmd: list[str], logfile: Path, env: dict[str, str] | None = None) -> Any:
-            d = self.config_dir  # TsProxy.start has written the config dir by now
-            (d / "bench_hook.py").write_text(PLUGIN)
-            (d / "plugin.config").write_text(f"{d / 'bench_hook.py'}\n")
-            return real_service(name, cmd, logfile, env)
-
-        bench.Service = service  # type: ignore[assignment,misc]
-        try:
-            return super().start(tmp, certs, origin_port, instance)
-        finally:
-            bench.Service = real_service  # type: ignore[misc]
+    def customize(self, d: Path) -> None:
+        (d / "bench_hook.py").write_text(PLUGIN)
+        (d / "plugin.config").write_text(f"{d / 'bench_hook.py'}\n")
 
 
 def _client(port: int, threads: int, duration: float, q: Any) -> None:
@@ -81,8 +70,9 @@ def _client(port: int, threads: int, duration: float, q: Any) -> None:
     def loop() -> None:
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection((bench.HOST, port), timeout=5) as raw, ctx.wrap_socket(
-                    raw, server_hostname=bench.SNI
+                with (
+                    socket.create_connection((bench.HOST, port), timeout=5) as raw,
+                    ctx.wrap_socket(raw, server_hostname=bench.SNI),
                 ):
                     pass
                 with lock:
@@ -148,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.wait_ready(svc, [(proxy.tls, tls)])
                 variants[name] = (proxy, svc)
             for r in range(args.rounds):
-                for name in (("none", "hooks") if r % 2 == 0 else ("hooks", "none")):
+                for name in ("none", "hooks") if r % 2 == 0 else ("hooks", "none"):
                     proxy, svc = variants[name]
                     res = measure(proxy.tls, svc, origin, args)
                     results[name].append(res)
@@ -165,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
 
     a_cpu, b_cpu = med("none", "cpu_us_per_hs"), med("hooks", "cpu_us_per_hs")
     a_hs, b_hs = med("none", "hs_per_s"), med("hooks", "hs_per_s")
-    print(f"full TLS 1.3 handshakes, {args.rounds} rounds x {args.duration:.0f} s, "
-          f"{args.procs}x{args.threads} clients, medians")
+    print(
+        f"full TLS 1.3 handshakes, {args.rounds} rounds x {args.duration:.0f} s, "
+        f"{args.procs}x{args.threads} clients, medians"
+    )
     print(f"{'variant':40s} {'hs/s':>8s} {'proxy CPU us/hs':>16s}")
     print(f"{'no plugins':40s} {a_hs:8.1f} {a_cpu:16.1f}")
     print(f"{'VCONN_START + SSL_CERT, sync reenable':40s} {b_hs:8.1f} {b_cpu:16.1f}")
-    print(f"hooks/no-plugins: CPU per handshake x{b_cpu / a_cpu:.3f} ({100 * (b_cpu / a_cpu - 1):+.1f}%), "
-          f"handshakes/s x{b_hs / a_hs:.3f} ({100 * (b_hs / a_hs - 1):+.1f}%)")
+    print(
+        f"hooks/no-plugins: CPU per handshake x{b_cpu / a_cpu:.3f} ({100 * (b_cpu / a_cpu - 1):+.1f}%), "
+        f"handshakes/s x{b_hs / a_hs:.3f} ({100 * (b_hs / a_hs - 1):+.1f}%)"
+    )
     return 0
 
 

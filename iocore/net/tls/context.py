@@ -25,7 +25,9 @@
 # back with SSL_CTRL_GET_TLSEXT_TICKET_KEYS (58) and compared.  When any of this fails (other
 # platform, stripped build) the functions report "unsupported", contexts keep OpenSSL's own
 # per-context ticket keys (resumption then only works on the same context), and a warning
-# is logged once; nothing else depends on it.
+# is logged once.  The TLS data path finds SSL_ctrl (read-ahead) and SSL_has_pending the same
+# way (socket_bio_functions); without them connections keep their memory BIOs, slower but
+# otherwise the same.
 #
 # Invariants: no OpenSSL exception leaves this module (configuration problems become
 # ConfigError naming the file or record, anything else TLSError); every Context is fully

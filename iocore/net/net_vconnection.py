@@ -164,14 +164,8 @@ class NetVConnection(Continuation):
         if self.closed:
             return
         if vio is self.read:
-            self.read_enabled = enabled = vio.cont is not None
-            # read_reschedule(), with the common case (already polling for reads, nothing
-            # buffered, room in the buffer) settled without touching the selector.
-            if self._has_buffered_input():
-                self.nh.read_ready_list[self] = None
-            buf = vio.buffer
-            if not enabled or buf is None or not self._mask & EVENT_READ or buf.high_water():
-                self._update_interest()
+            self.read_enabled = vio.cont is not None
+            self.read_reschedule()
         else:
             self.write_enabled = vio.cont is not None
             self.nh.write_ready_list[self] = None
@@ -187,7 +181,11 @@ class NetVConnection(Continuation):
         """Continue reading: poll for readability, or run now when bytes are already buffered."""
         if self._has_buffered_input():
             self.nh.read_ready_list[self] = None
-        self._update_interest()
+        # The interest is recomputed only when reading may have to start or stop; the common
+        # case (polling for reads already, room in the buffer) leaves the selector alone.
+        buf = self.read.buffer
+        if not self.read_enabled or buf is None or not self._mask & EVENT_READ or buf.high_water():
+            self._update_interest()
 
     def write_reschedule(self) -> None:
         self.nh.write_ready_list[self] = None

@@ -1144,15 +1144,8 @@ class SSLNetVConnection(NetVConnection):
         wrote = 0
         scratch = self._scratch
         while avail > 0 and len(self._out_raw) < 262144:
-            try:
-                with reader.peek(min(avail, TLS_RECORD_MAX)) as chunk, _ffi_from_buffer(chunk) as cdata:
-                    n = _SSL_write(ssl._ssl, cdata, len(chunk))  # ssl.send(chunk)
-                if n <= 0:
-                    ssl._raise_ssl_error(ssl._ssl, n)
-            except SSL.Error as exc:
-                _dbg_err("SSL write error to %s: %s", self.remote_addr, exc)
-                self.write_enabled = False
-                self._signal(vio, VC_EVENT_ERROR)
+            n = self._ssl_write_record(ssl, reader, avail)
+            if n <= 0:  # a memory BIO takes every record: only an error stops it
                 return
             reader.consume(n)
             vio.ndone += n
@@ -1167,6 +1160,30 @@ class SSLNetVConnection(NetVConnection):
             return
         self._use_socket_bio()
         self._ssl_wrote(vio, reader, wrote)
+
+    def _ssl_write_record(self, ssl: SSL.Connection, reader: IOBufferReader, avail: int) -> int:
+        """SSL_write of up to one record from the reader's front; nothing is consumed here.
+
+        Returns the bytes OpenSSL took, 0 when the socket is full (WANT_WRITE: the same bytes
+        are offered again later, and may have moved: SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, set
+        by pyOpenSSL), or -1 after signalling VC_EVENT_ERROR."""
+        ssl_ptr = ssl._ssl
+        with (
+            reader.peek(avail if avail < TLS_RECORD_MAX else TLS_RECORD_MAX) as chunk,
+            _ffi_from_buffer(chunk) as cdata,
+        ):
+            n = _SSL_write(ssl_ptr, cdata, len(chunk))
+        if n > 0:
+            return int(n)
+        if _SSL_get_error(ssl_ptr, n) == _SSL_ERROR_WANT_WRITE:
+            return 0
+        try:  # pyOpenSSL's mapping of the error, which also clears OpenSSL's error queue
+            ssl._raise_ssl_error(ssl_ptr, n)
+        except SSL.Error as exc:
+            _dbg_err("SSL write error to %s: %s", self.remote_addr, exc)
+        self.write_enabled = False
+        self._signal(self.write, VC_EVENT_ERROR)
+        return -1
 
     def _ssl_wrote(self, vio: VIO, reader: IOBufferReader, wrote: int) -> None:
         """After a write pass that was not held up: WRITE_COMPLETE, or WRITE_READY once the
@@ -1274,27 +1291,14 @@ class SSLNetVConnection(NetVConnection):
             return
         avail = min(reader.read_avail(), vio.nbytes - vio.ndone)
         wrote = 0
-        ssl_ptr = ssl._ssl
         blocked = False
         while avail > 0:
-            # After a WANT_WRITE the same bytes are offered again (nothing was consumed); the
-            # buffer may have moved (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, set by pyOpenSSL).
-            with (
-                reader.peek(avail if avail < TLS_RECORD_MAX else TLS_RECORD_MAX) as chunk,
-                _ffi_from_buffer(chunk) as cdata,
-            ):
-                n = _SSL_write(ssl_ptr, cdata, len(chunk))
-            if n <= 0:
-                if _SSL_get_error(ssl_ptr, n) == _SSL_ERROR_WANT_WRITE:
-                    blocked = True
-                    break
-                try:
-                    ssl._raise_ssl_error(ssl_ptr, n)
-                except SSL.Error as exc:
-                    _dbg_err("SSL write error to %s: %s", self.remote_addr, exc)
-                self.write_enabled = False
-                self._signal(vio, VC_EVENT_ERROR)
+            n = self._ssl_write_record(ssl, reader, avail)
+            if n < 0:
                 return
+            if n == 0:
+                blocked = True
+                break
             reader.consume(n)
             vio.ndone += n
             avail -= n

@@ -31,10 +31,15 @@ import hashlib
 import json
 import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
+
+if TYPE_CHECKING:
+    import trustme
 
 IO_TIMEOUT = 20.0
 PIECE = 65536
@@ -391,3 +396,33 @@ class OriginServer:
         n = int(q.get("n", 1000))
         sock.sendall(self._head(200, "OK", [("Connection", "close")]) + pattern(n))
         return False
+
+
+class TLSBackend:
+    """A TLS server for backend.test (a blind tunnel's destination): answers one line with
+    ``backend saw LINE``; ``handshakes`` counts completed TLS handshakes."""
+
+    def __init__(self, ca: trustme.CA) -> None:
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("backend.test").configure_cert(self.ctx)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.handshakes = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        with contextlib.suppress(OSError), self.ctx.wrap_socket(conn, server_side=True) as s:
+            self.handshakes += 1
+            s.sendall(b"backend saw " + s.recv(1024))
+
+    def close(self) -> None:
+        self.sock.close()

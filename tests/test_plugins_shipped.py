@@ -6,12 +6,10 @@ stats_over_http.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import re
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from typing import Any
 import pytest
 import trustme
 from conftest import ProxyProcess, run_tsproxy, write_config_dir
-from origin import OriginServer
+from origin import OriginServer, TLSBackend
 
 Factory = Callable[..., ProxyProcess]
 HOST = "origin.test"
@@ -63,36 +61,9 @@ def origin() -> Iterator[OriginServer]:
     server.stop()
 
 
-class TLSBackend:
-    """The blind-tunnel destination: a TLS server (backend.test) answering ``backend saw LINE``."""
-
-    def __init__(self, certs: Certs) -> None:
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        certs.ca.issue_cert("backend.test").configure_cert(self.ctx)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        with contextlib.suppress(OSError), self.ctx.wrap_socket(conn, server_side=True) as s:
-            s.sendall(b"backend saw " + s.recv(1024))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def backend(certs: Certs) -> Iterator[TLSBackend]:
-    b = TLSBackend(certs)
+    b = TLSBackend(certs.ca)
     yield b
     b.close()
 
@@ -182,7 +153,9 @@ def test_ssl_preaccept_tunnels_clients_from_listed_ranges(
     tsproxy_factory: Factory, certs: Certs, origin: OriginServer, backend: TLSBackend
 ) -> None:
     proxy = start_tls_proxy(
-        tsproxy_factory, certs, origin,
+        tsproxy_factory,
+        certs,
+        origin,
         [f"plugins.ssl_preaccept 127.0.0.2/32 10.0.0.0/8 --tunnel-to 127.0.0.1:{backend.port}"],
     )
     # 127.0.0.1 is not listed: terminated by the proxy, answered by the origin through remap
@@ -284,7 +257,10 @@ def test_header_rewrite_rules_and_errors(
     tsproxy_factory: Factory, certs: Certs, origin: OriginServer, tmp_path: Path
 ) -> None:
     proxy = start_tls_proxy(
-        tsproxy_factory, certs, origin, ["plugins.header_rewrite rewrite.rules"],
+        tsproxy_factory,
+        certs,
+        origin,
+        ["plugins.header_rewrite rewrite.rules"],
         files={"rewrite.rules": RULES},
     )
     with tls_connect(certs, proxy.port(0), "exact.test") as s:

@@ -6,7 +6,6 @@ and debug logging. Clients are Python ``ssl``, ``openssl s_client`` and ``curl``
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import os
 import shutil
@@ -15,7 +14,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import psutil
 import pytest
 import trustme
 from conftest import ProxyProcess, free_port
+from origin import TLSBackend
 
 Factory = Callable[..., ProxyProcess]
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -180,41 +180,9 @@ def origin() -> Iterator[int]:
     server.server_close()
 
 
-class TLSBackend:
-    """A TLS server (the blind-tunnel destination): answers one line with ``backend saw LINE``."""
-
-    def __init__(self, certs: Certs) -> None:
-        leaf = certs.ca.issue_cert("backend.test")
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        leaf.configure_cert(self.ctx)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.handshakes = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        conn.settimeout(5)
-        with contextlib.suppress(OSError), self.ctx.wrap_socket(conn, server_side=True) as s:
-            self.handshakes += 1
-            line = s.recv(1024)
-            s.sendall(b"backend saw " + line)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def tls_backend(certs: Certs) -> Iterator[TLSBackend]:
-    backend = TLSBackend(certs)
+    backend = TLSBackend(certs.ca)
     yield backend
     backend.close()
 
@@ -253,7 +221,7 @@ def start_proxy(
     factory: Factory,
     certs: Certs,
     *,
-    ports: list[str],
+    ports: Sequence[str] = ("{p0}:ssl:ip-in=127.0.0.1",),
     multicert: str,
     origin: int | None = None,
     records: dict[str, Any] | None = None,
@@ -262,7 +230,8 @@ def start_proxy(
 ) -> TLSProxy:
     """Start tsproxy with the test certificates in ``certs/``.
 
-    ``ports`` are server_ports descriptors with ``{p0}``, ``{p1}``... for ports allocated here;
+    ``ports`` are server_ports descriptors with ``{p0}``, ``{p1}``... for ports allocated here
+    (default: one TLS port);
     ``multicert`` and ``plugins`` lines may use the same placeholders plus ``{origin}`` and
     ``{plugins}`` (the tests/plugins directory).
     """
@@ -374,7 +343,6 @@ def test_no_matching_certificate_fails_with_alert(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/exact.pem\nssl_cert_name=certs/wild.pem\n",
         origin=origin,
     )
@@ -421,7 +389,6 @@ def test_ecdsa_and_rsa_chains_for_one_name(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/dual-ec.pem,certs/dual-rsa.pem\n",
     )
     out = s_client(
@@ -466,7 +433,6 @@ def test_handshake_timeout_closes_silent_and_stalled_clients(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
         origin=origin,
         records={"proxy.config.ssl.handshake_timeout_in": 1},
@@ -572,7 +538,6 @@ def test_alpn(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/exact.pem\n",
         origin=origin,
     )
@@ -599,7 +564,6 @@ def test_session_resumption_across_two_workers(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
         origin=origin,
         records={"proxy.config.exec_thread.limit": 2},
@@ -740,7 +704,6 @@ def test_hooks_fire_in_order_once_each(
     no_cert = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/exact.pem\n",
         plugins=[f"{{plugins}}/record_hooks.py {tmp_path / 'fail.log'}"],
     )
@@ -864,7 +827,6 @@ def test_hook_actions_raise_error_swap_tunnel(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert=(
             "ssl_cert_name=certs/exact.pem\nssl_cert_name=certs/wild.pem\n"
             "dest_ip=* ssl_cert_name=certs/default.pem\n"
@@ -926,7 +888,6 @@ def test_malformed_client_hello_is_closed_and_counted(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
         origin=origin,
     )
@@ -949,7 +910,6 @@ def test_client_hello_split_across_segments(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/exact.pem\n",
         origin=origin,
     )
@@ -982,7 +942,6 @@ def test_old_tls_versions_refused_by_default(
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/exact.pem\n",
         origin=origin,
     )
@@ -1006,7 +965,6 @@ def mtls_proxy(factory: Factory, certs: Certs, origin: int, level: int) -> TLSPr
     return start_proxy(
         factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
         origin=origin,
         records={
@@ -1060,7 +1018,6 @@ def test_curl_counters_and_debug_log(tsproxy_factory: Factory, certs: Certs, ori
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
         origin=origin,
         records={"proxy.config.diags.debug.enabled": 1, "proxy.config.diags.debug.tags": "ssl"},
@@ -1151,7 +1108,6 @@ def test_tls_versions_and_ciphers_from_records(tsproxy_factory: Factory, certs: 
     tp = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/exact.pem\n",
         origin=origin,
         records={
@@ -1170,7 +1126,6 @@ def test_tls_versions_and_ciphers_from_records(tsproxy_factory: Factory, certs: 
     tp13 = start_proxy(
         tsproxy_factory,
         certs,
-        ports=["{p0}:ssl:ip-in=127.0.0.1"],
         multicert="ssl_cert_name=certs/exact.pem\n",
         origin=origin,
         records={"proxy.config.ssl.server.TLSv1_3.cipher_suites": "TLS_CHACHA20_POLY1305_SHA256"},

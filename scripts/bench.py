@@ -312,28 +312,33 @@ asyncio.run(main())
 """
 
 
+def _nginx_conf_head(d: Path) -> str:
+    """The start of an nginx.conf shared by the origin and the nginx proxy: one worker in the
+    foreground, state and temp files under ``d``, no access log; the caller goes on inside
+    ``http {``."""
+    user = "user root;" if os.getuid() == 0 else ""
+    return (
+        "worker_processes 1;\ndaemon off;\nmaster_process on;\n"
+        f"pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n{user}\n"
+        "events { worker_connections 8192; }\nhttp {\n    access_log off;\n"
+        f"    client_body_temp_path {d}/tmp_body; proxy_temp_path {d}/tmp_proxy;\n"
+        f"    fastcgi_temp_path {d}/tmp_fcgi; uwsgi_temp_path {d}/tmp_uwsgi; scgi_temp_path {d}/tmp_scgi;\n"
+    )
+
+
 def start_origin(kind: str, tmp: Path, port: int, certs: dict[str, Path] | None = None) -> Service:
     d = tmp / "origin"
     (d / "www").mkdir(parents=True)
     if kind == "nginx":
         (d / "www" / "1k").write_bytes(b"a" * 1024)
         (d / "www" / "64k").write_bytes(b"b" * 65536)
-        conf = f"""worker_processes 1;
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-{"user root;" if os.getuid() == 0 else ""}
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    default_type application/octet-stream;
+        conf = (
+            _nginx_conf_head(d)
+            + f"""    default_type application/octet-stream;
     sendfile on; tcp_nopush on; tcp_nodelay on;
     keepalive_timeout 300s;
     keepalive_requests 100000000;
     open_file_cache max=16 inactive=3600s;
-    client_body_temp_path {d}/tmp_body; proxy_temp_path {d}/tmp_proxy;
-    fastcgi_temp_path {d}/tmp_fcgi; uwsgi_temp_path {d}/tmp_uwsgi; scgi_temp_path {d}/tmp_scgi;
     server {{
         listen {HOST}:{port} backlog=4096;
         root {d}/www;
@@ -342,6 +347,7 @@ http {{
 {_tls_origin_server(d, certs)}
 }}
 """
+        )
         (d / "nginx.conf").write_text(conf)
         cmd = ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
     else:
@@ -439,18 +445,9 @@ class NginxProxy(Proxy):
     def start(self, tmp, certs, origin_port, instance):
         d = tmp / f"nginx-{instance}"
         d.mkdir()
-        conf = f"""worker_processes 1;
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-{"user root;" if os.getuid() == 0 else ""}
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp_body; proxy_temp_path {d}/tmp_proxy;
-    fastcgi_temp_path {d}/tmp_fcgi; uwsgi_temp_path {d}/tmp_uwsgi; scgi_temp_path {d}/tmp_scgi;
-    keepalive_timeout 300s;
+        conf = (
+            _nginx_conf_head(d)
+            + f"""    keepalive_timeout 300s;
     keepalive_requests 100000000;
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_certificate     {certs["cert"]};
@@ -485,6 +482,7 @@ http {{
     }}
 }}
 """
+        )
         (d / "nginx.conf").write_text(conf)
         cmd = ["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
         return Service("nginx", pinned(cmd, PROXY_CPU), d / "stdout.log")

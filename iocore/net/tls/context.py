@@ -227,6 +227,10 @@ def socket_bio_functions() -> SocketBIOFunctions | None:
         return None
     addrs = _rust_symbols(frozenset({"SSL_ctrl", "SSL_has_pending"}))
     if addrs is None:
+        _log.warning(
+            "SSL_ctrl / SSL_has_pending not found in this OpenSSL binding: TLS connections keep "
+            "their memory BIOs after the handshake (correct, but slower)"
+        )
         return None
     from OpenSSL._util import ffi
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -288,6 +289,63 @@ def test_https_keep_alive_bodies_both_ways(
         assert c.sock is first_sock, "the keep-alive TLS connection was not kept"
     finally:
         c.close()
+
+
+def test_closed_connections_leave_no_cyclic_garbage(
+    tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any
+) -> None:
+    """Everything a connection owned is freed by reference counting the moment it closes:
+    nothing is left for Python's cycle collector, whose passes cost the worker CPU on every
+    new connection (issue 7). Covers TLS and plain clients, keep-alive, errors, aborts and an
+    origin that closes. The tests/plugins/gc_probe.py plugin reports what the collector found."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    (tmp_path / "certs").mkdir(exist_ok=True)
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "certs" / "leaf.pem"))
+    records = {
+        "proxy.config.http.server_ports": "{0}:ip-in=127.0.0.1 {1}:ssl:ip-in=127.0.0.1",
+        "proxy.config.ssl.server.cert.path": str(tmp_path / "certs"),
+        "proxy.config.ssl.server.private_key.path": str(tmp_path / "certs"),
+    }
+    probe = Path(__file__).parent / "plugins" / "gc_probe.py"
+    files = {
+        "remap.config": (
+            f"map http://{ORIGIN_HOST}/ http://{origin.authority}/\n"
+            f"map https://{ORIGIN_HOST}/ http://{origin.authority}/\n"
+        ),
+        "ssl_multicert.config": "dest_ip=* ssl_cert_name=leaf.pem\n",
+        "plugin.config": f"{probe}\n",
+    }
+    proxy = tsproxy_factory(records=records, files=files)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    control = conn(proxy)  # stays open across the run: it asks the questions
+    assert get(control, "/_gc/arm")[1] == b"armed\n"
+    for _ in range(10):
+        tls = http.client.HTTPSConnection("127.0.0.1", proxy.port(1), context=ctx, timeout=5)
+        assert get(tls, "/bytes?n=100")[0].status == 200
+        assert get(tls, "/close")[0].status == 200  # the origin closes its side
+        tls.close()
+        plain = conn(proxy)
+        assert get(plain, "/bytes?n=70000")[1] == pattern(70000)
+        plain.close()
+    with RawClient(proxy.port()) as client:  # 400, and the proxy closes
+        client.send(b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n")
+        assert client.response().status == 400
+    with RawClient(proxy.port()) as client:  # the client goes away mid-head
+        client.send(b"GET /bytes HTTP/1.1\r\nHo")
+    with socket.create_connection(("127.0.0.1", proxy.port(1))) as raw:  # ... mid-handshake
+        raw.sendall(b"\x16\x03\x01\x00\x50\x01")
+
+    def only_control_left() -> bool:
+        opened = metric(proxy, "proxy.process.net.connections_currently_open")
+        return opened - metric(proxy, "proxy.process.http.current_server_connections") == 1
+
+    wait_for(only_control_left, what="the worker to close the aborted connections")
+    assert json.loads(get(control, "/_gc/report")[1]) == {}
+    control.close()
 
 
 # -- chunked bodies -------------------------------------------------------------------------------

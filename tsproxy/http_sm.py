@@ -51,6 +51,7 @@ from iocore.eventsystem.event import (
     VC_EVENT_WRITE_COMPLETE,
     VC_EVENT_WRITE_READY,
     Continuation,
+    ignore_event,
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.hooks import HookID, HookRegistry
@@ -333,6 +334,11 @@ class OriginConnection(Continuation):
             self.vc.do_io_close()
             self.proc.counters[M_CUR_SERVER] -= 1
         self.session = None
+        # Free what refers back to itself (see Continuation): gone at once, not at the next GC.
+        self.handler = ignore_event
+        self.parser.close()
+        self.read_buf.dealloc_all_readers()
+        self.write_buf.dealloc_all_readers()
 
 
 class _Connecting(Continuation):
@@ -346,6 +352,7 @@ class _Connecting(Continuation):
         self.key = key
 
     def _handle(self, event: int, data: Any) -> None:
+        self.handler = ignore_event  # one event, then done (see Continuation)
         self.session.origin_opened(event, data, self.key, self)
 
 
@@ -535,7 +542,7 @@ class HttpClientSession(Continuation):
                     self.pending.extend(parser.feed(data))
                 except HTTPProtocolError as exc:
                     self.pending.extend(exc.events_before)
-                    self.pending.append(exc)
+                    self.pending.append(exc.with_traceback(None))  # kept: its frames hold us
                 if parser.between_messages:
                     # Nothing of a next request read yet: the next one may start on any parser,
                     # so this one serves every connection of the worker (one llhttp, not one each).
@@ -1307,6 +1314,15 @@ class HttpClientSession(Continuation):
         proc = self.proc
         proc.sessions.pop(self, None)
         proc.counters[M_CUR_CLIENT] -= 1
+        # Free what refers back to the session (see Continuation): gone at once, not at the
+        # next GC.
+        self.handler = ignore_event
+        self._resumer = None
+        if self.parser is not None:
+            self.parser.close()
+            self.parser = None
+        self.read_buf.dealloc_all_readers()
+        self.write_buf.dealloc_all_readers()
 
 
 _RESPOND_HOOKS = frozenset({HookID.READ_REQUEST_HDR, HookID.PRE_REMAP, HookID.POST_REMAP})

@@ -22,6 +22,7 @@ from iocore.eventsystem.event import (
     VC_EVENT_WRITE_COMPLETE,
     VC_EVENT_WRITE_READY,
     Continuation,
+    ignore_event,
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.net_accept import connect
@@ -150,3 +151,6 @@ class BlindTunnel(Continuation):
         self.client.do_io_close()
         if self.server is not None:
             self.server.do_io_close()
+        self.handler = ignore_event  # free at once (see Continuation)
+        for d in self.dirs:
+            d.buf.dealloc_all_readers()

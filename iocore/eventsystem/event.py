@@ -44,26 +44,37 @@ EVENT_NAMES = {
 Handler = Callable[[int, Any], Any]
 
 
+def _no_handler(event: int, data: Any) -> Any:
+    raise RuntimeError(f"a continuation got {EVENT_NAMES.get(event, event)} with no handler")
+
+
+def ignore_event(event: int, data: Any) -> Any:
+    """The handler of a continuation that is done: late events are dropped."""
+    return None
+
+
 class Continuation:
     """Something the event system can call back: ``handler(event, data)``.
 
     Subclasses set ``self.handler`` to the bound method for their current state, so a state
     machine's state is simply which method handles the next event (ATS SET_HANDLER).
+
+    A bound method of the object itself makes a reference cycle, which only Python's cycle
+    collector can free. So a per-connection continuation, once done, sets its handler to
+    ``ignore_event`` (its ATS ``free()``) and is freed the moment the last reference goes; the
+    default handler is a plain function for the same reason.
     """
 
     __slots__ = ("handler",)
 
     def __init__(self, handler: Handler | None = None) -> None:
-        self.handler: Handler = handler if handler is not None else self._no_handler
+        self.handler: Handler = handler if handler is not None else _no_handler
 
     def handle_event(self, event: int, data: Any = None) -> Any:
         return self.handler(event, data)
 
     def set_handler(self, handler: Handler) -> None:
         self.handler = handler
-
-    def _no_handler(self, event: int, data: Any) -> Any:
-        raise RuntimeError(f"{type(self).__name__} got {EVENT_NAMES.get(event, event)} with no handler")
 
 
 class Event:

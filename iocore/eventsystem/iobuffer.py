@@ -47,6 +47,11 @@ class MIOBuffer:
         self.readers.append(reader)
         return reader
 
+    def dealloc_all_readers(self) -> None:
+        """Forget every reader (ATS ``dealloc_all_readers``) when the owner is done with the
+        buffer: a reader points back at its buffer, so the pair is otherwise a reference cycle."""
+        self.readers = []
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         buf = self._buf
         if isinstance(buf, bytes):

@@ -147,7 +147,9 @@ class NetVConnection(Continuation):
             return
         self.closed = True
         self.read_enabled = self.write_enabled = False
-        self.read.cont = self.write.cont = None
+        read, write = self.read, self.write
+        read.cont = write.cont = None
+        read.vc = write.vc = None  # VIO <-> VC is a cycle; a closed VC is freed by refcount
         self.nh.remove_vc(self)
         try:
             self.sock.close()

@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from typing import NoReturn
@@ -223,6 +224,14 @@ class RequestParser:
     def max_header_size(self) -> int:
         return self._max_header_size
 
+    def close(self) -> None:
+        """Done with this parser: later feeds return nothing. llhttp holds this object's
+        callbacks, a reference cycle that this breaks, so the pair is freed at once."""
+        self._state = _CLOSED
+        self._error = None  # its traceback holds this parser's frames: a cycle too
+        with contextlib.suppress(AttributeError):  # closed before
+            del self._p
+
     def feed(self, data: bytes | memoryview) -> list[Event]:
         state = self._state
         if state is _CLOSED:
@@ -412,6 +421,11 @@ class ResponseParser:
     def reusable(self) -> bool:
         """True when the last response ended cleanly and the connection may carry another request."""
         return self._state is _DONE and self._keep_alive and not self._unsolicited
+
+    def close(self) -> None:
+        """Done with this parser (its connection closed): drop llhttp, which holds this object's
+        callbacks, a reference cycle. A later start() makes a new one."""
+        self._p = None
 
     def start(self, request_method: bytes) -> None:
         """Prepare for the response to a request sent with ``request_method``."""

@@ -493,9 +493,14 @@ class Master:
         slot.respawn_at = None
         # Everything alive now moves to the collector's permanent generation, so the worker's
         # collections never write to the objects it shares with the master: their pages stay
-        # shared (copy-on-write) instead of being copied into every worker (~7 MB each).
+        # shared (copy-on-write) instead of being copied into every worker (~7 MB each). The
+        # master unfreezes its own at once, so its garbage stays collectable across reloads.
         gc.freeze()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            gc.unfreeze()
+            raise
         if pid == 0:  # ---- child
             code = EX_SOFTWARE
             try:
@@ -531,6 +536,7 @@ class Master:
                         stream.flush()
                 os._exit(code)
         # ---- parent
+        gc.unfreeze()
         worker_end.close()
         master_end.setblocking(False)
         slot.pid = pid

@@ -76,3 +76,21 @@ def test_two_readers_each_see_everything() -> None:
     assert b.read() == b"shared+"
     assert a.read() == b"+"
     assert buf.max_read_avail() == 0
+
+
+def test_dealloc_all_readers_leaves_no_cycle_and_a_usable_reader() -> None:
+    import gc
+
+    gc.collect()
+    gc.disable()  # what is freed below is freed by reference counting alone
+    try:
+        buf = MIOBuffer(1024)
+        reader = buf.alloc_reader()
+        buf.write(b"abc")
+        buf.dealloc_all_readers()
+        assert buf.readers == []
+        assert reader.read(1) == b"a"  # a late consume on the owner's side does not raise
+        del buf, reader
+        assert not [o for o in gc.get_objects() if type(o) is MIOBuffer]
+    finally:
+        gc.enable()

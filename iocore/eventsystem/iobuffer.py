@@ -87,7 +87,7 @@ class MIOBuffer:
         # Drop consumed bytes when everything was consumed (cheap: clear) or when the consumed
         # prefix is large; otherwise defer, so small consumes do not memmove the tail each time.
         readers = self.readers
-        low = readers[0].pos if len(readers) == 1 else min(r.pos for r in readers)
+        low = readers[0].pos if len(readers) == 1 else min((r.pos for r in readers), default=0)
         buf = self._buf
         if low == len(buf):
             if isinstance(buf, bytes):

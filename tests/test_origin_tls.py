@@ -660,6 +660,20 @@ def test_client_protocol_records(tsproxy_factory: Factory, pki: PKI, origins: di
     assert_502(*get(only12, "v13.test"), "TLS")
 
 
+def test_client_groups_list_record(tsproxy_factory: Factory, pki: PKI) -> None:
+    """proxy.config.ssl.client.groups_list: the key-exchange groups offered to origins."""
+    origin = tls_origin(pki.ca.issue_cert("localhost"), "1.3")
+    origin.ctx.set_ecdh_curve("prime256v1")  # the origin agrees to P-256 only
+    try:
+        rules = [rule("p256.test", origin)]
+        p384 = start(tsproxy_factory, pki, rules, {"proxy.config.ssl.client.groups_list": "P-384"})
+        assert_502(*get(p384, "p256.test"), "TLS")
+        p256 = start(tsproxy_factory, pki, rules, {"proxy.config.ssl.client.groups_list": "X25519:P-256"})
+        assert get(p256, "p256.test") == (200, pattern(100))
+    finally:
+        origin.stop()
+
+
 def test_stale_pooled_tls_connection_is_retried(
     tsproxy_factory: Factory, pki: PKI, origins: dict[str, TLSOrigin]
 ) -> None:

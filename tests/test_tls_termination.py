@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -1102,6 +1103,53 @@ def test_alpn_offer_restricted_by_port_proto(tsproxy_factory: Factory, certs: Ce
         assert s.selected_alpn_protocol() == "http/1.1"
     with tls_connect(client_context(certs, alpn=["http/1.1"]), tp.ports[0], "exact.test") as s:
         assert s.selected_alpn_protocol() is None
+
+
+def _negotiated_group(certs: Certs, port: int, offer: bytes) -> str | None:
+    """Handshake with a pyOpenSSL client offering the groups ``offer``; the group agreed on."""
+    from OpenSSL import SSL
+    from OpenSSL._util import lib
+
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.load_verify_locations(str(certs.ca_file))
+    assert lib.SSL_CTX_set1_curves_list(ctx._context, offer) == 1
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.setblocking(True)  # pyOpenSSL wants a blocking socket; the kernel bounds the wait
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+        conn = SSL.Connection(ctx, raw)
+        conn.set_tlsext_host_name(b"exact.test")
+        conn.set_connect_state()
+        conn.do_handshake()
+        group = conn.get_group_name()
+        conn.shutdown()
+    return group
+
+
+def test_key_exchange_groups_from_records(tsproxy_factory: Factory, certs: Certs, origin: int) -> None:
+    """proxy.config.ssl.server.groups_list (ATS): the groups the proxy agrees to, in its order;
+    a bad list stops start-up naming the file, line and record."""
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        multicert="ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+        records={"proxy.config.ssl.server.groups_list": "P-384:X25519"},
+    )
+    port = tp.ports[0]
+    # A client that prefers the post-quantum hybrid is held to the configured list (a hello
+    # retry moves it to P-384, the proxy's first choice it also offers).
+    assert _negotiated_group(certs, port, b"X25519MLKEM768:P-384") == "secp384r1"
+    assert _negotiated_group(certs, port, b"X25519") == "x25519"
+    p256_only = client_context(certs, "1.3")
+    p256_only.set_ecdh_curve("prime256v1")
+    assert failure_reason(p256_only, port, "exact.test") is not None
+    with pytest.raises(AssertionError, match=r"records.config:\d+: proxy.config.ssl.server.groups_list: "):
+        start_proxy(
+            tsproxy_factory,
+            certs,
+            multicert="ssl_cert_name=certs/exact.pem\n",
+            records={"proxy.config.ssl.server.groups_list": "X25519:no-such-group"},
+        )
 
 
 def test_tls_versions_and_ciphers_from_records(tsproxy_factory: Factory, certs: Certs, origin: int) -> None:

@@ -25,7 +25,12 @@ from iocore.net.ssl_cert_lookup import SSLCertLookup
 from iocore.net.ssl_config import SSLConfigParams
 from iocore.net.ssl_multicert import load_cert_lookup
 from iocore.net.ssl_net_vconnection import alpn_select
-from iocore.net.tls.context import CertKeyPair, build_server_context, load_or_create_ticket_keys
+from iocore.net.tls.context import (
+    CertKeyPair,
+    build_server_context,
+    check_groups_list,
+    load_or_create_ticket_keys,
+)
 from iocore.records.errors import ConfigError
 from iocore.records.parser import RecordsConfig, load_records
 from tsproxy.origin_tls import OriginTLS
@@ -124,6 +129,14 @@ def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, genera
     lookup: SSLCertLookup | None = None
     dev_ca: Path | None = None
     ssl_params = SSLConfigParams.from_records(values, config_dir)
+    for record, groups in (
+        ("proxy.config.ssl.server.groups_list", ssl_params.server_groups_list),
+        ("proxy.config.ssl.client.groups_list", ssl_params.client_groups_list),
+    ):
+        try:
+            check_groups_list(groups, record)
+        except ConfigError as exc:
+            raise ConfigError(str(records.path), records.line_of(record), exc.message) from exc
     if ticket_keys is None or values.get("proxy.config.ssl.server.ticket_key.filename"):
         ticket_keys = load_or_create_ticket_keys(ssl_params.ticket_key_filename)
     # Origin-side TLS: every client context an https:// rule needs is built now, so a client key

@@ -54,6 +54,7 @@ RECORD_DEFAULTS: Mapping[str, object] = {
     "proxy.config.ssl.TLSv1_3": 1,
     "proxy.config.ssl.server.cipher_suite": DEFAULT_SERVER_CIPHER_SUITE,
     "proxy.config.ssl.server.TLSv1_3.cipher_suites": DEFAULT_TLS13_CIPHER_SUITES,
+    "proxy.config.ssl.server.groups_list": "",
     "proxy.config.ssl.server.honor_cipher_order": 1,
     "proxy.config.ssl.server.session_ticket.enable": 1,
     "proxy.config.ssl.server.session_ticket.number": 2,
@@ -76,6 +77,7 @@ RECORD_DEFAULTS: Mapping[str, object] = {
     "proxy.config.ssl.client.private_key.path": "",
     "proxy.config.ssl.client.cipher_suite": DEFAULT_SERVER_CIPHER_SUITE,
     "proxy.config.ssl.client.TLSv1_3.cipher_suites": DEFAULT_TLS13_CIPHER_SUITES,
+    "proxy.config.ssl.client.groups_list": "",
     "proxy.config.ssl.client.TLSv1": 0,
     "proxy.config.ssl.client.TLSv1_1": 0,
     "proxy.config.ssl.client.TLSv1_2": 1,
@@ -186,6 +188,7 @@ class SSLConfigParams:
     tls_v1_3: bool
     server_cipher_suite: str
     server_tls13_cipher_suites: str
+    server_groups_list: str
     honor_cipher_order: bool
     session_ticket_enabled: bool
     session_ticket_number: int
@@ -206,6 +209,7 @@ class SSLConfigParams:
     client_private_key_filename: Path | None
     client_cipher_suite: str
     client_tls13_cipher_suites: str
+    client_groups_list: str
     client_tls_v1: bool
     client_tls_v1_1: bool
     client_tls_v1_2: bool
@@ -275,6 +279,7 @@ class SSLConfigParams:
             tls_v1_3=_bool(rec, "proxy.config.ssl.TLSv1_3"),
             server_cipher_suite=_str(rec, "proxy.config.ssl.server.cipher_suite"),
             server_tls13_cipher_suites=_str(rec, "proxy.config.ssl.server.TLSv1_3.cipher_suites"),
+            server_groups_list=_str(rec, "proxy.config.ssl.server.groups_list"),
             honor_cipher_order=_bool(rec, "proxy.config.ssl.server.honor_cipher_order"),
             session_ticket_enabled=_bool(rec, "proxy.config.ssl.server.session_ticket.enable"),
             session_ticket_number=tickets,
@@ -300,6 +305,7 @@ class SSLConfigParams:
             ),
             client_cipher_suite=_str(rec, "proxy.config.ssl.client.cipher_suite"),
             client_tls13_cipher_suites=_str(rec, "proxy.config.ssl.client.TLSv1_3.cipher_suites"),
+            client_groups_list=_str(rec, "proxy.config.ssl.client.groups_list"),
             client_tls_v1=_bool(rec, "proxy.config.ssl.client.TLSv1"),
             client_tls_v1_1=_bool(rec, "proxy.config.ssl.client.TLSv1_1"),
             client_tls_v1_2=_bool(rec, "proxy.config.ssl.client.TLSv1_2"),

@@ -264,6 +264,11 @@ RECORDS: tuple[RecordSpec, ...] = (
         "TLS 1.3 cipher suites offered to clients",
     ),
     RecordSpec(
+        "proxy.config.ssl.server.groups_list", _S, "", _R, None,
+        "Key-exchange groups offered to clients, most preferred first (OpenSSL names, colon "
+        "separated, e.g. X25519:P-256); NULL: OpenSSL's default list",
+    ),
+    RecordSpec(
         "proxy.config.ssl.server.honor_cipher_order", _I, 1, _R, BOOL,
         "Prefer the proxy's cipher order over the client's",
     ),
@@ -332,6 +337,10 @@ RECORDS: tuple[RecordSpec, ...] = (
     RecordSpec(
         "proxy.config.ssl.client.TLSv1_3.cipher_suites", _S, ATS_TLSV13_CIPHER_SUITES, _R, None,
         "TLS 1.3 cipher suites offered to origins",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client.groups_list", _S, "", _R, None,
+        "Key-exchange groups offered to origins, most preferred first; NULL: OpenSSL's default list",
     ),
     RecordSpec("proxy.config.ssl.client.TLSv1_2", _I, 1, _R, BOOL, "Offer TLS 1.2 to origins"),
     RecordSpec("proxy.config.ssl.client.TLSv1_3", _I, 1, _R, BOOL, "Offer TLS 1.3 to origins"),

@@ -393,6 +393,22 @@ def _set_ciphers(ctx: SSL.Context, tls12: str, tls13: str, record_prefix: str) -
             ) from exc
 
 
+def _set_groups(ctx: SSL.Context, groups: str, record: str) -> None:
+    """SSL_CTX_set1_groups_list (ATS ``groups_list``): the key-exchange groups, in order."""
+    if groups and _ssl_lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
+        _ssl_lib.ERR_clear_error()
+        raise ConfigError(
+            "records.config",
+            None,
+            f"{record}: OpenSSL does not accept {groups!r} (an unknown or unsupported group name?)",
+        )
+
+
+def check_groups_list(groups: str, record: str) -> None:
+    """Raise ConfigError (without a line) if OpenSSL refuses ``record``'s groups list."""
+    _set_groups(SSL.Context(SSL.TLS_METHOD), groups, record)
+
+
 def _load_private_key(key: Path, passphrase: bytes | None) -> Any:
     """The key from a PEM file (other PEM blocks, e.g. the certificate, are skipped)."""
     try:
@@ -497,6 +513,7 @@ def build_server_context(
         _set_ciphers(
             ctx, params.server_cipher_suite, params.server_tls13_cipher_suites, "proxy.config.ssl.server"
         )
+        _set_groups(ctx, params.server_groups_list, "proxy.config.ssl.server.groups_list")
         options = SSL.OP_NO_COMPRESSION
         if params.honor_cipher_order:
             options |= SSL.OP_CIPHER_SERVER_PREFERENCE
@@ -596,6 +613,7 @@ def build_client_context(params: SSLConfigParams, *, alpn_protocols: Sequence[by
         _set_ciphers(
             ctx, params.client_cipher_suite, params.client_tls13_cipher_suites, "proxy.config.ssl.client"
         )
+        _set_groups(ctx, params.client_groups_list, "proxy.config.ssl.client.groups_list")
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
 

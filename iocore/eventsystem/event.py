@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 # Handler return codes (ATS EVENT_DONE / EVENT_CONT / EVENT_ERROR).
 EVENT_NONE = 0
 EVENT_IMMEDIATE = 1
@@ -53,6 +55,7 @@ def ignore_event(event: int, data: Any) -> Any:
     return None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Continuation:
     """Something the event system can call back: ``handler(event, data)``.
 

@@ -22,7 +22,7 @@ buffer, and ``reenable()`` to ask the VConnection to continue.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from iocore.eventsystem.event import Continuation
@@ -151,8 +151,8 @@ class IOBufferReader:
 class VIO:
     """One direction of I/O on a VConnection (ATS VIO)."""
 
-    READ = 1
-    WRITE = 2
+    READ: Final = 1
+    WRITE: Final = 2
 
     __slots__ = ("buffer", "cont", "nbytes", "ndone", "op", "reader", "vc")
 

@@ -33,7 +33,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from dataclasses import dataclass
 from typing import NoReturn
@@ -189,7 +188,7 @@ class RequestParser:
 
     def __init__(self, max_header_size: int = 131072) -> None:
         self._max_header_size = max_header_size
-        self._p = httptools.HttpRequestParser(self)
+        self._p: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._state = _IDLE
         self._error: HTTPProtocolError | None = None
@@ -229,8 +228,7 @@ class RequestParser:
         callbacks, a reference cycle that this breaks, so the pair is freed at once."""
         self._state = _CLOSED
         self._error = None  # its traceback holds this parser's frames: a cycle too
-        with contextlib.suppress(AttributeError):  # closed before
-            del self._p
+        self._p = None
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         state = self._state
@@ -246,7 +244,7 @@ class RequestParser:
             if eol > 0 and data[eol - 9 : eol] == _REQUEST_LINE_11:
                 self._version_hint = b"1.1"  # see _REQUEST_LINE_11
         try:
-            self._p.feed_data(data)
+            self._p.feed_data(data)  # type: ignore[union-attr]  # None only once _CLOSED
         except HttpParserUpgrade as exc:  # defensive: on_headers_complete refuses upgrades first
             raise self._failed_with(events, self._fail(501, "protocol upgrade is not supported")) from exc
         except HttpParserError as exc:
@@ -327,6 +325,7 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         p = self._p
+        assert p is not None  # llhttp calls back only while it exists
         version = self._version_hint
         if version is None:
             version = _VERSIONS.get(p.get_http_version())

@@ -41,7 +41,11 @@ def _ext_modules() -> list[object]:
     except ImportError as exc:  # an install without build isolation and without mypy
         print(f"tsproxy: mypyc not available ({exc}); installing pure Python", file=sys.stderr)
         return []
-    exts = mypycify(COMPILED, opt_level="3")
+    try:
+        exts = mypycify(COMPILED, opt_level="3")
+    except (Exception, SystemExit) as exc:  # mypyc reports type errors by exiting
+        print(f"tsproxy: mypyc failed ({exc}); installing pure Python", file=sys.stderr)
+        return []
     for ext in exts:
         ext.optional = True  # a compiler failure falls back to the .py files
     return exts

@@ -291,6 +291,66 @@ def test_https_keep_alive_bodies_both_ways(
         c.close()
 
 
+def test_pure_python_build_serves_https(
+    tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any
+) -> None:
+    """The compiled modules are an optimisation: the same sources, run as Python (what a machine
+    without a C compiler gets, or TSPROXY_PURE_PYTHON=1), proxy HTTPS with keep-alive too."""
+    import shutil
+    import subprocess
+    import sys
+
+    import trustme
+    from conftest import REPO_ROOT
+
+    src = tmp_path / "pure"
+    for package in ("iocore", "tsproxy", "plugins"):
+        shutil.copytree(
+            REPO_ROOT / package, src / package, ignore=shutil.ignore_patterns("*.so", "__pycache__")
+        )
+    env = {"PYTHONPATH": str(src)}
+    where = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import tsproxy.http_sm, iocore.net.ssl_net_vconnection as m; print(m.__file__)",
+        ],
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert where == str(src / "iocore" / "net" / "ssl_net_vconnection.py")
+    ca = trustme.CA()
+    (tmp_path / "certs").mkdir()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "certs" / "leaf.pem")
+    )
+    records = {
+        "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1",
+        "proxy.config.ssl.server.cert.path": str(tmp_path / "certs"),
+        "proxy.config.ssl.server.private_key.path": str(tmp_path / "certs"),
+    }
+    files = {
+        "remap.config": f"map https://{ORIGIN_HOST}/ http://{origin.authority}/\n",
+        "ssl_multicert.config": "dest_ip=* ssl_cert_name=leaf.pem\n",
+    }
+    proxy = tsproxy_factory(records=records, files=files, env=env)
+    for pid in proxy.worker_pids():
+        mapped = [m.path for m in psutil.Process(pid).memory_maps()]
+        assert not [path for path in mapped if "__mypyc" in path or str(REPO_ROOT / "iocore") in path]
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    c = http.client.HTTPSConnection("127.0.0.1", proxy.port(), context=ctx, timeout=10)
+    try:
+        for n in (0, 70_000):
+            resp, body = get(c, f"/bytes?n={n}")
+            assert resp.status == 200 and body == pattern(n)
+    finally:
+        c.close()
+
+
 def test_closed_connections_leave_no_cyclic_garbage(
     tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any
 ) -> None:

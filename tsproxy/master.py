@@ -72,6 +72,7 @@ from iocore.net.ports import RECORD_NAME as SERVER_PORTS
 from iocore.records.errors import ConfigError, TSError
 from iocore.records.stats import METRIC_ID, SlotRole, SlotState, StatsRegion
 from tsproxy import control
+from tsproxy.compiled import stale_compiled_modules
 from tsproxy.exitcodes import (
     EX_CONFIG,
     EX_FAILURE,
@@ -335,6 +336,12 @@ class Master:
         set_process_label("master")
         for warning in self.config.warnings:
             _log.warning("%s", warning)
+        for source in stale_compiled_modules():
+            _log.warning(
+                "%s changed after it was compiled; the old compiled code runs until "
+                "`pip install -e .` rebuilds it (or its .so is deleted)",
+                source,
+            )
         self.pidfile = self.state_dir / PIDFILE_NAME
         self.sock_path = control.socket_path(self.state_dir)
         other = read_pidfile(self.pidfile)

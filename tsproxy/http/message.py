@@ -71,45 +71,23 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
 
 
 def _forward(
-    headers: Headers, base_drop: frozenset[bytes], parts: list[bytes]
+    headers: Headers,
+    base_drop: frozenset[bytes],
+    parts: list[bytes],
+    named: frozenset[bytes] | set[bytes] = frozenset(),
 ) -> tuple[list[bytes], list[bytes]]:
-    """Append the kept headers to ``parts``; return the Via and X-Forwarded-For values seen."""
-    # One pass, assuming Connection names only hop-by-hop fields ("keep-alive", "close"): those
-    # are dropped anyway. Connection may come after the fields it names, so when it names
-    # anything else the kept part is redone by _forward_named (rare).
+    """Append the kept headers to ``parts``; return the Via and X-Forwarded-For values seen.
+
+    ``named`` are the fields a Connection header names, dropped too (a named Via or
+    X-Forwarded-For is dropped rather than merged). The first pass assumes Connection names only
+    hop-by-hop fields ("keep-alive", "close"), dropped anyway; Connection may come after the
+    fields it names, so when it names anything else the pass is redone with them (rare).
+    """
     start = len(parts)
     via: list[bytes] = []
     xff: list[bytes] = []
-    connection: list[bytes] | None = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname in base_drop:
-            if lname == b"via":
-                via.append(value)
-            elif lname == b"x-forwarded-for":
-                xff.append(value)
-            elif lname == b"connection":
-                if connection is None:
-                    connection = []
-                connection.append(value)
-            continue
-        parts += (name, b": ", value, b"\r\n")
-    # "Connection: keep-alive" (one hop-by-hop token) is the common case: no set to build.
-    if connection is not None and (len(connection) != 1 or connection[0].lower() not in HOP_BY_HOP):
-        named = {t for t in (t.strip().lower() for v in connection for t in v.split(b",")) if t}
-        if not named <= HOP_BY_HOP:
-            del parts[start:]
-            return _forward_named(headers, base_drop, named, parts)
-    return via, xff
-
-
-def _forward_named(
-    headers: Headers, base_drop: frozenset[bytes], named: set[bytes], parts: list[bytes]
-) -> tuple[list[bytes], list[bytes]]:
-    """_forward when Connection names end-to-end fields: those are dropped too (and a named Via
-    or X-Forwarded-For is dropped rather than merged)."""
-    via: list[bytes] = []
-    xff: list[bytes] = []
+    connection = b""  # the last Connection value
+    connections = 0
     for name, value in headers:
         lname = name.lower()
         if lname in named:
@@ -119,8 +97,17 @@ def _forward_named(
                 via.append(value)
             elif lname == b"x-forwarded-for":
                 xff.append(value)
+            elif lname == b"connection":
+                connection = value
+                connections += 1
             continue
         parts += (name, b": ", value, b"\r\n")
+    # "Connection: keep-alive" (one hop-by-hop token) is the common case: no set to build.
+    if connections and not named and (connections != 1 or connection.lower() not in HOP_BY_HOP):
+        extra = _connection_named(headers)
+        if extra is not None and not extra <= HOP_BY_HOP:
+            del parts[start:]
+            return _forward(headers, base_drop, parts, extra)
     return via, xff
 
 

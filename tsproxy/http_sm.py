@@ -622,10 +622,7 @@ class HttpClientSession(Continuation):
         if req.method == b"CONNECT":
             self._send_error(501, "CONNECT is not supported", close=True)
             return
-        if self.txn_hooks is None and not self._hook_table:
-            self._do_remap()  # no hooks at all: skip the empty READ_REQUEST_HDR and PRE_REMAP stages
-        else:
-            self._run_hooks(_READ_REQUEST_HDR, self._pre_remap)
+        self._run_hooks(_READ_REQUEST_HDR, self._pre_remap)
 
     def _pre_remap(self) -> None:
         self._run_hooks(HookID.PRE_REMAP, self._do_remap)
@@ -653,10 +650,7 @@ class HttpClientSession(Continuation):
             self._send_error(404, "no remap rule matches this request", close=not self.client_keep_alive)
             return
         self.remap = remap
-        if self.txn_hooks is None and not self._hook_table:
-            self._get_origin()  # no hooks: skip the empty POST_REMAP stage
-        else:
-            self._run_hooks(_POST_REMAP, self._get_origin)
+        self._run_hooks(_POST_REMAP, self._get_origin)
 
     def _origin_key(self) -> OriginKey:
         r = self.remap
@@ -664,9 +658,7 @@ class HttpClientSession(Continuation):
         return r.rule.origin_key  # computed once per remap rule (it includes the rule's TLS options)
 
     def _get_origin(self) -> None:
-        remap = self.remap
-        assert remap is not None
-        key = remap.rule.origin_key  # what _origin_key() returns, without the call (hot)
+        key = self._origin_key()
         proc = self.proc
         conn = proc.pool.get(key) if self.http.keep_alive_out else None
         if conn is not None:
@@ -862,10 +854,7 @@ class HttpClientSession(Continuation):
         self.origin_bytes = 0
         conn.attach(self)
         conn.requests += 1
-        if self.txn_hooks is None and not self._hook_table:
-            self._send_request_head()  # no hooks: skip the empty SEND_REQUEST_HDR stage
-        else:
-            self._run_hooks(_SEND_REQUEST_HDR, self._send_request_head)
+        self._run_hooks(_SEND_REQUEST_HDR, self._send_request_head)
 
     def _send_request_head(self) -> None:
         req = self.request
@@ -1018,10 +1007,7 @@ class HttpClientSession(Continuation):
                 self.write_buf.write(build_client_response_head(ev, via=None, keep_alive=True))
             return
         self.response = ev
-        if self.txn_hooks is None and not self._hook_table:
-            self._write_response_head()  # no hooks: skip the empty READ/SEND_RESPONSE_HDR stages
-        else:
-            self._run_hooks(_READ_RESPONSE_HDR, self._send_response_hooks)
+        self._run_hooks(_READ_RESPONSE_HDR, self._send_response_hooks)
 
     def _send_response_hooks(self) -> None:
         self._run_hooks(HookID.SEND_RESPONSE_HDR, self._write_response_head)
@@ -1182,8 +1168,8 @@ class HttpClientSession(Continuation):
         the hook chain with a local answer instead of ``then``.
         """
         txn_hooks = self.txn_hooks
-        if txn_hooks is None and not self.proc.hooks.by_id:
-            then()  # no plugin registered any hook: nothing to look up
+        if txn_hooks is None and not self._hook_table:
+            then()  # no plugin hooks any HTTP stage (the common case): straight on
             return
         callbacks = self.proc.hooks.get(hook)
         if txn_hooks is not None and hook in txn_hooks:

@@ -119,9 +119,7 @@ class _EpollPoller:
             if callback is None:
                 continue  # unregistered by an earlier callback of this poll
             # HUP and ERR wake both directions, as in selectors.EpollSelector.
-            mask = (_EVENT_WRITE if ev & ~select.EPOLLIN else 0) | (
-                _EVENT_READ if ev & ~select.EPOLLOUT else 0
-            )
+            mask = (_EVENT_WRITE if ev & _NOT_EPOLLIN else 0) | (_EVENT_READ if ev & _NOT_EPOLLOUT else 0)
             try:
                 callback(mask)
             except Exception:

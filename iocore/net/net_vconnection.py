@@ -312,8 +312,7 @@ class NetVConnection(Continuation):
         assert buf is not None
         buf.write(data)
         vio.ndone += len(data)
-        if self.inactivity_timeout:  # net_activity(), inlined (once per read)
-            self.inactivity_at = self.nh.thread.now + self.inactivity_timeout
+        self.net_activity()
         if vio.ndone >= vio.nbytes:
             self.read_enabled = False
             self._update_interest()
@@ -321,9 +320,7 @@ class NetVConnection(Continuation):
         else:
             if buf.high_water():
                 self._update_interest()
-            cont = vio.cont  # _signal(), inlined
-            if cont is not None and not self.closed:
-                cont.handler(VC_EVENT_READ_READY, vio)
+            self._signal(vio, VC_EVENT_READ_READY)
 
     # -- writing -----------------------------------------------------------------------------
     def write_to_net_io(self) -> None:
@@ -350,8 +347,7 @@ class NetVConnection(Continuation):
             if n:
                 reader.consume(n)
                 vio.ndone += n
-                if self.inactivity_timeout:  # net_activity(), inlined
-                    self.inactivity_at = self.nh.thread.now + self.inactivity_timeout
+                self.net_activity()
             if n < avail:
                 self._set_write_blocked(True)
                 return

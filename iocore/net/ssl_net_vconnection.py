@@ -822,11 +822,7 @@ class SSLNetVConnection(NetVConnection):
                     self._ssl_bio_has_data = False
                     self._flush_ssl_output()
                     return SSL_HANDSHAKE_WANT_WRITE if self._out_raw else SSL_HANDSHAKE_WANT_READ
-                ssl._raise_ssl_error(ssl._ssl, result)
-        except SSL.WantReadError:
-            self._ssl_bio_has_data = False
-            self._flush_ssl_output()
-            return SSL_HANDSHAKE_WANT_WRITE if self._out_raw else SSL_HANDSHAKE_WANT_READ
+                ssl._raise_ssl_error(ssl._ssl, result)  # any error but WANT_READ
         except SSL.ZeroReturnError:
             self.counters_incr(M_ERROR_ZERO_RETURN)
             return EVENT_ERROR
@@ -1303,8 +1299,8 @@ class SSLNetVConnection(NetVConnection):
             vio.ndone += n
             avail -= n
             wrote += n
-        if wrote and self.inactivity_timeout:  # net_activity(), inlined
-            self.inactivity_at = self.nh.thread.now + self.inactivity_timeout
+        if wrote:
+            self.net_activity()
         if blocked != self._write_blocked:
             self._set_write_blocked(blocked)
         if not blocked:

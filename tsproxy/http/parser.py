@@ -460,16 +460,7 @@ class ResponseParser:
             return events
         if state is _IDLE and data[:9] == _STATUS_LINE_11:
             self._version_hint = b"1.1"  # see _STATUS_LINE_11
-        try:  # _run, inlined: this is the per-response path
-            self._p.feed_data(data)  # type: ignore[union-attr]  # start() made it
-        except HttpParserUpgrade as exc:
-            raise self._fail("unexpected protocol upgrade from origin") from exc
-        except HttpParserError as exc:
-            if self._error is not None:
-                self._state = _DEAD
-                raise self._error from None
-            if self._state is not _DONE:  # _DONE: stopped on purpose (unsolicited data / close)
-                raise self._fail(f"malformed response: {exc}") from exc
+        self._run(data)
         if self._state is _HEAD:
             self._head_fed = self._head_fed + len(data) if state is _HEAD else 0
             if self._head_fed > self._max_header_size:

@@ -249,6 +249,35 @@ def test_keep_alive_client_and_pooled_origin(proxy: Any, origin: OriginServer) -
     assert origin.connections == 1, f"origin saw {origin.connections} connections for 9 requests"
 
 
+def tls_front(
+    tmp_path: Path, origin: OriginServer, ports: str = "{0}:ssl:ip-in=127.0.0.1"
+) -> tuple[dict[str, Any], dict[str, str], ssl.SSLContext]:
+    """Records and files for ``ports`` with a test CA's certificate for 127.0.0.1 on the TLS
+    ones, http:// and https:// origin.test remapped to ``origin``; and a client context that
+    trusts the CA."""
+    import trustme
+
+    ca = trustme.CA()
+    certs = tmp_path / "certs"
+    certs.mkdir(exist_ok=True)
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(certs / "leaf.pem"))
+    records: dict[str, Any] = {
+        "proxy.config.http.server_ports": ports,
+        "proxy.config.ssl.server.cert.path": str(certs),
+        "proxy.config.ssl.server.private_key.path": str(certs),
+    }
+    files = {
+        "remap.config": (
+            f"map http://{ORIGIN_HOST}/ http://{origin.authority}/\n"
+            f"map https://{ORIGIN_HOST}/ http://{origin.authority}/\n"
+        ),
+        "ssl_multicert.config": "dest_ip=* ssl_cert_name=leaf.pem\n",
+    }
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return records, files, ctx
+
+
 @pytest.mark.parametrize("bio", ["socket", "memory"])
 def test_https_keep_alive_bodies_both_ways(
     tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any, bio: str
@@ -256,25 +285,9 @@ def test_https_keep_alive_bodies_both_ways(
     """The TLS data path after the handshake: by default OpenSSL gets the socket (socket BIO);
     TSPROXY_TLS_MEMORY_BIO=1 keeps the memory BIOs. Both carry bodies of every size both ways
     on one keep-alive connection, as a client would notice."""
-    import trustme
-
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    (tmp_path / "certs").mkdir(exist_ok=True)
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "certs" / "leaf.pem"))
-    records = {
-        "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1",
-        "proxy.config.ssl.server.cert.path": str(tmp_path / "certs"),
-        "proxy.config.ssl.server.private_key.path": str(tmp_path / "certs"),
-    }
-    files = {
-        "remap.config": f"map https://{ORIGIN_HOST}/ http://{origin.authority}/\n",
-        "ssl_multicert.config": "dest_ip=* ssl_cert_name=leaf.pem\n",
-    }
+    records, files, ctx = tls_front(tmp_path, origin)
     env = {"TSPROXY_TLS_MEMORY_BIO": "1"} if bio == "memory" else {}
     proxy = tsproxy_factory(records=records, files=files, env=env)
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
     c = http.client.HTTPSConnection("127.0.0.1", proxy.port(), context=ctx, timeout=10)
     try:
         for n in (0, 1, 16_384, 16_385, 70_000, 1_000_000):
@@ -300,7 +313,6 @@ def test_pure_python_build_serves_https(
     import subprocess
     import sys
 
-    import trustme
     from conftest import REPO_ROOT
 
     src = tmp_path / "pure"
@@ -322,26 +334,11 @@ def test_pure_python_build_serves_https(
         check=True,
     ).stdout.strip()
     assert where == str(src / "iocore" / "net" / "ssl_net_vconnection.py")
-    ca = trustme.CA()
-    (tmp_path / "certs").mkdir()
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
-        str(tmp_path / "certs" / "leaf.pem")
-    )
-    records = {
-        "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1",
-        "proxy.config.ssl.server.cert.path": str(tmp_path / "certs"),
-        "proxy.config.ssl.server.private_key.path": str(tmp_path / "certs"),
-    }
-    files = {
-        "remap.config": f"map https://{ORIGIN_HOST}/ http://{origin.authority}/\n",
-        "ssl_multicert.config": "dest_ip=* ssl_cert_name=leaf.pem\n",
-    }
+    records, files, ctx = tls_front(tmp_path, origin)
     proxy = tsproxy_factory(records=records, files=files, env=env)
     for pid in proxy.worker_pids():
         mapped = [m.path for m in psutil.Process(pid).memory_maps()]
         assert not [path for path in mapped if "__mypyc" in path or str(REPO_ROOT / "iocore") in path]
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
     c = http.client.HTTPSConnection("127.0.0.1", proxy.port(), context=ctx, timeout=10)
     try:
         for n in (0, 70_000):
@@ -358,29 +355,9 @@ def test_closed_connections_leave_no_cyclic_garbage(
     nothing is left for Python's cycle collector, whose passes cost the worker CPU on every
     new connection (issue 7). Covers TLS and plain clients, keep-alive, errors, aborts and an
     origin that closes. The tests/plugins/gc_probe.py plugin reports what the collector found."""
-    import trustme
-
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1")
-    (tmp_path / "certs").mkdir(exist_ok=True)
-    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "certs" / "leaf.pem"))
-    records = {
-        "proxy.config.http.server_ports": "{0}:ip-in=127.0.0.1 {1}:ssl:ip-in=127.0.0.1",
-        "proxy.config.ssl.server.cert.path": str(tmp_path / "certs"),
-        "proxy.config.ssl.server.private_key.path": str(tmp_path / "certs"),
-    }
-    probe = Path(__file__).parent / "plugins" / "gc_probe.py"
-    files = {
-        "remap.config": (
-            f"map http://{ORIGIN_HOST}/ http://{origin.authority}/\n"
-            f"map https://{ORIGIN_HOST}/ http://{origin.authority}/\n"
-        ),
-        "ssl_multicert.config": "dest_ip=* ssl_cert_name=leaf.pem\n",
-        "plugin.config": f"{probe}\n",
-    }
+    records, files, ctx = tls_front(tmp_path, origin, "{0}:ip-in=127.0.0.1 {1}:ssl:ip-in=127.0.0.1")
+    files["plugin.config"] = f"{Path(__file__).parent / 'plugins' / 'gc_probe.py'}\n"
     proxy = tsproxy_factory(records=records, files=files)
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
     control = conn(proxy)  # stays open across the run: it asks the questions
     assert get(control, "/_gc/arm")[1] == b"armed\n"
     for _ in range(10):

@@ -88,7 +88,7 @@ def test_dealloc_all_readers_leaves_no_cycle_and_a_usable_reader() -> None:
         reader = buf.alloc_reader()
         buf.write(b"abc")
         buf.dealloc_all_readers()
-        assert buf.readers == []
+        assert buf.readers == ()
         assert reader.read(1) == b"a"  # a late consume on the owner's side does not raise
         del buf, reader
         assert not [o for o in gc.get_objects() if type(o) is MIOBuffer]

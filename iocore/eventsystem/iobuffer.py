@@ -13,7 +13,9 @@ Storage: one contiguous ``bytearray``, except that a ``bytes`` object written in
 buffer is kept by reference (as ATS appends an IOBufferBlock) and handed back by reference when
 a single reader reads it all. A socket read that is consumed whole, the common case on both
 sides of a proxied request, is therefore never copied here. The next write turns it into a
-``bytearray``; every path that changes the storage knows it may be ``bytes``.
+``bytearray``; every path that changes the storage knows it may be ``bytes``. An empty buffer
+holds the shared ``b""``, so the thousands of idle connections' buffers hold no storage object
+(as an ATS MIOBuffer with no blocks).
 
 A VIO describes one direction of I/O on a VConnection: the continuation to call back, how many
 bytes are wanted (``nbytes``; ``INT64_MAX`` for "until EOS"), how many are done (``ndone``), the
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 INT64_MAX = (1 << 63) - 1
 DEFAULT_WATER_MARK = 256 * 1024
+_EMPTY: Final = b""
 
 
 class MIOBuffer:
@@ -37,28 +40,28 @@ class MIOBuffer:
     __slots__ = ("_buf", "readers", "water_mark")
 
     def __init__(self, water_mark: int = DEFAULT_WATER_MARK) -> None:
-        self._buf: bytearray | bytes = bytearray()
-        self.readers: list[IOBufferReader] = []
+        self._buf: bytearray | bytes = _EMPTY
+        self.readers: tuple[IOBufferReader, ...] = ()  # a tuple: one allocation, no spare room
         self.water_mark = water_mark
 
     def alloc_reader(self) -> IOBufferReader:
         """A new reader starts at the oldest byte any reader still needs."""
         reader = IOBufferReader(self, min((r.pos for r in self.readers), default=0))
-        self.readers.append(reader)
+        self.readers = (*self.readers, reader)
         return reader
 
     def dealloc_all_readers(self) -> None:
         """Forget every reader (ATS ``dealloc_all_readers``) when the owner is done with the
         buffer: a reader points back at its buffer, so the pair is otherwise a reference cycle."""
-        self.readers = []
+        self.readers = ()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         buf = self._buf
-        if isinstance(buf, bytes):
-            buf = self._buf = bytearray(buf)
-        elif not buf and type(data) is bytes:
+        if not buf and type(data) is bytes:
             self._buf = data  # empty, so every reader is at 0: keep the bytes, no copy
             return len(data)
+        if isinstance(buf, bytes):
+            buf = self._buf = bytearray(buf)
         buf += data
         return len(data)
 
@@ -90,10 +93,7 @@ class MIOBuffer:
         low = readers[0].pos if len(readers) == 1 else min((r.pos for r in readers), default=0)
         buf = self._buf
         if low == len(buf):
-            if isinstance(buf, bytes):
-                self._buf = bytearray()
-            else:
-                buf.clear()
+            self._buf = _EMPTY
         elif low > 65536:
             if isinstance(buf, bytes):
                 self._buf = bytearray(memoryview(buf)[low:])
@@ -132,12 +132,8 @@ class IOBufferReader:
         if self.pos == 0 and (n < 0 or n >= len(buf)) and len(mbuf.readers) == 1:
             # Everything, one reader: the buffer empties (what consume() would do); kept bytes
             # are handed over as they are, a bytearray is copied once.
-            if isinstance(buf, bytes):
-                mbuf._buf = bytearray()
-                return buf
-            data = bytes(buf)
-            buf.clear()
-            return data
+            mbuf._buf = _EMPTY
+            return buf if isinstance(buf, bytes) else bytes(buf)
         end = len(buf) if n < 0 else min(len(buf), self.pos + n)
         data = bytes(buf[self.pos : end])
         self.consume(end - self.pos)

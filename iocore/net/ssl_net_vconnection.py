@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import socket
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -365,7 +366,7 @@ class SSLNetVConnection(NetVConnection):
         self.ssl: SSL.Connection | None = None
         self.ssl_handshake_complete = False
         self.ssl_handshake_begin_time = 0.0
-        self.handshake_buffer = bytearray()
+        self.handshake_buffer: bytearray | None = None  # the raw ClientHello bytes, until the SSL exists
         self._hello_parser: ClientHelloParser | None = None
         self.client_hello: ClientHello | None = None
         self.server_name: str | None = None
@@ -388,7 +389,7 @@ class SSLNetVConnection(NetVConnection):
         self._hs_want_read = False
         self._hs_want_write = False
         self._raw_eof = False
-        self.plugin_data: dict[Any, Any] = {}
+        self.plugin_data: dict[Any, Any] | None = None  # made by the first plugin that asks
         self.hook_facade: Any = None
         self.outbound_hooks: OutboundHooks | None = None  # origin VCs with outbound hooks
         self._accept_done = False  # OpenSSL's handshake finished; SSL_VERIFY_CLIENT may still run
@@ -674,10 +675,12 @@ class SSLNetVConnection(NetVConnection):
                 return SSL_HANDSHAKE_WANT_READ if retval == -11 else EVENT_ERROR
             if self._hello_parser is None:
                 self._hello_parser = ClientHelloParser()
+            raw = self.handshake_buffer
+            assert raw is not None  # read_raw_data made it
             try:
-                hello = self._hello_parser.feed(self.handshake_buffer[-retval:])
+                hello = self._hello_parser.feed(raw[-retval:])
             except TLSProtocolError as exc:
-                if cfg.tr_pass and not looks_like_tls_handshake(bytes(self.handshake_buffer[:1])):
+                if cfg.tr_pass and not looks_like_tls_handshake(bytes(raw[:1])):
                     _dbg("data does not look like SSL handshake, starting blind tunnel")
                     self.attributes = Transport.BLIND_TUNNEL
                     self.tunnel_destination = cfg.tunnel_route
@@ -690,7 +693,8 @@ class SSLNetVConnection(NetVConnection):
             if hello is None:
                 return SSL_HANDSHAKE_WANT_READ
             self.client_hello = hello
-            self.server_name = hello.server_name
+            # Interned: the connections to one site share the name instead of a copy each.
+            self.server_name = sys.intern(hello.server_name) if hello.server_name else None
             self.ssl_handshake_hook_state = HandshakeHookState.CLIENT_HELLO
             _dbg(
                 "ClientHello from %s: sni=%s alpn=%s",
@@ -744,9 +748,10 @@ class SSLNetVConnection(NetVConnection):
         ssl.set_app_data(self)
         ssl.set_accept_state()
         _set_read_ahead(ssl)
-        ssl.bio_write(bytes(self.handshake_buffer))
+        if self.handshake_buffer:
+            ssl.bio_write(bytes(self.handshake_buffer))
         self._ssl_bio_has_data = True
-        self.handshake_buffer = bytearray()
+        self.handshake_buffer = None
         self._hello_parser = None
         self.ssl = ssl
         return None
@@ -801,7 +806,10 @@ class SSLNetVConnection(NetVConnection):
             return 0
         ssl = self.ssl
         if ssl is None:
-            self.handshake_buffer += scratch.raw_view[0:n]
+            if self.handshake_buffer is None:
+                self.handshake_buffer = bytearray(scratch.raw_view[0:n])
+            else:
+                self.handshake_buffer += scratch.raw_view[0:n]
         else:
             # ssl.bio_write, straight from the scratch buffer (a memory BIO takes it all)
             result = _BIO_write(ssl._into_ssl, scratch.raw, n)
@@ -966,8 +974,8 @@ class SSLNetVConnection(NetVConnection):
         self.do_io_close()
 
     def _become_tunnel(self) -> None:
-        replay = bytes(self.handshake_buffer)
-        self.handshake_buffer = bytearray()
+        replay = bytes(self.handshake_buffer or b"")
+        self.handshake_buffer = None
         self.ssl = None
         self.cancel_inactivity_timeout()
         dest = self.tunnel_destination
@@ -1218,6 +1226,12 @@ class SSLNetVConnection(NetVConnection):
             return
         ssl._into_ssl = ssl._from_ssl = None  # pyOpenSSL: a socket-backed connection from now on
         self._sock_bio = True
+        if getattr(ssl._context, "_keylog_callback", None) is None:
+            # pyOpenSSL finds the Connection of an SSL* for its callbacks in a class-wide weak
+            # map (~150 bytes an entry). Its callbacks (ALPN, SNI, verify) are handshake-time;
+            # the one that may still fire is the key log's, on a TLS 1.3 KeyUpdate, so only a
+            # connection without one leaves the map.
+            SSL.Connection._reverse_mapping.pop(ssl._ssl, None)
 
     def _ssl_read_sock(self) -> None:
         vio = self.read
@@ -1335,7 +1349,7 @@ class OutboundHooks(Continuation):
         self.vc = vc
         self.hooks = hooks
         self.server_name = sni
-        self.plugin_data: dict[Any, Any] = {}
+        self.plugin_data: dict[Any, Any] | None = None
         self.hook_facade: Any = None
         self.verify_error: str | None = None
         self.started = False

@@ -180,7 +180,10 @@ class VConn:
     @property
     def user_data(self) -> dict[Any, Any]:
         """A per-connection dict for the plugin's own state."""
-        return self._vc.plugin_data
+        data = self._vc.plugin_data
+        if data is None:
+            data = self._vc.plugin_data = {}
+        return data
 
     def reenable(self, *, error: bool = False) -> None:
         """TSVConnReenable / TSVConnReenableEx(TS_EVENT_ERROR): continue, or fail the connection."""

@@ -422,8 +422,8 @@ class HttpClientSession(Continuation):
         self.write_buf = MIOBuffer(RESPONSE_WATER_MARK)
         self.write_reader = self.write_buf.alloc_reader()
         # Parsed client events not processed yet; rarely more than a few, so a list (an empty
-        # deque costs ~600 bytes per idle connection).
-        self.pending: list[Any] = []
+        # deque costs ~600 bytes per idle connection), and None while there are none.
+        self.pending: list[Any] | None = None
         self.closed = False
         self.close_after_write = False
         self.head_timer = False
@@ -448,7 +448,7 @@ class HttpClientSession(Continuation):
         # The worker's global hooks by id (the registry's own dict, mutated in place); empty
         # means no plugin hooks any HTTP stage, and the stages then run straight through.
         self._hook_table = proc.hooks.by_id
-        self._hook_queue: list[Any] = []
+        self._hook_queue: list[Any] | None = None  # the callbacks still to run while a stage runs
         self._hook_id = HookID.TXN_CLOSE
         self._hook_then: Callable[[], None] | None = None
         self._hook_active = False
@@ -538,11 +538,14 @@ class HttpClientSession(Continuation):
                         parser = RequestParser(self.http.max_header_size)
                     else:
                         proc.spare_parser = None
+                pending = self.pending
+                if pending is None:
+                    pending = self.pending = []
                 try:
-                    self.pending.extend(parser.feed(data))
+                    pending.extend(parser.feed(data))
                 except HTTPProtocolError as exc:
-                    self.pending.extend(exc.events_before)
-                    self.pending.append(exc.with_traceback(None))  # kept: its frames hold us
+                    pending.extend(exc.events_before)
+                    pending.append(exc.with_traceback(None))  # kept: its frames hold us
                 if parser.between_messages:
                     # Nothing of a next request read yet: the next one may start on any parser,
                     # so this one serves every connection of the worker (one llhttp, not one each).
@@ -609,6 +612,8 @@ class HttpClientSession(Continuation):
                 pending.clear()
                 self._send_error(ev.status, ev.reason, close=True)
                 return
+        if pending is not None and not pending and pending is self.pending:
+            self.pending = None  # all done: an idle connection holds no list
 
     def _start_transaction(self, req: RequestReceived) -> None:
         proc = self.proc
@@ -1079,7 +1084,8 @@ class HttpClientSession(Continuation):
         # client sees the head and a short body rather than nothing at all.
         self.client_keep_alive = False
         self.close_after_write = True
-        self.pending.clear()
+        if self.pending is not None:
+            self.pending.clear()
         self.vc.read.disable()
         if not self.write_reader.read_avail():
             self.close()
@@ -1144,7 +1150,7 @@ class HttpClientSession(Continuation):
         keep = self.client_keep_alive and not close
         self.client_keep_alive = keep
         self._hook_then = None
-        self._hook_queue = []
+        self._hook_queue = None
         self.status_sent = status
         self.write_buf.write(error_response(status, reason, close=not keep))
         self.vc.write.reenable()
@@ -1154,7 +1160,7 @@ class HttpClientSession(Continuation):
                 self.connect_vc.do_io_close()
             self.connecting = None
             self.connect_vc = None
-        if not keep:
+        if not keep and self.pending is not None:
             self.pending.clear()
         self.proc.counters[M_COMPLETED] += 1
         self._end_transaction()
@@ -1203,7 +1209,7 @@ class HttpClientSession(Continuation):
                 return  # paused until reenable()
         then = self._hook_then
         self._hook_then = None
-        self._hook_queue = []
+        self._hook_queue = None
         if self.closed or then is None:
             return
         if self._hook_failed:
@@ -1255,7 +1261,7 @@ class HttpClientSession(Continuation):
         if metric is not None:
             self.proc.counters[metric] += 1
         self.proc.counters[M_COMPLETED] += 1
-        if close:
+        if close and self.pending is not None:
             self.pending.clear()
         self._end_transaction()
 
@@ -1276,7 +1282,7 @@ class HttpClientSession(Continuation):
         if self.txn_hooks is None:
             self.txn_hooks = {}
         self.txn_hooks.setdefault(hook, []).append(callback)
-        if hook is self._hook_id and self._hook_then is not None:
+        if hook is self._hook_id and self._hook_then is not None and self._hook_queue is not None:
             self._hook_queue.append(callback)
 
     def close(self) -> None:
@@ -1287,7 +1293,7 @@ class HttpClientSession(Continuation):
             # The transaction dies with the connection (client abort, timeout, a plugin that
             # never re-enabled): TXN_CLOSE still fires, once, as in ATS.
             self._hook_then = None
-            self._hook_queue = []
+            self._hook_queue = None
             if self.txn_hooks is not None or self.proc.hooks.has(HookID.TXN_CLOSE):
                 self._notify(HookID.TXN_CLOSE)
             self.txn = None

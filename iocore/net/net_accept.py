@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,8 @@ class NetAccept(Continuation):
         # getsockname per connection. A wildcard listener must ask.
         bound = sock.getsockname()
         self._local_addr: tuple[Any, ...] | None = None if bound[0] in ("0.0.0.0", "::") else bound
+        # A wildcard listener's local addresses, one tuple each: the connections share it.
+        self._local_addrs: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         nh.thread.register(sock.fileno(), selectors.EVENT_READ, self._on_readable)
 
     def _on_readable(self, mask: int) -> None:
@@ -85,12 +88,16 @@ class NetAccept(Continuation):
             except OSError:
                 pass
             vc = self.make_vc(conn, nh)
-            vc.remote_addr = addr  # what getpeername would say
+            # What getpeername would say, with the host interned: one client's connections
+            # share its address string (an idle connection is mostly such small objects).
+            vc.remote_addr = (sys.intern(addr[0]), *addr[1:]) if type(addr[0]) is str else addr
             if local_addr is None:
                 try:
-                    vc.local_addr = conn.getsockname()
+                    here = conn.getsockname()
                 except OSError:
                     pass
+                else:
+                    vc.local_addr = self._local_addrs.setdefault(here, here)
             else:
                 vc.local_addr = local_addr
             nh.add_vc(vc)

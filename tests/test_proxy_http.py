@@ -385,6 +385,89 @@ def test_closed_connections_leave_no_cyclic_garbage(
     control.close()
 
 
+IDLE = 100  # idle TLS connections held by the memory tests
+
+
+def test_idle_tls_connection_holds_a_small_fixed_set_of_objects(
+    tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any
+) -> None:
+    """An idle keep-alive TLS connection is what a proxy holds most of (issue 7, W4), so what it
+    costs in Python objects is counted in the real worker: its VConnection and session with their
+    VIOs, buffers and readers, the socket and the TLS connection, and no lists, dicts or weak
+    references of its own (an empty buffer holds no storage, a session between requests no
+    event list, pyOpenSSL's weak map no entry once the handshake is over): 15.1 objects per
+    connection, 18.1 before (four lists and a weak reference)."""
+    records, files, ctx = tls_front(tmp_path, origin, "{0}:ip-in=127.0.0.1 {1}:ssl:ip-in=127.0.0.1")
+    files["plugin.config"] = f"{Path(__file__).parent / 'plugins' / 'gc_probe.py'}\n"
+    proxy = tsproxy_factory(records=records, files=files)
+    control = conn(proxy)
+    before = json.loads(get(control, "/_gc/count")[1])
+    held = []
+    try:
+        for _ in range(IDLE):
+            c = http.client.HTTPSConnection("127.0.0.1", proxy.port(1), context=ctx, timeout=5)
+            held.append(c)
+            assert get(c, "/_gc/ping")[1] == b"pong\n"
+        after = json.loads(get(control, "/_gc/count")[1])
+    finally:
+        for c in held:
+            c.close()
+        control.close()
+    per_connection = {
+        kind: round((after.get(kind, 0) - before.get(kind, 0)) / IDLE, 2) for kind in {*after, *before}
+    }
+    per_connection = {kind: n for kind, n in per_connection.items() if abs(n) >= 0.05}
+    assert sum(per_connection.values()) <= 16, per_connection
+    for kind in ("list", "dict", "deque", "KeyedRef", "method"):
+        assert per_connection.get(kind, 0) < 0.05, per_connection
+
+
+def _rss_anon_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no RssAnon for {pid}")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/status") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+    reason="the worker hands memory back with glibc's malloc_trim; RssAnon is Linux's",
+)
+def test_memory_goes_back_to_the_kernel_after_a_handshake_burst(
+    tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any
+) -> None:
+    """Each TLS handshake in flight holds buffers that OpenSSL frees when it ends, in holes
+    between memory that lives on; after a burst, the worker's first quiet heartbeat hands those
+    pages back to the kernel, so the worker does not stay at the burst's high-water mark while
+    the connections it accepted sit idle."""
+    import asyncio
+
+    records, files, ctx = tls_front(tmp_path, origin)
+    proxy = tsproxy_factory(records=records, files=files)
+    (pid,) = proxy.worker_pids()
+
+    async def burst() -> tuple[int, int]:
+        in_flight = asyncio.Semaphore(100)
+
+        async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            async with in_flight:
+                return await asyncio.open_connection("127.0.0.1", proxy.port(), ssl=ctx)
+
+        conns = await asyncio.gather(*[one() for _ in range(3 * IDLE)])
+        right_after = _rss_anon_kib(pid)
+        deadline = time.monotonic() + 5.0  # the trim comes 0.5-1 s after the last accept
+        while time.monotonic() < deadline and _rss_anon_kib(pid) > right_after - 512:
+            await asyncio.sleep(0.05)
+        later = _rss_anon_kib(pid)
+        for _, writer in conns:
+            writer.close()
+        return right_after, later
+
+    right_after, later = asyncio.run(burst())
+    assert later <= right_after - 512, f"RssAnon {right_after} KiB after the burst, {later} KiB later"
+
+
 # -- chunked bodies -------------------------------------------------------------------------------
 def test_chunked_download(proxy: Any) -> None:
     c = conn(proxy)

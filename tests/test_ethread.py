@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import selectors
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from iocore.eventsystem import ethread
 from iocore.eventsystem.ethread import EThread
+from iocore.eventsystem.event import EVENT_IMMEDIATE, Continuation
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 POLLERS = [ethread._SelectorsPoller] + ([ethread._EpollPoller] if ethread._HAVE_EPOLL else [])
@@ -93,3 +95,24 @@ def test_a_callback_raising_does_not_stop_the_others(
         d.send(b"y")
         thread.run_once(max_wait=0.5)
         assert sorted(seen) == ["boom", "ok"]
+
+
+def test_an_event_scheduled_by_a_ready_callback_does_not_wait_for_the_poll(thread: EThread) -> None:
+    """Work queued while the ready lists run must keep the poll from sleeping: before, an
+    immediate event scheduled there waited for the poll's whole timeout (the next timer)."""
+    ran: list[int] = []
+    cont = Continuation(lambda event, data: ran.append(event) or 0)
+    queued = [False]
+
+    def ready_list() -> bool:
+        if not queued[0]:
+            queued[0] = True
+            thread.schedule_imm(cont)
+        return False  # nothing of its own left: only the immediate event is pending
+
+    thread.ready_callbacks.append(ready_list)
+    start = time.monotonic()
+    thread.run_once(max_wait=30.0)  # the old loop slept the whole 30 s in this poll
+    assert time.monotonic() - start < 10.0
+    thread.run_once(max_wait=0.0)
+    assert ran == [EVENT_IMMEDIATE]

@@ -385,6 +385,62 @@ def test_closed_connections_leave_no_cyclic_garbage(
     control.close()
 
 
+def _tls_exchange(
+    port: int, ctx: ssl.SSLContext, request: bytes, *, with_finished: bool
+) -> tuple[bytes, float]:
+    """One TLS connection on a memory BIO, so the client decides what goes in which packet:
+    the request in the same send as the client's Finished (as Go and browsers often do), or on
+    its own after it. Returns the response head and the seconds from that send to it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        if not with_finished:
+            sock.sendall(outgoing.read())  # the Finished alone
+            time.sleep(0.05)
+        tls.write(request)
+        start = time.monotonic()
+        sock.sendall(outgoing.read())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            try:
+                head += tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                assert data, f"the proxy closed the connection; got {head!r}"
+                incoming.write(data)
+        return head, time.monotonic() - start
+
+
+def test_request_in_the_packet_of_the_finished_is_answered_at_once(
+    tsproxy_factory: Callable[..., Any], origin: OriginServer, tmp_path: Any
+) -> None:
+    """A request that arrives with the client's Finished is read from what OpenSSL buffered,
+    off the ready list, and goes to a pooled origin connection. Its write used to wait for the
+    loop's next timer (the heartbeat, up to half a second) on a quiet worker: Go's TLS client
+    saw p50 336 ms per connection against nginx's 0.9 ms. Measured against the same request
+    sent after the Finished, in the same run."""
+    records, files, ctx = tls_front(tmp_path, origin)
+    proxy = tsproxy_factory(records=records, files=files)
+    request = f"GET /bytes?n=100 HTTP/1.1\r\nHost: {ORIGIN_HOST}\r\n\r\n".encode()
+    _tls_exchange(proxy.port(), ctx, request, with_finished=False)  # the origin connection pooled
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(9):
+        for with_finished in (True, False):
+            head, seconds = _tls_exchange(proxy.port(), ctx, request, with_finished=with_finished)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            times[with_finished].append(seconds)
+    together, apart = sorted(times[True])[4], sorted(times[False])[4]
+    assert together <= max(5 * apart, 0.05), f"median {together * 1e3:.1f} ms vs {apart * 1e3:.1f} ms"
+
+
 IDLE = 100  # idle TLS connections held by the memory tests
 
 

@@ -5,15 +5,17 @@ Theory of operation
 Each worker process runs exactly one EThread. An iteration of ``run`` does, in order:
 
 1. run the immediate (ready) events queued by ``schedule_imm``;
-2. run the *ready callbacks* registered by the net layer (``ready_callbacks``): these are the
-   NetHandler's read/write ready lists, so a VC that was re-enabled while its data was already
+2. run the *ready callbacks* registered by the net layer (``ready_callbacks``): the
+   NetHandler's read ready list, so a VC that was re-enabled while its data was already
    buffered (decrypted TLS bytes, a hook's reenable) is processed without waiting for epoll;
 3. poll (epoll directly where there is one, else ``selectors.DefaultSelector``) with a timeout
-   up to the next timer, or zero when something is still ready; every readiness calls the
-   callback registered for that fd with the event mask (``selectors.EVENT_READ`` /
-   ``EVENT_WRITE``). A callback whose fd was unregistered earlier in the same poll is not
-   called;
-4. run the timers that are due (a binary heap; cancelled events are dropped lazily).
+   up to the next timer, or zero when something is still ready (immediate events, a ready
+   list, writes waiting for step 4); every readiness calls the callback registered for that fd
+   with the event mask (``selectors.EVENT_READ`` / ``EVENT_WRITE``). A callback whose fd was
+   unregistered earlier in the same poll is not called;
+4. run the *post-I/O callbacks* (``post_io_callbacks``): the NetHandler's write ready list, so
+   the writes of one iteration leave in one send per VC;
+5. run the timers that are due (a binary heap; cancelled events are dropped lazily).
 
 Invariants: callbacks never block; nothing here is thread-safe except ``call_soon_threadsafe``
 (one loop, one thread): another thread (a plugin's helper pool) hands a callable over with it;
@@ -248,14 +250,14 @@ class EThread:
             ev = ready.popleft()
             if not ev.cancelled:
                 self._dispatch(ev)
-        busy = bool(ready)
+        busy = False
         for cb in self.ready_callbacks:
             try:
                 if cb():
                     busy = True
             except Exception:
                 _log.exception("ready-list callback raised")
-        if busy:
+        if busy or ready:  # ready: events left over, or scheduled by the ready callbacks
             timeout = 0.0
         elif self._timers:
             timeout = min(max(self._timers[0].timeout_at - time.monotonic(), 0.0), max_wait)

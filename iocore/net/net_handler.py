@@ -65,8 +65,12 @@ class NetHandler(Continuation):
             self.counters[_M_OPEN] -= 1
 
     def _process_read_ready(self) -> bool:
+        """The read ready list, before the poll. True while the poll must not sleep: more VCs
+        are read-ready, or writes are queued (by this pass or a timer) that only the flush
+        after the poll sends. Sleeping then held a response until the next timer: up to half
+        a second for a request that came in the same packet as the client's Finished."""
         if not self.read_ready_list:
-            return False
+            return bool(self.write_ready_list)
         ready = self.read_ready_list
         self.read_ready_list = {}
         for vc in ready:
@@ -76,7 +80,7 @@ class NetHandler(Continuation):
                 except Exception:
                     _log.exception("unexpected error on %r; closing it", vc)
                     vc.do_io_close()
-        return bool(self.read_ready_list)
+        return bool(self.read_ready_list) or bool(self.write_ready_list)
 
     def _process_write_ready(self) -> None:
         # Writes queued by callbacks run during this flush are flushed in the same pass.

@@ -35,11 +35,32 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from iocore.eventsystem.event import EVENT_IMMEDIATE, EVENT_INTERVAL, Continuation, Event
 
 IOCallback = Callable[[int], None]
+
+
+class IOHandler(Protocol):
+    """What the poller calls on readiness: ``on_io(mask)``. A NetVConnection registers itself
+    (``register_handler``), so the poller holds the VC, not a bound method of it: 88 bytes per
+    connection, and no new one each time the VC's interest mask changes."""
+
+    def on_io(self, mask: int) -> None: ...
+
+
+class _CallbackIO:
+    """A plain callable registered with ``register``."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: IOCallback) -> None:
+        self.fn = fn
+
+    def on_io(self, mask: int) -> None:
+        self.fn(mask)
+
 _log = logging.getLogger("tsproxy.eventsystem")
 
 _EVENT_READ = selectors.EVENT_READ
@@ -55,11 +76,11 @@ class _SelectorsPoller:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
 
-    def register(self, fd: int, mask: int, callback: IOCallback) -> None:
-        self.selector.register(fd, mask, callback)
+    def register(self, fd: int, mask: int, handler: IOHandler) -> None:
+        self.selector.register(fd, mask, handler)
 
-    def modify(self, fd: int, mask: int, callback: IOCallback) -> None:
-        self.selector.modify(fd, mask, callback)
+    def modify(self, fd: int, mask: int, handler: IOHandler | None) -> None:
+        self.selector.modify(fd, mask, handler if handler is not None else self.selector.get_key(fd).data)
 
     def unregister(self, fd: int) -> None:
         try:
@@ -70,7 +91,7 @@ class _SelectorsPoller:
     def poll(self, timeout: float) -> None:
         for key, mask in self.selector.select(timeout):
             try:
-                key.data(mask)
+                key.data.on_io(mask)
             except Exception:
                 _log.exception("I/O callback for fd %d raised", key.fd)
 
@@ -84,26 +105,27 @@ class _EpollPoller:
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
-        self.callbacks: dict[int, IOCallback] = {}
+        self.handlers: dict[int, IOHandler] = {}
 
     @staticmethod
     def _events(mask: int) -> int:
         return (select.EPOLLIN if mask & _EVENT_READ else 0) | (select.EPOLLOUT if mask & _EVENT_WRITE else 0)
 
-    def register(self, fd: int, mask: int, callback: IOCallback) -> None:
-        if fd in self.callbacks:
+    def register(self, fd: int, mask: int, handler: IOHandler) -> None:
+        if fd in self.handlers:
             raise KeyError(f"fd {fd} is already registered")
         self.epoll.register(fd, self._events(mask))
-        self.callbacks[fd] = callback
+        self.handlers[fd] = handler
 
-    def modify(self, fd: int, mask: int, callback: IOCallback) -> None:
-        if fd not in self.callbacks:
+    def modify(self, fd: int, mask: int, handler: IOHandler | None) -> None:
+        if fd not in self.handlers:
             raise KeyError(f"fd {fd} is not registered")
         self.epoll.modify(fd, self._events(mask))
-        self.callbacks[fd] = callback
+        if handler is not None:
+            self.handlers[fd] = handler
 
     def unregister(self, fd: int) -> None:
-        if self.callbacks.pop(fd, None) is not None:
+        if self.handlers.pop(fd, None) is not None:
             try:
                 self.epoll.unregister(fd)
             except OSError:
@@ -115,15 +137,15 @@ class _EpollPoller:
             ready = self.epoll.poll(math.ceil(timeout * 1e3) * 1e-3 if timeout > 0 else 0)
         except InterruptedError:
             return
-        callbacks = self.callbacks
+        handlers = self.handlers
         for fd, ev in ready:
-            callback = callbacks.get(fd)
-            if callback is None:
+            handler = handlers.get(fd)
+            if handler is None:
                 continue  # unregistered by an earlier callback of this poll
             # HUP and ERR wake both directions, as in selectors.EpollSelector.
             mask = (_EVENT_WRITE if ev & _NOT_EPOLLIN else 0) | (_EVENT_READ if ev & _NOT_EPOLLOUT else 0)
             try:
-                callback(mask)
+                handler.on_io(mask)
             except Exception:
                 _log.exception("I/O callback for fd %d raised", fd)
 
@@ -219,10 +241,16 @@ class EThread:
 
     # -- I/O registration -----------------------------------------------------------------
     def register(self, fd: int, mask: int, callback: IOCallback) -> None:
-        self.poller.register(fd, mask, callback)
+        """Call ``callback(mask)`` when ``fd`` is ready (``mask``: selectors.EVENT_READ/WRITE)."""
+        self.poller.register(fd, mask, _CallbackIO(callback))
 
-    def modify(self, fd: int, mask: int, callback: IOCallback) -> None:
-        self.poller.modify(fd, mask, callback)
+    def register_handler(self, fd: int, mask: int, handler: IOHandler) -> None:
+        """Call ``handler.on_io(mask)`` when ``fd`` is ready."""
+        self.poller.register(fd, mask, handler)
+
+    def modify(self, fd: int, mask: int, callback: IOCallback | None = None) -> None:
+        """A new interest mask for ``fd``; the callback too when one is given."""
+        self.poller.modify(fd, mask, _CallbackIO(callback) if callback is not None else None)
 
     def unregister(self, fd: int) -> None:
         self.poller.unregister(fd)

@@ -133,7 +133,8 @@ class _Connector:
         self.sock = sock
         self.vc = vc
 
-    def on_writable(self, mask: int) -> None:
+    def on_io(self, mask: int) -> None:
+        """The socket became writable: the connect finished (or failed)."""
         nh = self.nh
         nh.thread.unregister(self.sock.fileno())
         self.vc.connect_waiter = None
@@ -189,5 +190,5 @@ def connect(
     nh.add_vc(vc)
     vc.connect_waiter = cont  # an inactivity timeout before the connect finishes fails it
     connector = _Connector(nh, cont, sock, vc)
-    nh.thread.register(sock.fileno(), selectors.EVENT_WRITE, connector.on_writable)
+    nh.thread.register_handler(sock.fileno(), selectors.EVENT_WRITE, connector)
     return vc

@@ -242,13 +242,14 @@ class NetVConnection(Continuation):
             thread.unregister(self.fd)
             self._registered = False
         elif self._registered:
-            thread.modify(self.fd, mask, self._on_io)
+            thread.modify(self.fd, mask)
         else:
-            thread.register(self.fd, mask, self._on_io)
+            thread.register_handler(self.fd, mask, self)
             self._registered = True
         self._mask = mask
 
-    def _on_io(self, mask: int) -> None:
+    def on_io(self, mask: int) -> None:
+        """Readiness of the socket (the poller holds the VC itself, see IOHandler)."""
         # guarded(), inlined: this runs once per readiness event.
         try:
             self._on_io_unguarded(mask)
@@ -275,7 +276,7 @@ class NetVConnection(Continuation):
     def _signal(self, vio: VIO, event: int) -> None:
         cont = vio.cont
         if cont is not None and not self.closed:
-            cont.handler(event, vio)  # cont.handle_event(event, vio), one call fewer
+            cont.handle_event(event, vio)
 
     def net_read_io(self) -> None:
         """Read what the socket has into the read VIO's buffer and call the consumer back."""

@@ -37,23 +37,46 @@ _EMPTY: Final = b""
 class MIOBuffer:
     """A byte queue with readers and a water mark."""
 
-    __slots__ = ("_buf", "readers", "water_mark")
+    __slots__ = ("_buf", "_first", "_others", "water_mark")
 
     def __init__(self, water_mark: int = DEFAULT_WATER_MARK) -> None:
         self._buf: bytearray | bytes = _EMPTY
-        self.readers: tuple[IOBufferReader, ...] = ()  # a tuple: one allocation, no spare room
+        # The readers: nearly every buffer has exactly one for life, held directly; any more
+        # are in a tuple (no container at all for the common case).
+        self._first: IOBufferReader | None = None
+        self._others: tuple[IOBufferReader, ...] = ()
         self.water_mark = water_mark
+
+    @property
+    def readers(self) -> tuple[IOBufferReader, ...]:
+        first = self._first
+        return () if first is None else (first, *self._others)
 
     def alloc_reader(self) -> IOBufferReader:
         """A new reader starts at the oldest byte any reader still needs."""
-        reader = IOBufferReader(self, min((r.pos for r in self.readers), default=0))
-        self.readers = (*self.readers, reader)
+        reader = IOBufferReader(self, self._low())
+        if self._first is None:
+            self._first = reader
+        else:
+            self._others = (*self._others, reader)
         return reader
 
     def dealloc_all_readers(self) -> None:
         """Forget every reader (ATS ``dealloc_all_readers``) when the owner is done with the
         buffer: a reader points back at its buffer, so the pair is otherwise a reference cycle."""
-        self.readers = ()
+        self._first = None
+        self._others = ()
+
+    def _low(self) -> int:
+        """The position of the oldest byte some reader still needs (0 without readers)."""
+        first = self._first
+        if first is None:
+            return 0
+        low = first.pos
+        for r in self._others:
+            if r.pos < low:
+                low = r.pos
+        return low
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         buf = self._buf
@@ -66,31 +89,20 @@ class MIOBuffer:
         return len(data)
 
     def max_read_avail(self) -> int:
-        readers = self.readers
-        if len(readers) == 1:  # the common case, on every read and write: no generator
-            return len(self._buf) - readers[0].pos
-        return len(self._buf) - min((r.pos for r in readers), default=0)
+        return len(self._buf) - self._low()
 
     def write_avail(self) -> int:
         """How many bytes may still be added before the water mark is reached."""
-        readers = self.readers
-        if len(readers) == 1:  # max_read_avail's common case, inlined (hot)
-            avail = self.water_mark - len(self._buf) + readers[0].pos
-        else:
-            avail = self.water_mark - self.max_read_avail()
+        avail = self.water_mark - len(self._buf) + self._low()
         return avail if avail > 0 else 0
 
     def high_water(self) -> bool:
-        readers = self.readers
-        if len(readers) == 1:  # max_read_avail's common case, inlined (hot)
-            return len(self._buf) - readers[0].pos >= self.water_mark
-        return self.max_read_avail() >= self.water_mark
+        return len(self._buf) - self._low() >= self.water_mark
 
     def _trim(self) -> None:
         # Drop consumed bytes when everything was consumed (cheap: clear) or when the consumed
         # prefix is large; otherwise defer, so small consumes do not memmove the tail each time.
-        readers = self.readers
-        low = readers[0].pos if len(readers) == 1 else min((r.pos for r in readers), default=0)
+        low = self._low()
         buf = self._buf
         if low == len(buf):
             self._buf = _EMPTY
@@ -101,8 +113,11 @@ class MIOBuffer:
                 del buf[:low]
         else:
             return
-        for r in readers:
-            r.pos -= low
+        first = self._first
+        if first is not None:
+            first.pos -= low
+            for r in self._others:
+                r.pos -= low
 
 
 class IOBufferReader:
@@ -129,7 +144,7 @@ class IOBufferReader:
     def read(self, n: int = -1) -> bytes:
         mbuf = self.mbuf
         buf = mbuf._buf
-        if self.pos == 0 and (n < 0 or n >= len(buf)) and len(mbuf.readers) == 1:
+        if self.pos == 0 and (n < 0 or n >= len(buf)) and mbuf._first is self and not mbuf._others:
             # Everything, one reader: the buffer empties (what consume() would do); kept bytes
             # are handed over as they are, a bytearray is copied once.
             mbuf._buf = _EMPTY

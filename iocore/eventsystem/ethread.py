@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from iocore.eventsystem.event import EVENT_IMMEDIATE, EVENT_INTERVAL, Continuation, Event
 
 IOCallback = Callable[[int], None]
+_log = logging.getLogger("tsproxy.eventsystem")
 
 
 class IOHandler(Protocol):
@@ -61,7 +62,6 @@ class _CallbackIO:
     def on_io(self, mask: int) -> None:
         self.fn(mask)
 
-_log = logging.getLogger("tsproxy.eventsystem")
 
 _EVENT_READ = selectors.EVENT_READ
 _EVENT_WRITE = selectors.EVENT_WRITE

@@ -65,7 +65,9 @@ class Continuation:
     A bound method of the object itself makes a reference cycle, which only Python's cycle
     collector can free. So a per-connection continuation, once done, sets its handler to
     ``ignore_event`` (its ATS ``free()``) and is freed the moment the last reference goes; the
-    default handler is a plain function for the same reason.
+    default handler is a plain function for the same reason. A per-connection continuation
+    with one handler for life may override ``handle_event`` instead (the HTTP client session):
+    no bound method to hold, no cycle to break.
     """
 
     __slots__ = ("handler",)

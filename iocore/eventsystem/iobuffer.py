@@ -100,7 +100,7 @@ class MIOBuffer:
         return len(self._buf) - self._low() >= self.water_mark
 
     def _trim(self) -> None:
-        # Drop consumed bytes when everything was consumed (cheap: clear) or when the consumed
+        # Drop consumed bytes when everything was consumed (the storage goes) or when the consumed
         # prefix is large; otherwise defer, so small consumes do not memmove the tail each time.
         low = self._low()
         buf = self._buf

@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import pytest
 from origin import OriginServer, pattern, pattern_digest
+from sansio_tls import SansIOClient
 
 ORIGIN_HOST = "origin.test"
 DEAD_HOST = "dead.test"
@@ -388,34 +389,18 @@ def test_closed_connections_leave_no_cyclic_garbage(
 def _tls_exchange(
     port: int, ctx: ssl.SSLContext, request: bytes, *, with_finished: bool
 ) -> tuple[bytes, float]:
-    """One TLS connection on a memory BIO, so the client decides what goes in which packet:
+    """One TLS connection on memory BIOs, so the client decides what goes in which packet:
     the request in the same send as the client's Finished (as Go and browsers often do), or on
     its own after it. Returns the response head and the seconds from that send to it."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    client = SansIOClient(ctx, "127.0.0.1")
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if outgoing.pending:
-                    sock.sendall(outgoing.read())
-                incoming.write(sock.recv(65536))
+        sock.sendall(client.client_hello)
+        client.finish_handshake(sock, send_finished=not with_finished)
         if not with_finished:
-            sock.sendall(outgoing.read())  # the Finished alone
-            time.sleep(0.05)
-        tls.write(request)
+            time.sleep(0.05)  # the Finished went alone
         start = time.monotonic()
-        sock.sendall(outgoing.read())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            try:
-                head += tls.read(65536)
-            except ssl.SSLWantReadError:
-                data = sock.recv(65536)
-                assert data, f"the proxy closed the connection; got {head!r}"
-                incoming.write(data)
+        client.send(sock, request)
+        head = client.read_until(sock, b"\r\n\r\n")
         return head, time.monotonic() - start
 
 

@@ -25,6 +25,7 @@ import pytest
 import trustme
 from conftest import ProxyProcess, free_port
 from origin import TLSBackend
+from sansio_tls import SansIOClient
 
 Factory = Callable[..., ProxyProcess]
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -641,53 +642,6 @@ def start_hook_proxy(
     )
 
 
-class SansIOClient:
-    """An ``ssl.SSLObject`` client over memory BIOs, driven over a raw socket by the test."""
-
-    def __init__(self, certs: Certs, sni: str | None, version: str | None = None) -> None:
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = client_context(certs, version).wrap_bio(self.incoming, self.outgoing, server_hostname=sni)
-        with pytest.raises(ssl.SSLWantReadError):
-            self.obj.do_handshake()
-        self.client_hello = self.outgoing.read()
-
-    def finish_handshake(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                self.obj.do_handshake()
-            except ssl.SSLWantReadError:
-                pending = self.outgoing.read()
-                if pending:
-                    sock.sendall(pending)
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionError("EOF during the handshake") from None
-                self.incoming.write(data)
-                continue
-            sock.sendall(self.outgoing.read())
-            return
-
-    def request(self, sock: socket.socket) -> bytes:
-        self.obj.write(GET_CLOSE)
-        sock.sendall(self.outgoing.read())
-        chunks = []
-        while True:
-            try:
-                data = self.obj.read(65536)
-            except ssl.SSLWantReadError:
-                raw = sock.recv(65536)
-                if not raw:
-                    break
-                self.incoming.write(raw)
-                continue
-            except ssl.SSLZeroReturnError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        return b"".join(chunks)
-
-
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_hooks_fire_in_order_once_each(
     tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path, version: str
@@ -772,7 +726,7 @@ def test_client_closing_while_hook_paused(
         [f"{{plugins}}/record_hooks.py {rec}", f"{{plugins}}/stall_hook.py {hook} port={{p0}} 1.0 {stall}"],
     )
     worker = tp.worker_pids()
-    client = SansIOClient(certs, "exact.test")
+    client = SansIOClient(client_context(certs), "exact.test")
     with socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5) as raw:
         port = raw.getsockname()[1]
         raw.sendall(client.client_hello)
@@ -914,7 +868,7 @@ def test_client_hello_split_across_segments(
         multicert="ssl_cert_name=certs/exact.pem\n",
         origin=origin,
     )
-    client = SansIOClient(certs, "exact.test", version)
+    client = SansIOClient(client_context(certs, version), "exact.test")
     hello = client.client_hello
     assert len(hello) > 150 and hello[0] == 0x16 and int.from_bytes(hello[3:5], "big") == len(hello) - 5
     if records > 1:  # the same handshake message fragmented over several TLS records
@@ -931,7 +885,7 @@ def test_client_hello_split_across_segments(
             time.sleep(0.005)
         client.finish_handshake(s)
         assert client.obj.version() == f"TLSv{version}"
-        response = client.request(s)
+        response = client.request(s, GET_CLOSE)
     assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"origin saw /"), response
 
 

@@ -11,7 +11,10 @@ A line (written in TXN_CLOSE, so also for refused, failed and aborted transactio
 Fields: client IP, ``-``, ``-``, local time, request line, the status sent to the client (``-``
 when none was: the client went away first), the response's Content-Length (``-`` when not
 known: chunked or close-delimited bodies, error answers), Referer, User-Agent, SNI and TLS
-version (``-`` on plain HTTP). Lines are buffered in memory and written with one ``write`` per
+version (``-`` on plain HTTP). Request data is escaped as Apache does: every byte outside
+printable ASCII (controls, DEL, TAB, C1 controls, bytes >= 0x80) becomes ``\\xHH`` (so does a
+space in the unquoted SNI field), ``"`` and ``\\`` become ``\\"`` and ``\\\\``; one transaction is
+one line, whose fields split on spaces. Lines are buffered in memory and written with one ``write`` per
 second (or as soon as 64 KiB are buffered), at ``tsproxy reload`` (which also reopens the file,
 for log rotation) and when the worker stops; a slow disk costs the loop at most one write per
 flush. Every worker appends to the same file with O_APPEND, whole lines per write.
@@ -19,6 +22,7 @@ flush. Every worker appends to the same file with O_APPEND, whole lines per writ
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -29,10 +33,35 @@ FLUSH_SECONDS = 1.0
 FLUSH_BYTES = 64 * 1024
 
 
+def _escape(value: str) -> str:
+    """Apache's log escaping: ``\\"`` and ``\\\\``, and every other byte outside printable ASCII
+    as ``\\xHH``. Request data is latin-1 (one character per byte); a character
+    beyond latin-1 (set by a plugin) is written as its UTF-8 bytes."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return value  # the usual case: nothing to escape
+    out: list[str] = []
+    for ch in value:
+        code = ord(ch)
+        if 0x20 <= code < 0x7F:
+            out.append("\\" + ch if ch in '"\\' else ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02X}")
+        else:
+            out.extend(f"\\x{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
 def _quote(value: str | None) -> str:
     if not value:
         return '"-"'
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + _escape(value) + '"'
+
+
+def _bare(value: str | None) -> str:
+    """An unquoted field: escaped, and a space too (it would split the field)."""
+    if not value:
+        return "-"
+    return _escape(value).replace(" ", "\\x20")
 
 
 class _Clock:
@@ -70,7 +99,7 @@ def format_line(txn: Txn, clock: _Clock) -> str:
     return (
         f"{client[0] if client else '-'} - - {clock.now()} {_quote(request_line)} "
         f"{status if status else '-'} {length or '-'} {_quote(referer)} {_quote(agent)} "
-        f"{txn.sni or '-'} {txn.tls_version or '-'}\n"
+        f"{_bare(txn.sni)} {txn.tls_version or '-'}\n"
     )
 
 
@@ -87,9 +116,12 @@ class AccessLog:
     def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a link planted in the log directory is refused, never appended to.
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+            fd = os.open(self.path, flags, 0o644)
         except OSError as exc:
-            raise PluginError(f"access_log: cannot open {self.path}: {exc.strerror or exc}") from None
+            why = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+            raise PluginError(f"access_log: cannot open {self.path}: {why}") from None
         old, self.fd = self.fd, fd
         if old >= 0:
             os.close(old)

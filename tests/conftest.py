@@ -48,6 +48,11 @@ DEFAULT_RECORDS: dict[str, Any] = {
     "proxy.config.local_state_dir": "run",
     "proxy.config.log.logfile_dir": "log",
     "proxy.config.stop.shutdown_timeout": 5,
+    # The suite runs as root (CI and the dev box). Config dirs live under pytest's tmp_path,
+    # which only root can read, so ordinary tests keep root, as ATS's own test harness does;
+    # tests/test_privileges.py runs the default (switch to nobody) end to end on a directory an
+    # operator would set up. Pass None to get the table default.
+    "proxy.config.admin.user_id": "#-1",
 }
 
 DEFAULT_FILES: dict[str, str | bytes] = {
@@ -243,8 +248,9 @@ def tsproxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     """Start ``tsproxy start`` on a fresh config dir: ``factory(records=..., files=..., ...)``.
 
     Keyword arguments: ``records`` (overrides of DEFAULT_RECORDS), ``files`` (name -> text),
-    ``name`` (config dir name under tmp_path), ``wait`` (wait for every worker to be ready,
-    default True), ``extra_args`` (more ``tsproxy start`` arguments), ``env`` (extra env).
+    ``name`` (config dir name), ``parent`` (the directory holding it, default tmp_path),
+    ``wait`` (wait for every worker to be ready, default True), ``extra_args`` (more
+    ``tsproxy start`` arguments), ``env`` (extra env).
     """
     started: list[ProxyProcess] = []
     counter = iter(range(1000))
@@ -254,13 +260,14 @@ def tsproxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
         files: Mapping[str, str | bytes] | None = None,
         *,
         name: str | None = None,
+        parent: Path | None = None,
         wait: bool = True,
         extra_args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
     ) -> ProxyProcess:
         merged = {**DEFAULT_RECORDS, **(records or {})}
         ports = _allocate_ports(merged)
-        config_dir = write_config_dir(tmp_path / (name or f"etc{next(counter)}"), merged, files)
+        config_dir = write_config_dir((parent or tmp_path) / (name or f"etc{next(counter)}"), merged, files)
         out = config_dir.parent / f"{config_dir.name}.out"
         with out.open("wb") as sink:
             proc = subprocess.Popen(

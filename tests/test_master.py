@@ -266,38 +266,3 @@ def test_unknown_admin_user_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == EX_NOPERM
     assert "proxy.config.admin.user_id: no such user 'no-such-user-tsproxy'" in result.stderr
     assert not (config_dir / "run" / "tsproxy.pid").exists()
-
-
-def _nobody() -> tuple[int, str] | None:
-    import pwd
-
-    try:
-        pw = pwd.getpwnam("nobody")
-    except KeyError:
-        return None
-    return pw.pw_uid, pw.pw_name
-
-
-@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None, reason="needs root and a 'nobody' user")
-def test_privileges_dropped_after_binding_and_reload_survives(
-    tsproxy_factory: Callable[..., ProxyProcess],
-) -> None:
-    """Started as root with admin.user_id: the master binds first, then master and workers run
-    as that user; a reload that cannot read a file as that user fails cleanly and the proxy keeps
-    serving (a reload error must never take the master down)."""
-    nobody = _nobody()
-    assert nobody is not None
-    uid, name = nobody
-    proxy = tsproxy_factory(records={"proxy.config.admin.user_id": name})
-    for pid in [proxy.pid, *proxy.worker_pids()]:
-        assert psutil.Process(pid).uids().effective == uid
-    with socket.create_connection(("127.0.0.1", proxy.port(0)), timeout=5) as conn:
-        conn.sendall(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n")
-        assert conn.recv(100).startswith(b"HTTP/1.1 404")  # served (no remap rule) by the dropped worker
-    records = proxy.config_dir / "records.config"
-    records.chmod(0o600)  # root-owned: unreadable for 'nobody'
-    result = proxy.ctl("reload")
-    assert result.returncode == EX_CONFIG, result.stdout + result.stderr
-    assert "records.config: cannot read: Permission denied" in result.stderr
-    assert proxy.proc.poll() is None
-    assert proxy.status()["generation"] == 1

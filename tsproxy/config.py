@@ -148,11 +148,11 @@ def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, genera
         lookup = load_cert_lookup(ssl_params, ticket_keys)
         warnings.extend(lookup.warnings)
         if not any(cc.ctx is not None for cc in lookup.contexts) and not _multicert_has_entries(ssl_params):
-            from tsproxy.devcert import ensure_dev_certs
+            from tsproxy.devcert import dev_cert_files
 
-            dev_ca, chain, key = ensure_dev_certs(_state_dir(records))
-            ctx = build_server_context(ssl_params, [CertKeyPair(chain, key)], None, ticket_keys)
-            lookup = _dev_lookup(ctx, chain)
+            with dev_cert_files(_state_dir(records)) as (dev_ca, chain, key):
+                ctx = build_server_context(ssl_params, [CertKeyPair(chain, key)], None, ticket_keys)
+            lookup = _dev_lookup(ctx, dev_ca.with_name(chain.name))
             warnings.append(
                 f"{ssl_params.multicert_filename}: no certificates configured; serving a development "
                 f"certificate for localhost (CA: {dev_ca})"

@@ -149,7 +149,9 @@ def bind_control_socket(path: Path) -> socket.socket:
         raise TSError(f"cannot create control socket {path}: {exc.strerror or exc}") from exc
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    # No chmod: the umask made it 0600 at bind, and a chmod by path would follow a link that
+    # whoever may write the state directory swapped in meanwhile (tsproxy.safefs). The socket
+    # stays owned by the user who started tsproxy (root: only root may steer it).
     sock.listen(64)
     sock.setblocking(False)
     return sock
@@ -317,7 +319,7 @@ class ControlServer:
             self.selector.unregister(self.sock)
         self.sock.close()
         if unlink:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove any more
                 self.path.unlink()
 
     def close_in_child(self) -> None:

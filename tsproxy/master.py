@@ -84,6 +84,7 @@ from tsproxy.exitcodes import (
     exit_code_for,
 )
 from tsproxy.logs import get_logger, set_process_label, setup_logging
+from tsproxy.safefs import check_private_dir, make_dir, open_dir, read_file, write_atomic
 
 if TYPE_CHECKING:
     from tsproxy.config import ProxyConfig
@@ -212,10 +213,8 @@ def _file_fingerprints(config_dir: Path, exclude: list[Path]) -> dict[str, tuple
 
 
 def read_pidfile(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+    data = read_file(path, limit=64)  # never through a link (read as root at start)
+    text = data.decode("ascii", "replace").strip() if data is not None else ""
     return int(text) if text.isdigit() else None
 
 
@@ -234,9 +233,100 @@ def is_live_master(pid: int) -> bool:
 
 
 def write_pidfile_atomic(path: Path, pid: int) -> None:
-    tmp = path.with_name(f".{path.name}.{pid}.tmp")
-    tmp.write_text(f"{pid}\n")
-    os.replace(tmp, path)
+    """A new file under a random name, renamed over ``path`` (a link there is replaced)."""
+    dfd = open_dir(path.parent.resolve())
+    try:
+        write_atomic(dfd, path.name, f"{pid}\n".encode(), 0o644)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The user the master switches to after binding (``proxy.config.admin.user_id``)."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def resolve_run_as(records: Any) -> RunAs | None:
+    """The user to switch to, or None to stay: not started as root, or ``#-1`` (ATS's "keep
+    the user I was started as"; ``root`` and ``#0`` mean the same)."""
+    if os.geteuid() != 0:
+        return None
+    user = str(records.get("proxy.config.admin.user_id")).strip()
+    if user == "#-1":
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwuid(int(user[1:])) if user.startswith("#") else pwd.getpwnam(user)
+    except (KeyError, ValueError) as exc:
+        where = f"{records.path}:{records.line_of('proxy.config.admin.user_id') or '-'}"
+        raise StartupError(f"{where}: proxy.config.admin.user_id: no such user {user!r}", EX_NOPERM) from exc
+    if pw.pw_uid == 0:
+        return None
+    return RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+def _user_label() -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _switch_to(run_as: RunAs) -> None:
+    os.initgroups(run_as.name, run_as.gid)
+    os.setgid(run_as.gid)
+    os.setuid(run_as.uid)
+
+
+def _probe_as(run_as: RunAs, paths: list[Path]) -> str | None:
+    """In a forked child running as ``run_as``: the first of ``paths`` it cannot read, and
+    why (``PATH: DIR is not searchable``), or None when it can read them all."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # ---- child: never returns
+        code = 0
+        try:
+            os.close(rfd)
+            _switch_to(run_as)
+            for path in paths:
+                why = _blocked_at(path)
+                if why is not None:
+                    os.write(wfd, f"{path}: {why}".encode(errors="replace")[:4000])
+                    break
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    chunks = []
+    while chunk := os.read(rfd, 4096):
+        chunks.append(chunk)
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return f"(the check as user {run_as.name} failed to run)"
+    return b"".join(chunks).decode(errors="replace") or None
+
+
+def _blocked_at(path: Path) -> str | None:
+    """Why this process cannot read ``path`` (the first directory it cannot enter, or the
+    file itself), or None when it can."""
+    if os.access(path, os.R_OK):
+        return None
+    for parent in reversed(path.parents):
+        if not os.access(parent, os.X_OK):
+            return f"{parent} is not searchable"
+    if not path.exists():
+        return None  # nothing to read: whoever needs it reports it missing
+    return f"{path} is not readable"
 
 
 class Master:
@@ -265,6 +355,7 @@ class Master:
         self.state_dir: Path | None = None
         self.log_dir: Path | None = None
         self.pidfile: Path | None = None
+        self.run_as: RunAs | None = None
         self.sock_path: Path | None = None
         self.started_wall = 0.0
         self.slots: list[_Slot] = []
@@ -318,22 +409,38 @@ class Master:
             os.write(2, f"tsproxy: {message}\n".encode(errors="replace"))
 
     def _boot(self) -> None:
+        from iocore.records.parser import load_records
         from tsproxy.config import load_proxy_config
 
+        # The directories first, from records.config alone: started as root, nothing may be
+        # written into them (the development certificate, made while loading the config,
+        # included) before they are known to be safe (tsproxy.safefs).
+        first = load_records(self.config_dir)
+        self.state_dir = first.resolve_path("proxy.config.local_state_dir") or self.config_dir
+        self.log_dir = first.resolve_path("proxy.config.log.logfile_dir")
+        self.run_as = resolve_run_as(first)
+        owner = (self.run_as.uid, self.run_as.gid) if self.run_as is not None else None
+        if os.geteuid() == 0:
+            allowed = {0} if self.run_as is None else {0, self.run_as.uid}
+            for directory in filter(None, [self.state_dir, self.log_dir]):
+                check_private_dir(directory, allowed)
+        try:
+            make_dir(self.state_dir, owner)
+            if self.log_dir is not None:
+                make_dir(self.log_dir, owner)
+        except OSError as exc:
+            raise StartupError(f"cannot create {exc.filename}: {exc.strerror}", EX_CONFIG) from exc
         self.config = load_proxy_config(self.config_dir, None, generation=self.generation)
         # Reloads keep these keys (unless a ticket key file is configured), so session tickets
         # issued by any worker before a reload still resume after it.
         self.ticket_keys = self.config.ticket_keys
-        records = self.config.records
-        self.state_dir = records.resolve_path("proxy.config.local_state_dir") or self.config_dir
-        self.log_dir = records.resolve_path("proxy.config.log.logfile_dir")
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
             level = self.log_level if self.log_level is not None else 20
-            setup_logging(self.log_dir, level=level)
+            setup_logging(self.log_dir, level=level, owner=owner)
         except OSError as exc:
             raise StartupError(f"cannot create {exc.filename}: {exc.strerror}", EX_CONFIG) from exc
         set_process_label("master")
+        self._check_run_user()
         for warning in self.config.warnings:
             _log.warning("%s", warning)
         for source in stale_compiled_modules():
@@ -368,8 +475,9 @@ class Master:
         self.started_wall = time.time()
         self._proc.cpu_percent(None)
         _log.info(
-            "tsproxy master %d started: config %s, %d ET_NET + %d ET_SSL workers, ports %s",
+            "tsproxy master %d started as user %s: config %s, %d ET_NET + %d ET_SSL workers, ports %s",
             os.getpid(),
+            _user_label(),
             self.config_dir,
             sum(s.role == ET_NET for s in self.slots),
             sum(s.role == ET_SSL for s in self.slots),
@@ -421,42 +529,75 @@ class Master:
                 lst.sock.close()
         self.listeners = []
 
+    def _check_run_user(self) -> None:
+        """Started as root: before anything is bound or written, make sure the user of
+        proxy.config.admin.user_id can read what it reads later (reloads read the
+        configuration as it, workers import their plugins as it), or warn that ``#-1`` keeps
+        root. A forked child switches to the user and tries, so groups and ACLs count."""
+        assert self.config is not None
+        if os.geteuid() != 0:
+            return
+        run_as = self.run_as
+        if run_as is None:
+            _log.warning(
+                "running as root: proxy.config.admin.user_id is %r, so the master and the workers "
+                "keep root; set it to an unprivileged user (the default is nobody)",
+                str(self.config.records.get("proxy.config.admin.user_id")),
+            )
+            return
+        records = self.config.records
+        needed = [
+            *filter(None, [Path(str(records.path)), records.resolve_path("proxy.config.url_remap.filename")]),
+            self.config.ssl_params.multicert_filename,
+            self.config_dir / "plugin.config",
+            *self._plugin_sources(),
+        ]
+        problem = _probe_as(run_as, needed)
+        if problem is not None:
+            raise StartupError(
+                f"user {run_as.name} (proxy.config.admin.user_id) cannot read {problem} for it; "
+                f"make the configuration and plugins readable by {run_as.name}, or set "
+                f"proxy.config.admin.user_id to another user (#-1 keeps root)",
+                EX_NOPERM,
+            )
+
     def _drop_privileges(self) -> None:
         """Switch to proxy.config.admin.user_id when started as root (after binding)."""
-        assert self.config is not None
-        user = str(self.config.records.get("proxy.config.admin.user_id") or "").strip()
-        if os.getuid() != 0 or not user or user in ("#-1", "root", "#0"):
+        run_as = self.run_as
+        if os.geteuid() != 0 or run_as is None:
             return
-        import pwd
-
-        try:
-            pw = pwd.getpwuid(int(user[1:])) if user.startswith("#") else pwd.getpwnam(user)
-        except (KeyError, ValueError) as exc:
-            raise StartupError(f"proxy.config.admin.user_id: no such user {user!r}", EX_NOPERM) from exc
         # Everything a worker imports lazily must be loaded while we can still read it: the
         # interpreter's own files may not be readable by the new user (e.g. a Python under
         # /root). Workers fork from this process and inherit these modules.
         import encodings.idna  # noqa: F401  (getaddrinfo / SNI encoding)
 
         import tsproxy.worker  # noqa: F401
+        from tsproxy.devcert import hand_over  # also for a reload falling back to the dev certificate
 
-        owned = [p for p in (self.pidfile, self.sock_path, self.state_dir, self.log_dir) if p is not None]
-        if self.log_dir is not None:
-            owned.extend(self.log_dir.glob("*.log"))
-        if self.state_dir is not None and (self.state_dir / "devcert").is_dir():
-            # The development certificate is re-read on reload, by the new user.
-            owned.append(self.state_dir / "devcert")
-            owned.extend((self.state_dir / "devcert").iterdir())
-        for path in owned:
-            with contextlib.suppress(OSError):
-                os.chown(path, pw.pw_uid, pw.pw_gid)
+        if self.state_dir is not None:
+            hand_over(self.state_dir, run_as.uid, run_as.gid)
         try:
-            os.initgroups(pw.pw_name, pw.pw_gid)
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
+            _switch_to(run_as)
         except OSError as exc:
-            raise StartupError(f"cannot switch to user {user!r}: {exc.strerror}", EX_NOPERM) from exc
-        _log.info("switched to user %s (uid %d)", pw.pw_name, pw.pw_uid)
+            raise StartupError(f"cannot switch to user {run_as.name!r}: {exc.strerror}", EX_NOPERM) from exc
+        _log.info("switched to user %s (uid %d, gid %d)", run_as.name, run_as.uid, run_as.gid)
+
+    def _plugin_sources(self) -> list[Path]:
+        """The files the workers' plugins are imported from (found while still root)."""
+        import importlib.util
+
+        assert self.config is not None
+        paths: list[Path] = []
+        for spec in self.config.plugins:
+            target = spec.target
+            if target.endswith(".py") or "/" in target:
+                paths.append(Path(target))
+                continue
+            with contextlib.suppress(Exception):  # a plugin that cannot be found: its worker says so
+                found = importlib.util.find_spec(target)
+                if found is not None and found.origin and os.path.isabs(found.origin):
+                    paths.append(Path(found.origin))
+        return paths
 
     def _make_slots(self) -> None:
         assert self.config is not None

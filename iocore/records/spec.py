@@ -103,6 +103,23 @@ def _host_port(value: RecValue) -> str | None:
     return None
 
 
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
+
+
+def _user_id(value: RecValue) -> str | None:
+    """Accept a user name, ``#UID`` or ATS's ``#-1`` (keep the user tsproxy was started as)."""
+    text = str(value)
+    if not text:
+        return "empty: name the user to run as (default nobody), or #-1 to keep the starting user"
+    if text.startswith("#"):
+        if text == "#-1" or text[1:].isdigit():
+            return None
+        return f"expected a user name, #UID or #-1, got {text!r}"
+    if not _USER_NAME.fullmatch(text):
+        return f"expected a user name, #UID or #-1, got {text!r}"
+    return None
+
+
 # -- the table --------------------------------------------------------------------------------
 
 _R = RecUpdate.RELOADABLE
@@ -139,8 +156,9 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Directory for log files; relative to the config directory",
     ),
     RecordSpec(
-        "proxy.config.admin.user_id", _S, "", _X, None,
-        "User to switch to after binding the ports; empty: keep the current user",
+        "proxy.config.admin.user_id", _S, "nobody", _X, _user_id,
+        "User (name or #UID) master and workers run as when started as root, after binding the ports; "
+        "#-1 keeps root (warned about)",
     ),
     RecordSpec(
         "proxy.config.stop.shutdown_timeout", _I, 10, _R, NON_NEGATIVE,

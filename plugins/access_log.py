@@ -45,9 +45,9 @@ def _escape(value: str) -> str:
         if 0x20 <= code < 0x7F:
             out.append("\\" + ch if ch in '"\\' else ch)
         elif code < 0x100:
-            out.append(f"\\x{code:02X}")
+            out.append(f"\\x{code:02x}")
         else:
-            out.extend(f"\\x{b:02X}" for b in ch.encode("utf-8"))
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8"))
     return "".join(out)
 
 

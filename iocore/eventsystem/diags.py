@@ -41,4 +41,7 @@ class DbgCtl:
 
     def __call__(self, fmt: str, *args: Any) -> None:
         if self.on:
-            _log.debug("<%s> " + fmt, self.tag, *args)
+            # Request bytes (a Host header, a target) read as text, one character per byte; the
+            # log formatter then escapes whatever is not printable (tsproxy.logs).
+            shown = [a.decode("latin-1") if isinstance(a, bytes | bytearray) else a for a in args]
+            _log.debug("<%s> " + fmt, self.tag, *shown)

@@ -203,6 +203,11 @@ def test_quick_start_as_root_runs_as_nobody_end_to_end(public_dir: Path, tmp_pat
         assert _owner_mode(access)[0] == NOBODY.pw_uid
         assert b"ready" in (log / "tsproxy.log").read_bytes()
 
+        # A reload reads everything as nobody, the development certificate included.
+        reload = proxy.ctl("reload")
+        assert reload.returncode == 0, reload.stdout + reload.stderr
+        assert _tls_get(tls, devcert / "ca.pem").startswith(b"HTTP/1.1 200 ")
+
         # Reload with a real certificate, installed as the docs say (key 0600, owned by the user).
         ca = trustme.CA()
         leaf = ca.issue_cert("localhost")

@@ -411,6 +411,9 @@ class TsProxy(Proxy):
             "CONFIG proxy.config.log.logfile_dir STRING log\n"
             f"CONFIG proxy.config.ssl.server.cert.path STRING {d}\n"
             f"CONFIG proxy.config.ssl.server.private_key.path STRING {d}\n"
+            # A benchmark harness, started as root in CI with its plugins writing state files into
+            # this root-owned directory: keep root, as ATS's own test harness does (#-1).
+            "CONFIG proxy.config.admin.user_id STRING #-1\n"
         )
         (d / "ssl_multicert.config").write_text(
             "dest_ip=* ssl_cert_name=server.pem ssl_key_name=server.key\n"

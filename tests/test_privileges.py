@@ -413,3 +413,22 @@ def test_state_or_log_dir_writable_by_another_user_refuses_the_start(
     expected = f"refusing to start as root: {directory} is {why}"
     assert expected in proxy.output()
     assert not (config_dir / "run" / "tsproxy.pid").exists()
+
+
+def test_directories_owned_by_root_are_used_and_warned_about(
+    nobody_factory: Callable[..., ProxyProcess], public_dir: Path
+) -> None:
+    """Directories an operator made as root (0755) are safe (only root writes there) and kept
+    as they are, not chowned; the start says what the user cannot do in them."""
+    assert NOBODY is not None
+    config_dir = public_dir / "etc-rootdirs"
+    for name in ("run", "log"):
+        (config_dir / name).mkdir(parents=True, mode=0o755)
+    proxy = nobody_factory(name="etc-rootdirs")
+    assert _uids(proxy) == {NOBODY.pw_uid}
+    for name in ("run", "log"):
+        assert _owner_mode(config_dir / name) == (0, 0, 0o755)
+        assert f"user nobody cannot write to {config_dir / name}: " in proxy.output()
+    assert _plain_get(proxy.port(0), "/").startswith(b"HTTP/1.1 404")
+    assert proxy.ctl("stop").returncode == 0
+    assert proxy.wait_exit() == 0  # a clean stop, though nobody could not remove its pidfile

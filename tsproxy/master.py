@@ -263,7 +263,8 @@ def resolve_run_as(records: Any) -> RunAs | None:
     try:
         pw = pwd.getpwuid(int(user[1:])) if user.startswith("#") else pwd.getpwnam(user)
     except (KeyError, ValueError) as exc:
-        where = f"{records.path}:{records.line_of('proxy.config.admin.user_id') or '-'}"
+        line = records.line_of("proxy.config.admin.user_id")
+        where = f"{records.path}:{line}" if line else f"{records.path} (the default)"
         raise StartupError(f"{where}: proxy.config.admin.user_id: no such user {user!r}", EX_NOPERM) from exc
     if pw.pw_uid == 0:
         return None
@@ -286,9 +287,10 @@ def _switch_to(run_as: RunAs) -> None:
     os.setuid(run_as.uid)
 
 
-def _probe_as(run_as: RunAs, paths: list[Path]) -> str | None:
+def _probe_as(run_as: RunAs, paths: list[Path], writable: list[Path]) -> tuple[str | None, list[Path]]:
     """In a forked child running as ``run_as``: the first of ``paths`` it cannot read, and
-    why (``PATH: DIR is not searchable``), or None when it can read them all."""
+    why (``PATH: DIR is not searchable``), or None when it can read them all; and the
+    directories of ``writable`` it cannot write to."""
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # ---- child: never returns
@@ -296,11 +298,13 @@ def _probe_as(run_as: RunAs, paths: list[Path]) -> str | None:
         try:
             os.close(rfd)
             _switch_to(run_as)
+            lines = [str(d) for d in writable if not os.access(d, os.W_OK | os.X_OK)]
             for path in paths:
                 why = _blocked_at(path)
                 if why is not None:
-                    os.write(wfd, f"{path}: {why}".encode(errors="replace")[:4000])
+                    lines.append(f"!{path}: {why}")
                     break
+            os.write(wfd, "\n".join(lines).encode(errors="replace")[:60000])
         except BaseException:
             code = 1
         finally:
@@ -312,8 +316,10 @@ def _probe_as(run_as: RunAs, paths: list[Path]) -> str | None:
     os.close(rfd)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        return f"(the check as user {run_as.name} failed to run)"
-    return b"".join(chunks).decode(errors="replace") or None
+        return f"(the check as user {run_as.name} failed to run)", []
+    lines = b"".join(chunks).decode(errors="replace").split("\n")
+    problem = next((x[1:] for x in lines if x.startswith("!")), None)
+    return problem, [Path(x) for x in lines if x and not x.startswith("!")]
 
 
 def _blocked_at(path: Path) -> str | None:
@@ -552,7 +558,15 @@ class Master:
             self.config_dir / "plugin.config",
             *self._plugin_sources(),
         ]
-        problem = _probe_as(run_as, needed)
+        problem, unwritable = _probe_as(run_as, needed, [d for d in (self.state_dir, self.log_dir) if d])
+        for directory in unwritable:
+            _log.warning(
+                "user %s cannot write to %s: it cannot remove its pidfile and control socket at stop "
+                "(state directory) or create log files (log directory); chown %s it",
+                run_as.name,
+                directory,
+                run_as.name,
+            )
         if problem is not None:
             raise StartupError(
                 f"user {run_as.name} (proxy.config.admin.user_id) cannot read {problem} for it; "

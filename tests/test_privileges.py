@@ -432,3 +432,21 @@ def test_directories_owned_by_root_are_used_and_warned_about(
     assert _plain_get(proxy.port(0), "/").startswith(b"HTTP/1.1 404")
     assert proxy.ctl("stop").returncode == 0
     assert proxy.wait_exit() == 0  # a clean stop, though nobody could not remove its pidfile
+
+
+def test_devcert_dir_left_by_an_earlier_version_is_taken_back(
+    nobody_factory: Callable[..., ProxyProcess], public_dir: Path
+) -> None:
+    """The previous version handed run/devcert/ (0700) to the run user: root takes it back
+    (root's, 0755) before writing into it, and a reload as nobody still reads the certificate."""
+    assert NOBODY is not None
+    config_dir = public_dir / "etc-legacy"
+    devcert = config_dir / "run" / "devcert"
+    devcert.mkdir(parents=True, mode=0o700)
+    for d in (devcert.parent, devcert):
+        os.chown(d, NOBODY.pw_uid, NOBODY.pw_gid)
+    proxy = nobody_factory(records=_ssl_records(), name="etc-legacy")
+    assert _owner_mode(devcert) == (0, 0, 0o755)
+    reload = proxy.ctl("reload")
+    assert reload.returncode == 0, reload.stdout + reload.stderr
+    assert _tls_get(proxy.port(1), devcert / "ca.pem", "/").startswith(b"HTTP/1.1 404")

@@ -162,9 +162,10 @@ def _open_devcert_dir(state_dir: Path) -> int:
         os.close(sfd)
     if os.geteuid() == 0:
         # Root keeps devcert/ to itself (a directory an earlier version handed to the run
-        # user is taken back): only root may change what root loads from it.
+        # user is taken back): only root may change what root loads from it; 0755 so that
+        # the run user can re-read the certificate at reload (earlier versions made it 0700).
         st = os.fstat(dfd)
-        if st.st_uid != 0 or st.st_mode & 0o022:
+        if st.st_uid != 0 or stat.S_IMODE(st.st_mode) != 0o755:
             os.fchown(dfd, 0, 0)
             os.fchmod(dfd, 0o755)
     return dfd

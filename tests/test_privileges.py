@@ -434,17 +434,21 @@ def test_directories_owned_by_root_are_used_and_warned_about(
     assert proxy.wait_exit() == 0  # a clean stop, though nobody could not remove its pidfile
 
 
+@pytest.mark.parametrize("owner", ["nobody", "root"])
 def test_devcert_dir_left_by_an_earlier_version_is_taken_back(
-    nobody_factory: Callable[..., ProxyProcess], public_dir: Path
+    nobody_factory: Callable[..., ProxyProcess], public_dir: Path, owner: str
 ) -> None:
-    """The previous version handed run/devcert/ (0700) to the run user: root takes it back
-    (root's, 0755) before writing into it, and a reload as nobody still reads the certificate."""
+    """The previous version left run/devcert/ 0700, handed to the run user (user_id set) or
+    root's (the old default, no switch): root makes it root's 0755 before writing into it, and
+    a reload as nobody still reads the certificate."""
     assert NOBODY is not None
     config_dir = public_dir / "etc-legacy"
     devcert = config_dir / "run" / "devcert"
     devcert.mkdir(parents=True, mode=0o700)
-    for d in (devcert.parent, devcert):
-        os.chown(d, NOBODY.pw_uid, NOBODY.pw_gid)
+    devcert.chmod(0o700)
+    if owner == "nobody":
+        for d in (devcert.parent, devcert):
+            os.chown(d, NOBODY.pw_uid, NOBODY.pw_gid)
     proxy = nobody_factory(records=_ssl_records(), name="etc-legacy")
     assert _owner_mode(devcert) == (0, 0, 0o755)
     reload = proxy.ctl("reload")

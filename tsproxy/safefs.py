@@ -3,7 +3,8 @@
 Theory of operation: started as root, the master creates the pidfile, the control socket,
 ``tsproxy.log`` and the development certificate before it switches to
 ``proxy.config.admin.user_id``, in directories that user may write to (the state and log
-directories are handed to it, so that it can remove its pidfile and write its logs). Whoever
+directories tsproxy creates are handed to it, so that it can remove its pidfile and write its
+logs). Whoever
 can write there can plant a symbolic link (or a hard link) where tsproxy is about to write,
 so every operation here refuses to follow one:
 
@@ -13,8 +14,9 @@ so every operation here refuses to follow one:
   into place (``write_atomic``): a link planted at the final name is replaced, never written;
 * a file that is appended to or read is opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked
   with ``fstat`` on the open descriptor (a regular file with one link) before use;
-* ownership changes only what tsproxy has just created, through its own descriptor
-  (``fchown``), so there is no window in which a path could be swapped for a link.
+* ownership changes only what tsproxy made itself (a directory or file it has just created;
+  devcert/server.key, root's with a single link), through its own descriptor (``fchown``), so
+  there is no window in which a path could be swapped for a link.
 
 Paths inside a directory are opened relative to a descriptor of that directory (``dir_fd``)
 where a second lookup of the directory's path could be redirected.
@@ -129,13 +131,12 @@ def _refusal(name: str | Path, dir_fd: int | None, exc: OSError, what: str) -> T
     return TSError(f"{where}: {exc.strerror or exc}")
 
 
-def _check_regular(fd: int, name: str | Path, dir_fd: int | None) -> os.stat_result:
+def _check_regular(fd: int, name: str | Path, dir_fd: int | None) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         os.close(fd)
         why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"has {st.st_nlink} hard links"
         raise UnsafePathError(f"{_where(name, dir_fd)}: {why}; tsproxy refuses to write to it (remove it)")
-    return st
 
 
 def open_append(path: Path, owner: tuple[int, int] | None = None, mode: int = 0o644) -> int:

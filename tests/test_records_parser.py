@@ -117,6 +117,14 @@ def test_duplicate_warns_and_last_wins() -> None:
             "CONFIG proxy.config.tunnel.route STRING origin",
             "r:3: proxy.config.tunnel.route: expected host:port",
         ),
+        (  # empty used to mean "stay root": now it must say so (#-1) or name a user
+            "CONFIG proxy.config.admin.user_id STRING NULL",
+            "r:3: proxy.config.admin.user_id: empty: name the user to run as (default nobody), or #-1",
+        ),
+        (
+            "CONFIG proxy.config.admin.user_id STRING #nobody",
+            "r:3: proxy.config.admin.user_id: expected a user name, #UID or #-1, got '#nobody'",
+        ),
     ],
 )
 def test_errors_name_file_and_line(line: str, message: str) -> None:

@@ -226,6 +226,14 @@ def test_quick_start_as_root_runs_as_nobody_end_to_end(public_dir: Path, tmp_pat
         with pytest.raises(ssl.SSLCertVerificationError):
             _tls_get(tls, devcert / "ca.pem")
 
+        # Worker restart: replacements fork from the master (nobody) and import plugins as it.
+        before = proxy.worker_pids()
+        restart = proxy.ctl("restart")
+        assert restart.returncode == 0, restart.stdout + restart.stderr
+        assert set(proxy.worker_pids()).isdisjoint(before)
+        assert _uids(proxy) == {NOBODY.pw_uid}
+        assert _tls_get(tls, public_dir / "ca.pem").startswith(b"HTTP/1.1 200 ")
+
         stop = proxy.ctl("stop")
         assert stop.returncode == 0, stop.stderr
         assert proxy.wait_exit() == 0

@@ -24,7 +24,7 @@ from iocore.net.tls.client_hello import (
     ClientHelloParser,
     looks_like_tls_handshake,
 )
-from iocore.net.tls.errors import TLSError, TLSProtocolError
+from iocore.net.tls.errors import ClientHelloRefused, TLSError, TLSProtocolError
 
 DATA = Path(__file__).parent / "data" / "client_hellos"
 X25519MLKEM768 = 0x11EC
@@ -259,13 +259,11 @@ TLS13_MSG = handshake_message(RAW["openssl_s_client_tls13"])
         pytest.param(b"G", "not a TLS handshake", id="http-first-byte"),
         pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "not a TLS handshake", id="h2-preface"),
         pytest.param(SSLV2_HELLO, "SSLv2", id="sslv2-hello"),
+        pytest.param(b"\x16\x02\x00", "not TLS", id="record-version-2"),
+        pytest.param(b"\x16\x04\x00", "not TLS", id="record-version-4"),
         pytest.param(frame(TLS13_MSG, rtype=23), "not a TLS handshake", id="application-data-record"),
         pytest.param(b"\x15\x03\x03\x00\x02\x02\x28", "not a TLS handshake", id="alert-record"),
-        pytest.param(b"\x16\x02\x00", "not TLS", id="record-version-2"),
-        pytest.param(b"\x16\x03\x05", "not TLS", id="record-version-0x0305"),
-        pytest.param(b"\x16\x03\x01\x00\x00", "zero-length", id="record-length-0"),
-        pytest.param(b"\x16\x03\x01\x40\x01", "exceeds 2^14", id="record-length-2^14+1"),
-        pytest.param(b"\x16\x03\x01\xff\xff", "exceeds 2^14", id="record-length-65535"),
+        pytest.param(b"\x16\x03\x01\x00\x00" * 33, "more than 32 empty records", id="33-empty-records"),
         pytest.param(frame(b"\x02" + TLS13_MSG[1:]), "handshake type 2", id="server-hello"),
         pytest.param(b"\x16\x03\x01\x00\x01\x0b", "handshake type 11", id="certificate-first-byte"),
         pytest.param(
@@ -280,8 +278,29 @@ TLS13_MSG = handshake_message(RAW["openssl_s_client_tls13"])
         ),
     ],
 )
-def test_junk_is_a_protocol_error(data: bytes, reason: str) -> None:
-    assert_protocol_error(data, reason)
+def test_junk_is_left_to_openssl(data: bytes, reason: str) -> None:
+    """A plain TLSProtocolError: the caller hands the bytes to OpenSSL, which answers."""
+    err = assert_protocol_error(data, reason)
+    assert not isinstance(err, ClientHelloRefused)
+
+
+@pytest.mark.parametrize("length", [2**14 + 1, 0xFFFF])
+def test_record_over_2_14_is_refused_with_record_overflow(length: int) -> None:
+    err = assert_protocol_error(b"\x16\x03\x01" + length.to_bytes(2, "big"), "exceeds 2^14")
+    assert isinstance(err, ClientHelloRefused) and err.alert == 22
+
+
+@pytest.mark.parametrize("version", [0x0300, 0x0304, 0x0305, 0x03FF])
+def test_any_minor_record_version_is_read(version: int) -> None:
+    hello = parse(frame(TLS13_MSG, version=version))
+    assert hello is not None and hello.server_name == "example.com"
+
+
+def test_empty_records_are_skipped_as_openssl_skips_them() -> None:
+    empty = b"\x16\x03\x01\x00\x00"
+    records = frame(TLS13_MSG[:50]) + empty * 32 + frame(TLS13_MSG[50:])
+    hello = parse(empty + records)
+    assert hello is not None and hello.server_name == "example.com"
 
 
 def test_inner_length_overrun_in_a_complete_record() -> None:
@@ -303,14 +322,21 @@ def test_trailing_bytes_inside_the_hello_body() -> None:
     assert_protocol_error(frame(b"\x01" + len(body).to_bytes(3, "big") + body), "trailing bytes")
 
 
+@pytest.mark.parametrize("legacy", [0x0200, 0x0300, 0x0400, 0xFEFF])
+def test_any_legacy_version_is_read(legacy: int) -> None:
+    """OpenSSL negotiates from supported_versions, or answers protocol_version itself."""
+    msg = build_hello([sni_ext(b"x.example")])
+    hello = parse(frame(msg[:4] + legacy.to_bytes(2, "big") + msg[6:]))
+    assert hello is not None and hello.legacy_version == legacy and hello.server_name == "x.example"
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
-        (lambda m: m[:4] + b"\x02\x00" + m[6:], "legacy_version"),
         (lambda m: build_hello([sni_ext(b"x")], session_id=bytes(33)), "session_id"),
         (lambda m: build_hello([sni_ext(b"x")], cipher_suites=[]), "cipher_suites: empty"),
     ],
-    ids=["legacy-version", "long-session-id", "no-cipher-suites"],
+    ids=["long-session-id", "no-cipher-suites"],
 )
 def test_bad_fixed_fields(mutate: object, reason: str) -> None:
     msg = build_hello([sni_ext(b"x")])
@@ -325,21 +351,47 @@ def test_hello_without_extensions_is_accepted() -> None:
 
 
 def test_hello_over_the_cap_is_refused_from_its_header() -> None:
-    header = b"\x01" + (MAX_CLIENT_HELLO).to_bytes(3, "big")  # 4 + 64 KiB > cap
-    assert_protocol_error(b"\x16\x03\x01\x00\x04" + header, "exceeds the 65536-byte limit")
+    assert MAX_CLIENT_HELLO == 131396  # OpenSSL's CLIENT_HELLO_MAX_LENGTH
+    header = b"\x01" + (MAX_CLIENT_HELLO + 1).to_bytes(3, "big")
+    err = assert_protocol_error(b"\x16\x03\x01\x00\x04" + header, "exceeds the 131396-byte limit")
+    assert isinstance(err, ClientHelloRefused) and err.alert == 47  # illegal_parameter, as OpenSSL
     assert_protocol_error(RAW["pyopenssl_mlkem"], "exceeds the 1200-byte limit", max_client_hello=1200)
 
 
+def big_hello(size: int, sni: bytes = b"big.example") -> bytes:
+    """A ClientHello message of ``size`` bytes (header included, at most 4 + 131396): every
+    vector is capped at its length field, so the extensions are filled first (65535), then the
+    cipher list (65534), then the compression methods (255); OpenSSL's CLIENT_HELLO_MAX_LENGTH
+    is exactly the sum."""
+    sni_bytes = 4 + len(sni_ext(sni)[1])
+    room = size - 4 - (2 + 32 + 33 + 2 + 1 + 2) - 2 - 1  # one cipher suite, the null method
+    ext_len = min(room, 65535)
+    room -= ext_len
+    cipher_len = min(room - room % 2, 65532)
+    room -= cipher_len
+    methods = b"\x00" + bytes(range(1, 1 + room))
+    pad = ext_len - sni_bytes - 4
+    exts = [sni_ext(sni), (21, bytes(pad))]
+    body = b"\x03\x03" + bytes(32) + v8(bytes(32)) + v16(u16s([0x1301] * (1 + cipher_len // 2)))
+    body += v8(methods) + v16(b"".join(t.to_bytes(2, "big") + v16(d) for t, d in exts))
+    msg = b"\x01" + len(body).to_bytes(3, "big") + body
+    assert len(msg) == size, (len(msg), size)
+    return msg
+
+
+def test_a_70000_byte_hello_is_read() -> None:
+    hello = parse(frame(big_hello(70_000)))
+    assert hello is not None and hello.server_name == "big.example"
+
+
 def test_hello_at_the_cap_is_accepted() -> None:
-    padding = bytes(MAX_CLIENT_HELLO - len(build_hello([(21, b"")])))
-    msg = build_hello([(21, padding)])
-    assert len(msg) == MAX_CLIENT_HELLO
+    msg = big_hello(MAX_CLIENT_HELLO + 4)
     hello = parse(frame(msg))
-    assert hello is not None and hello.extensions[0] == (21, padding)
+    assert hello is not None and hello.server_name == "big.example"
 
 
 def test_byte_at_a_time_is_linear_for_a_64k_hello() -> None:
-    msg = build_hello([(21, bytes(MAX_CLIENT_HELLO - 200))])
+    msg = build_hello([(21, bytes(65000))])
     records = frame(msg, 2**14)
     p = ClientHelloParser()
     start = time.perf_counter()
@@ -356,10 +408,10 @@ def test_a_thousand_extensions_within_the_cap_are_allowed() -> None:
     assert len(hello.extensions) == 1001 and hello.server_name == "many.example"
 
 
-def test_duplicate_extension_is_refused() -> None:
-    twice = [sni_ext(b"a"), alpn_ext([b"h2"]), sni_ext(b"b")]
-    assert_protocol_error(frame(build_hello(twice)), "duplicate extension 0")
-    assert_protocol_error(frame(build_hello([(0x1234, b""), (0x1234, b"")])), "duplicate extension 4660")
+def test_duplicate_extensions_are_left_to_openssl() -> None:
+    """OpenSSL ignores a repeated unknown extension and refuses a repeated known one itself."""
+    hello = parse(frame(build_hello([(0x1234, b""), (0x1234, b"x"), sni_ext(b"a.example")])))
+    assert hello is not None and hello.server_name == "a.example" and len(hello.extensions) == 3
 
 
 @pytest.mark.parametrize(
@@ -373,8 +425,11 @@ def test_duplicate_extension_is_refused() -> None:
     ],
     ids=["empty", "too-long", "nul", "non-ascii", "space"],
 )
-def test_invalid_sni_is_a_protocol_error(name: bytes, reason: str) -> None:
-    assert_protocol_error(frame(build_hello([sni_ext(name)])), reason)
+def test_unusual_sni_gives_no_server_name(name: bytes, reason: str) -> None:
+    """OpenSSL takes every byte but NUL (and refuses the rest itself): the hello is read, with
+    no SNI for the certificate lookup, and the raw extension kept."""
+    hello = parse(frame(build_hello([sni_ext(name)])))
+    assert hello is not None and hello.server_name is None and dict(hello.extensions)[0], reason
 
 
 def test_sni_is_lower_cased_and_255_bytes_allowed() -> None:
@@ -390,8 +445,9 @@ def test_sni_unknown_name_type_is_skipped_and_two_host_names_refused() -> None:
     host = b"\x00" + v16(b"h.example")
     hello = parse(frame(build_hello([(0, v16(other + host))])))
     assert hello is not None and hello.server_name == "h.example"
-    assert_protocol_error(frame(build_hello([(0, v16(host + host))])), "more than one host_name")
-    assert_protocol_error(frame(build_hello([(0, v16(b""))])), "empty server_name_list")
+    for ext in (v16(host + host), v16(b"")):  # two host_names, an empty list: OpenSSL refuses
+        hello = parse(frame(build_hello([(0, ext)])))
+        assert hello is not None and hello.server_name is None
 
 
 @pytest.mark.parametrize(
@@ -419,8 +475,12 @@ def test_sni_unknown_name_type_is_skipped_and_two_host_names_refused() -> None:
         "keyshare-overrun",
     ],
 )
-def test_malformed_interpreted_extensions(ext: tuple[int, bytes], reason: str) -> None:
-    assert_protocol_error(frame(build_hello([ext])), reason)
+def test_malformed_interpreted_extensions_leave_their_field_empty(ext: tuple[int, bytes], reason: str) -> None:
+    hello = parse(frame(build_hello([ext, sni_ext(b"k.example")])))
+    assert hello is not None and hello.server_name == "k.example", reason
+    assert hello.alpn_protocols == hello.supported_versions == hello.key_share_groups == ()
+    assert hello.supported_groups == hello.signature_algorithms == ()
+    assert dict(hello.extensions)[ext[0]] == ext[1]
 
 
 def test_grease_is_ignored_by_max_version() -> None:

@@ -62,6 +62,7 @@ class ProxyConfig:
     generation: int = 1
     dev_ca: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    fallback_ctx: SSL.Context | None = None  # certificate-less server context (see load_proxy_config)
 
     def state_dir(self) -> Path:
         return _state_dir(self.records)
@@ -127,6 +128,7 @@ def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, genera
 
     values = dict(records.items())
     lookup: SSLCertLookup | None = None
+    fallback_ctx: SSL.Context | None = None
     dev_ca: Path | None = None
     ssl_params = SSLConfigParams.from_records(values, config_dir)
     for record, groups in (
@@ -160,6 +162,10 @@ def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, genera
         for cc in lookup.contexts:
             if cc.ctx is not None:
                 cc.ctx.set_alpn_select_callback(alpn_select)
+        # For a hello the pre-parser leaves to OpenSSL where no certificate applies: OpenSSL
+        # still parses it and sends its own alert (handshake_failure if it was fine after all).
+        fallback_ctx = build_server_context(ssl_params, [], None, ticket_keys)
+        fallback_ctx.set_alpn_select_callback(alpn_select)
     return ProxyConfig(
         config_dir=config_dir,
         records=records,
@@ -173,6 +179,7 @@ def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, genera
         generation=generation,
         dev_ca=dev_ca,
         warnings=warnings,
+        fallback_ctx=fallback_ctx,
     )
 
 

@@ -190,6 +190,10 @@ class Worker(Continuation):
                 tunnel_route=cfg.ssl_params.tunnel_route or None,
                 on_ready=functools.partial(self._https_ready, port=port),
                 on_tunnel=self._tunnel,
+                max_client_hello=cfg.ssl_params.client_hello_max_size,
+                alpn_no_overlap_alert=cfg.ssl_params.alpn_no_overlap_alert,
+                wire_trace=cfg.ssl_params.wire_trace,
+                fallback_ctx=cfg.fallback_ctx,
             )
         self.ssl_configs = configs
 

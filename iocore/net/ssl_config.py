@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ __all__ = [
     "SSLConfigParams",
     "VerifyServerPolicy",
     "VerifyServerProperties",
+    "WireTrace",
 ]
 
 _RECORDS_FILE = "records.config"
@@ -84,6 +87,12 @@ RECORD_DEFAULTS: Mapping[str, object] = {
     "proxy.config.ssl.client.TLSv1_3": 1,
     "proxy.config.ssl.client.verify.depth": 7,
     "proxy.config.ssl.client.sni_policy": "host",
+    "proxy.config.ssl.client_hello.max_size": 131396,
+    "proxy.config.ssl.server.alpn.no_overlap_alert": 1,
+    "proxy.config.ssl.wire_trace_enabled": 0,
+    "proxy.config.ssl.wire_trace_addr": "",
+    "proxy.config.ssl.wire_trace_percentage": 0,
+    "proxy.config.ssl.wire_trace_server_name": "",
 }
 
 
@@ -216,6 +225,10 @@ class SSLConfigParams:
     client_tls_v1_3: bool
     client_verify_depth: int
     client_sni_policy: str
+    # -- pre-parser, ALPN, wire trace (inbound) --
+    client_hello_max_size: int = 131396
+    alpn_no_overlap_alert: bool = True
+    wire_trace: WireTrace | None = None
 
     @classmethod
     def from_records(cls, rec: Mapping[str, object], config_dir: Path) -> SSLConfigParams:
@@ -312,4 +325,68 @@ class SSLConfigParams:
             client_tls_v1_3=_bool(rec, "proxy.config.ssl.client.TLSv1_3"),
             client_verify_depth=depth,
             client_sni_policy=_str(rec, "proxy.config.ssl.client.sni_policy") or "host",
+            client_hello_max_size=_int(rec, "proxy.config.ssl.client_hello.max_size"),
+            alpn_no_overlap_alert=_bool(rec, "proxy.config.ssl.server.alpn.no_overlap_alert"),
+            wire_trace=WireTrace.from_records(rec),
         )
+
+
+class WireTrace:
+    """proxy.config.ssl.wire_trace_* (ATS SSLConfigParams::ssl_wire_trace_*, computeSSLTrace).
+
+    ``select`` runs once per connection, when its SNI is known (ATS computes it in the SNI
+    callback): the client address must equal ``addr`` when set, the SNI must equal
+    ``server_name`` when set, and then a draw in [0, 100) must fall below ``percentage``
+    (ATS: a percentage of 0 traces nothing, even with an address or a name set). Built only
+    when wire_trace_enabled is 1, so a proxy without tracing pays one None check.
+    """
+
+    __slots__ = ("addr", "percentage", "server_name")
+
+    def __init__(
+        self,
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+        server_name: str | None,
+        percentage: int,
+    ) -> None:
+        self.addr = addr
+        self.server_name = server_name
+        self.percentage = percentage
+
+    @classmethod
+    def from_records(cls, rec: Mapping[str, object]) -> WireTrace | None:
+        if not _bool(rec, "proxy.config.ssl.wire_trace_enabled"):
+            return None
+        text = _str(rec, "proxy.config.ssl.wire_trace_addr").strip("[]")
+        try:
+            addr = ipaddress.ip_address(text) if text else None
+        except ValueError:
+            raise ConfigError(
+                _RECORDS_FILE,
+                None,
+                f"proxy.config.ssl.wire_trace_addr: expected an IP address, got {text!r}",
+            ) from None
+        percentage = _int(rec, "proxy.config.ssl.wire_trace_percentage")
+        if not 0 <= percentage <= 100:
+            raise ConfigError(
+                _RECORDS_FILE,
+                None,
+                f"proxy.config.ssl.wire_trace_percentage: expected 0..100, got {percentage}",
+            )
+        name = _str(rec, "proxy.config.ssl.wire_trace_server_name").lower().rstrip(".")
+        return cls(addr, name or None, percentage)
+
+    def select(self, client_ip: str, server_name: str | None) -> bool:
+        """Is this connection traced? (ATS computeSSLTrace.)"""
+        if self.server_name is not None and server_name != self.server_name:
+            return False
+        if self.addr is not None:
+            try:
+                ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
+            except ValueError:
+                return False
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 client
+            if ip != self.addr:
+                return False
+        return random.randrange(100) < self.percentage

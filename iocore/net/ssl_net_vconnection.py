@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import socket
 import sys
 import time
@@ -70,9 +71,14 @@ from iocore.eventsystem.event import (
 )
 from iocore.net.hooks import HookID, HookOp, HookRegistry
 from iocore.net.net_vconnection import EVENT_READ, EVENT_WRITE, NetVConnection, PlainNetVConnection
-from iocore.net.tls.client_hello import ClientHello, ClientHelloParser, looks_like_tls_handshake
+from iocore.net.tls.client_hello import (
+    MAX_CLIENT_HELLO,
+    ClientHello,
+    ClientHelloParser,
+    looks_like_tls_handshake,
+)
 from iocore.net.tls.context import session_reused, socket_bio_functions
-from iocore.net.tls.errors import TLSProtocolError
+from iocore.net.tls.errors import ClientHelloRefused, TLSProtocolError
 from iocore.records.stats import METRIC_ID
 
 if TYPE_CHECKING:
@@ -83,6 +89,7 @@ if TYPE_CHECKING:
     from iocore.eventsystem.iobuffer import VIO, IOBufferReader
     from iocore.net.net_handler import NetHandler
     from iocore.net.ssl_cert_lookup import SSLCertContext, SSLCertLookup
+    from iocore.net.ssl_config import WireTrace
 
 SSL_EVENT_SERVER = 0
 SSL_EVENT_CLIENT = 1
@@ -97,6 +104,7 @@ RAW_READ = 65536
 
 _dbg = DbgCtl("ssl")
 _dbg_err = DbgCtl("ssl.error")
+_trace_log = logging.getLogger("tsproxy.ssl.trace")  # wire trace lines (INFO, any debug setting)
 
 
 def _m(name: str) -> int:
@@ -126,7 +134,6 @@ M_TICKETS_VERIFIED = _m("total_tickets_verified")
 # A fatal TLS alert record, sent raw when we refuse a hello before any SSL object exists:
 # content type 21 (alert), TLS 1.2 record version, length 2, level fatal (2), description.
 ALERT_HANDSHAKE_FAILURE = 40
-ALERT_DECODE_ERROR = 50
 ALERT_UNRECOGNIZED_NAME = 112
 
 
@@ -198,15 +205,19 @@ class SSLAcceptConfig:
     """
 
     __slots__ = (
+        "alpn_no_overlap_alert",
+        "fallback_ctx",
         "handshake_timeout",
         "hooks",
         "lookup",
+        "max_client_hello",
         "on_error",
         "on_ready",
         "on_tunnel",
         "protocols",
         "tr_pass",
         "tunnel_route",
+        "wire_trace",
     )
 
     def __init__(
@@ -220,8 +231,16 @@ class SSLAcceptConfig:
         tunnel_route: str | None,
         on_ready: Callable[[SSLNetVConnection], None],
         on_tunnel: Callable[[NetVConnection, bytes, str | None], None],
+        max_client_hello: int = MAX_CLIENT_HELLO,
+        alpn_no_overlap_alert: bool = True,
+        wire_trace: WireTrace | None = None,
+        fallback_ctx: SSL.Context | None = None,
     ) -> None:
         self.lookup = lookup
+        self.max_client_hello = max_client_hello
+        self.alpn_no_overlap_alert = alpn_no_overlap_alert
+        self.wire_trace = wire_trace
+        self.fallback_ctx = fallback_ctx  # certificate-less: OpenSSL's answer when no cert applies
         self.hooks = hooks
         self.protocols = protocols
         self.handshake_timeout = handshake_timeout
@@ -304,13 +323,27 @@ def _drain_out(ssl: SSL.Connection, pending: int, scratch: _SSLScratch, out: byt
     out += _ffi_buffer(scratch.out, n)
 
 
+class NoApplicationProtocol(SSL.Error):
+    """Raised by alpn_select: pyOpenSSL then answers the callback with
+    SSL_TLSEXT_ERR_ALERT_FATAL, OpenSSL sends no_application_protocol, and the handshake
+    step re-raises this (an SSL.Error, counted like any other handshake failure)."""
+
+
 def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> Any:
     # -> bytes | SSL.NO_OVERLAPPING_PROTOCOLS (pyOpenSSL's sentinel type is private)
-    """ALPN selection with the server's preference (the VC's protocol set, in order)."""
+    """ALPN selection with the server's preference (the VC's protocol set, in order).
+
+    No overlap: RFC 7301 section 3.2's fatal no_application_protocol alert, as nginx sends,
+    unless proxy.config.ssl.server.alpn.no_overlap_alert is 0 (then no ALPN, the old way). A
+    port with no protocol set does not do ALPN at all and ignores the offer."""
     vc: SSLNetVConnection = conn.get_app_data()
     for proto in vc.npn_set:
         if proto in offered:
             return proto
+    cfg = vc.config
+    if vc.npn_set and (cfg is None or cfg.alpn_no_overlap_alert):
+        vc._trace("ALPN: no overlap with %s, sending no_application_protocol", offered)
+        raise NoApplicationProtocol(f"no application protocol in common with the client's offer {offered!r}")
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
@@ -332,6 +365,7 @@ class SSLNetVConnection(NetVConnection):
         "_sock_bio",
         "_ssl_bio_has_data",
         "_ssl_started",
+        "_trace_on",
         "_verify_client_done",
         "attributes",
         "cert_context",
@@ -395,6 +429,7 @@ class SSLNetVConnection(NetVConnection):
         self._accept_done = False  # OpenSSL's handshake finished; SSL_VERIFY_CLIENT may still run
         self._verify_client_done = False
         self._ssl_bio_has_data = False
+        self._trace_on = False  # proxy.config.ssl.wire_trace_* selected this connection
         # Client side (origin connections): see start_client_handshake.
         self._ssl_started = False
         self.client_handshake_error: str | None = None
@@ -674,22 +709,40 @@ class SSLNetVConnection(NetVConnection):
             if retval < 0:
                 return SSL_HANDSHAKE_WANT_READ if retval == -11 else EVENT_ERROR
             if self._hello_parser is None:
-                self._hello_parser = ClientHelloParser()
+                self._hello_parser = ClientHelloParser(cfg.max_client_hello)
             raw = self.handshake_buffer
             assert raw is not None  # read_raw_data made it
             try:
                 hello = self._hello_parser.feed(raw[-retval:])
+            except ClientHelloRefused as exc:
+                if cfg.wire_trace is not None:
+                    self._select_trace(cfg.wire_trace, None)
+                # A resource bound (record over 2^14, hello over the cap): the alert OpenSSL
+                # would send for the same bytes, without buffering the rest.
+                _dbg_err("ClientHello from %s refused: %s", self.remote_addr, exc.reason)
+                self._trace("ClientHello refused: %s (alert %d)", exc.reason, exc.alert)
+                self.counters_incr(M_ERROR_SSL)
+                self.counters_incr(M_UA_OTHER)
+                self._send_raw_alert(exc.alert)
+                return EVENT_ERROR
             except TLSProtocolError as exc:
                 if cfg.tr_pass and not looks_like_tls_handshake(bytes(raw[:1])):
                     _dbg("data does not look like SSL handshake, starting blind tunnel")
                     self.attributes = Transport.BLIND_TUNNEL
                     self.tunnel_destination = cfg.tunnel_route
                     return EVENT_CONT
-                _dbg_err("bad ClientHello from %s: %s", self.remote_addr, exc.reason)
-                self.counters_incr(M_ERROR_SSL)
-                self.counters_incr(M_UA_OTHER)
-                self._send_raw_alert(ALERT_DECODE_ERROR)
-                return EVENT_ERROR
+                # Not a hello the pre-parser reads: OpenSSL gets the bytes and decides (its
+                # alert, or a handshake) with the context of the address; no hello hooks run.
+                _dbg("ClientHello from %s left to OpenSSL: %s", self.remote_addr, exc.reason)
+                if cfg.wire_trace is not None:
+                    self._select_trace(cfg.wire_trace, None)
+                self._trace("ClientHello not pre-parsed (%s): left to OpenSSL", exc.reason)
+                self._hello_parser = None
+                self.ssl_handshake_hook_state = HandshakeHookState.DONE
+                ret = self.set_context_cert()
+                if ret is not None:
+                    return ret
+                return self._create_ssl(cfg.fallback_ctx)
             if hello is None:
                 return SSL_HANDSHAKE_WANT_READ
             self.client_hello = hello
@@ -702,6 +755,17 @@ class SSLNetVConnection(NetVConnection):
                 hello.server_name,
                 hello.alpn_protocols,
             )
+            if cfg.wire_trace is not None:
+                self._select_trace(cfg.wire_trace, self.server_name)
+                self._trace(
+                    "ClientHello: sni=%s alpn=%s versions=%s max_version=0x%04x %d cipher suites, %d bytes",
+                    hello.server_name,
+                    [p.decode("latin-1") for p in hello.alpn_protocols],
+                    [f"0x{v:04x}" for v in hello.supported_versions],
+                    hello.max_version(),
+                    len(hello.cipher_suites),
+                    hello.record_bytes,
+                )
 
         # CLIENT_HELLO -> (set_context_cert) SNI -> CERT, each phase's hooks in order.
         hooks = cfg.hooks
@@ -725,17 +789,30 @@ class SSLNetVConnection(NetVConnection):
                 if ret is not None:
                     return ret
             if not self._invoke_hooks(_PHASE_HOOK[phase]):
+                self._trace("%s hook paused the handshake", _PHASE_HOOK[phase].name)
                 return SSL_WAIT_FOR_HOOK
             if self.hook_op_requested is HookOp.TERMINATE:
+                self._trace("%s hook failed the handshake", _PHASE_HOOK[phase].name)
                 return EVENT_ERROR
             if self.hook_op_requested is HookOp.TUNNEL:
+                self._trace("%s hook turned the connection into a blind tunnel", _PHASE_HOOK[phase].name)
                 self.attributes = Transport.BLIND_TUNNEL
                 return EVENT_CONT
             self.ssl_handshake_hook_state = _NEXT_PHASE[phase]
 
+        return self._create_ssl(None)
+
+    def _create_ssl(self, fallback: SSL.Context | None) -> int | None:
+        """The SSL object for the chosen context, with the buffered bytes replayed into it.
+
+        ``fallback`` serves when no context has a certificate (the certificate-less context of
+        this config, for a hello the pre-parser left to OpenSSL); None when the SSL exists."""
         ctx = self.ssl_context or (self.cert_context.ctx if self.cert_context is not None else None)
         if ctx is None:
+            ctx = fallback
+        if ctx is None:
             _dbg_err("no certificate for sni=%s local=%s", self.server_name, self.local_addr)
+            self._trace("no certificate for sni=%s: handshake failed", self.server_name)
             self.counters_incr(M_NO_CERT)
             self.counters_incr(M_ERROR_SSL)
             self._send_raw_alert(ALERT_UNRECOGNIZED_NAME if self.server_name else ALERT_HANDSHAKE_FAILURE)
@@ -756,6 +833,19 @@ class SSLNetVConnection(NetVConnection):
         self.ssl = ssl
         return None
 
+    def _select_trace(self, wire_trace: WireTrace, server_name: str | None) -> None:
+        """ATS computeSSLTrace, once per connection (when the SNI is known)."""
+        addr = self.remote_addr
+        self._trace_on = wire_trace.select(str(addr[0]) if addr else "", server_name)
+
+    def _trace(self, fmt: str, *args: Any) -> None:
+        """ATS TraceIn: one line of the wire trace, for a traced connection only."""
+        if self._trace_on:
+            addr = self.remote_addr
+            _trace_log.info(
+                "ssl trace [%s:%s] <- " + fmt, addr[0] if addr else "?", addr[1] if addr else 0, *args
+            )
+
     def set_context_cert(self) -> int | None:
         """Choose the certificate context: SNI exact, SNI wildcard, then local IP:port, IP, default.
 
@@ -775,6 +865,12 @@ class SSLNetVConnection(NetVConnection):
         if cc is None:
             cc = lookup.default_context
         self.cert_context = cc
+        if self._trace_on:
+            self._trace(
+                "certificate context %s for sni=%s",
+                cc.source if cc is not None and cc.ctx is not None else None,
+                name,
+            )
         if cc is not None and cc.opt.name == "TUNNEL":
             _dbg("action=tunnel for sni=%s", name)
             self.hook_op_requested = HookOp.TUNNEL
@@ -829,18 +925,23 @@ class SSLNetVConnection(NetVConnection):
                 if _SSL_get_error(ssl._ssl, result) == _SSL_ERROR_WANT_READ:
                     self._ssl_bio_has_data = False
                     self._flush_ssl_output()
+                    if self._trace_on:
+                        self._trace("SSL server handshake ERROR_WANT_READ")
                     return SSL_HANDSHAKE_WANT_WRITE if self._out_raw else SSL_HANDSHAKE_WANT_READ
                 ssl._raise_ssl_error(ssl._ssl, result)  # any error but WANT_READ
         except SSL.ZeroReturnError:
             self.counters_incr(M_ERROR_ZERO_RETURN)
+            self._trace("SSL server handshake ERROR_ZERO_RETURN")
             return EVENT_ERROR
         except SSL.SysCallError as exc:
             self.counters_incr(M_ERROR_SYSCALL)
             _dbg_err("SSL server handshake ERROR_SYSCALL from %s: %s", self.remote_addr, exc)
+            self._trace("SSL server handshake ERROR_SYSCALL: %s", exc)
             return EVENT_ERROR
         except SSL.Error as exc:
             self._flush_ssl_output()  # the alert OpenSSL queued
             self._count_ssl_error(exc)
+            self._trace("SSL server handshake ERROR_SSL: %s", exc)
             return EVENT_ERROR
         # The read BIO may still hold records that came after the client's Finished (a client
         # that sends its request in the same flight): keep the flag so the first read looks.
@@ -959,6 +1060,18 @@ class SSLNetVConnection(NetVConnection):
             proto,
             reused,
         )
+        if self._trace_on:
+            self._trace(
+                "SSL server handshake completed successfully: sni=%s version=%s cipher=%s resumed=%s",
+                self.server_name,
+                version,
+                ssl.get_cipher_name(),
+                reused,
+            )
+            if proto:
+                self._trace("client selected next protocol '%s'", proto.decode("latin-1"))
+            else:
+                self._trace("client did not select a next protocol")
         assert self.config is not None
         # The hooks that may read the parsed hello have run: do not keep it for the life of an
         # idle keep-alive connection (a few KiB each; the SNI stays in server_name).
@@ -990,6 +1103,7 @@ class SSLNetVConnection(NetVConnection):
             if event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT) and not self.outbound:
                 self.counters_incr(M_TIMEOUT)
                 _dbg("handshake timeout for %s", self.remote_addr)
+                self._trace("SSL server handshake timed out")
             self._handshake_failed()
             return
         NetVConnection.on_timeout(self, event)
@@ -997,10 +1111,17 @@ class SSLNetVConnection(NetVConnection):
     def do_io_close(self, error: int = 0) -> None:
         if self.closed:
             return
-        if self.ssl is not None and self.ssl_handshake_complete and not self.eos:
-            with contextlib.suppress(SSL.Error):
-                self.ssl.shutdown()
-            self._flush_ssl_output()
+        ssl = self.ssl
+        if ssl is not None and self.ssl_handshake_complete:
+            # OpenSSL drops a session from its cache when the SSL is freed without
+            # SSL_SENT_SHUTDOWN (ssl_clear_bad_session), so a client that closed first could
+            # never resume. As nginx: send close_notify unless the peer has gone with a bare
+            # EOF, and then mark the shutdown done without writing (a quiet shutdown).
+            if not self.eos or ssl.get_shutdown() & SSL.RECEIVED_SHUTDOWN:
+                with contextlib.suppress(SSL.Error):
+                    ssl.shutdown()
+                self._flush_ssl_output()
+            ssl.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
         NetVConnection.do_io_close(self, error)
         self._hook_active = False
         outbound_hooks = self.outbound_hooks

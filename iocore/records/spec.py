@@ -14,6 +14,7 @@ or None. They never raise, so the parser can attach file and line to the message
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,18 @@ def _user_id(value: RecValue) -> str | None:
         return f"expected a user name, #UID or #-1, got {text!r}"
     if not _USER_NAME.fullmatch(text):
         return f"expected a user name, #UID or #-1, got {text!r}"
+    return None
+
+
+def _ip_or_empty(value: RecValue) -> str | None:
+    """Accept empty (unset) or one IPv4 / IPv6 address."""
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return f"expected an IP address, got {text!r}"
     return None
 
 
@@ -268,6 +281,33 @@ RECORDS: tuple[RecordSpec, ...] = (
     RecordSpec(
         "proxy.config.ssl.handshake_timeout_in", _I, 30, _R, NON_NEGATIVE,
         "Seconds a client has to complete the TLS handshake; 0 leaves only the inactivity timeout",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.client_hello.max_size", _I, 131396, _R, int_range(512, 16777215),
+        "Largest ClientHello body (bytes, handshake header not counted) the pre-parser buffers; "
+        "a larger one gets illegal_parameter. Default: OpenSSL's own limit (CLIENT_HELLO_MAX_LENGTH)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.server.alpn.no_overlap_alert", _I, 1, _R, BOOL,
+        "1: a client whose ALPN offer shares no protocol with the port gets a fatal "
+        "no_application_protocol alert (RFC 7301 section 3.2); 0: the handshake goes on without ALPN",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.wire_trace_enabled", _I, 0, _R, BOOL,
+        "Log each TLS handshake step of the connections wire_trace_addr, wire_trace_server_name "
+        "and wire_trace_percentage select (lines with 'trace')",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.wire_trace_addr", _S, "", _R, _ip_or_empty,
+        "Wire trace: only connections from this client IP address; empty: any",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.wire_trace_percentage", _I, 0, _R, int_range(0, 100),
+        "Wire trace: percentage of the selected connections traced (ATS: 0 traces none)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.wire_trace_server_name", _S, "", _R, None,
+        "Wire trace: only connections whose SNI is this name; empty: any",
     ),
     RecordSpec("proxy.config.ssl.TLSv1", _I, 0, _R, BOOL, "Accept TLS 1.0 from clients"),
     RecordSpec("proxy.config.ssl.TLSv1_1", _I, 0, _R, BOOL, "Accept TLS 1.1 from clients"),

@@ -1,34 +1,49 @@
 # Theory of operation
 # -------------------
 # ClientHelloParser reads the first bytes a client sends on a TLS port and returns the parsed
-# ClientHello, so the proxy can choose a certificate / tunnel by SNI and ALPN before OpenSSL sees
-# the connection (the seed's "peek at the ClientHello" step, and the tr-pass check for
-# non-TLS bytes). It is sans-IO: bytes go in through feed(), a ClientHello (or None, "need
-# more bytes") comes out; it never touches a socket. The caller keeps every byte it received
-# and replays them into the real TLS engine; the parser only looks.
+# ClientHello, so the proxy can run the plugin hooks and choose a certificate / tunnel by SNI
+# and ALPN before OpenSSL sees the connection (the seed's "peek at the ClientHello" step, and
+# the tr-pass check for non-TLS bytes). It is sans-IO: bytes go in through feed(), a
+# ClientHello (or None, "need more bytes") comes out; it never touches a socket. The caller
+# keeps every byte it received and replays them into the real TLS engine; the parser only looks.
+#
+# The principle: the pre-parser is never stricter than OpenSSL and never answers for it.
+# Whatever it cannot read, or finds unusual, raises TLSProtocolError: the caller then hands the
+# bytes to OpenSSL, which decides (handshake, or its own alert). Its own refusals are resource
+# bounds only, raised as ClientHelloRefused with the alert OpenSSL sends for the same bytes:
+#
+#   a record longer than 2^14 bytes          record_overflow (22)    RFC 8446 section 5.1
+#   a hello body longer than the cap         illegal_parameter (47)  OpenSSL's EXCESSIVE_MESSAGE_SIZE
+#
+# The cap (proxy.config.ssl.client_hello.max_size) counts the hello body, as OpenSSL's
+# CLIENT_HELLO_MAX_LENGTH (131396) does; the default is OpenSSL's own.
 #
 # Two layers are reassembled, each with a small streaming state machine:
 #
 #   record layer     RECORD_HEADER --5 bytes--> RECORD_BODY --length bytes--> RECORD_HEADER ...
-#                    Each record must be a handshake record (type 22) with version 0x0300-0x0304
-#                    and 1..2^14 bytes of payload (RFC 8446 section 5.1). The header bytes are
-#                    checked as they arrive, so plain HTTP is rejected at its first byte.
+#                    Each record must be a handshake record (type 22) with a TLS major version
+#                    (3; the minor is not looked at: OpenSSL ignores it in the first flight).
+#                    Empty records are skipped, as OpenSSL skips them (up to 32 in a row). The
+#                    header bytes are checked as they arrive, so plain HTTP is handed over (or
+#                    tunnelled, tr-pass) at its first byte.
 #   handshake layer  the record payloads are appended to one bytearray. Its 4-byte header
-#                    (type 1 = ClientHello, 24-bit length) is checked as soon as it is present;
-#                    the declared length must fit the cap (MAX_CLIENT_HELLO by default).
+#                    (type 1 = ClientHello, 24-bit length) is checked as soon as it is present.
 #
 # The hello is complete when the handshake message is complete and the record carrying its
 # last byte has been read to its end; only then is the body parsed (once) into a ClientHello.
-# Bytes after that record are not looked at.
+# Bytes after that record are not looked at. The body parser reads the fixed fields and the
+# extension block strictly (OpenSSL refuses a hello whose framing is broken, so handing those
+# over costs nothing), and the extensions it interprets leniently: one it cannot read leaves
+# its field empty and the raw bytes in ``extensions``, for OpenSSL to judge.
 #
 # States: _State.READING -> DONE (a ClientHello was returned) or FAILED (TLSProtocolError was
-# raised). feed() in DONE raises RuntimeError (a caller bug); in FAILED it raises the
-# TLSProtocolError again.
+# raised). feed() in DONE raises RuntimeError (a caller bug); in FAILED it raises the same
+# error again.
 #
 # Invariants: each input byte is examined a bounded number of times (no re-joining or
 # re-parsing of the accumulated buffer on each feed), so byte-at-a-time feeding is linear;
-# memory is bounded by the cap plus one record; anything wrong the client sends raises
-# TLSProtocolError with a short reason, and nothing else escapes for any input.
+# memory is bounded by the cap plus one record; anything the client sends either parses or
+# raises TLSProtocolError with a short reason, and nothing else escapes for any input.
 
 from __future__ import annotations
 
@@ -36,9 +51,11 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from iocore.net.tls.errors import TLSProtocolError
+from iocore.net.tls.errors import ClientHelloRefused, TLSProtocolError
 
 __all__ = [
+    "ALERT_ILLEGAL_PARAMETER",
+    "ALERT_RECORD_OVERFLOW",
     "MAX_CLIENT_HELLO",
     "MAX_PLAINTEXT_RECORD",
     "ClientHello",
@@ -49,8 +66,15 @@ __all__ = [
 SSL_OP_HANDSHAKE = 0x16  # TLS record content type "handshake" (22), the seed's name.
 HANDSHAKE_TYPE_CLIENT_HELLO = 1
 
-MAX_CLIENT_HELLO = 64 * 1024
-"""Default cap on the ClientHello handshake message (4-byte header included)."""
+MAX_CLIENT_HELLO = 131396
+"""Default cap on the ClientHello body (the 4-byte handshake header not counted): OpenSSL's
+CLIENT_HELLO_MAX_LENGTH, so the pre-parser refuses nothing OpenSSL would take."""
+
+MAX_EMPTY_RECORDS = 32
+"""OpenSSL's MAX_EMPTY_RECORDS: empty records in a row it skips before refusing."""
+
+ALERT_RECORD_OVERFLOW = 22
+ALERT_ILLEGAL_PARAMETER = 47
 
 MAX_PLAINTEXT_RECORD = 2**14
 """RFC 8446 section 5.1: a TLSPlaintext fragment is at most 2^14 bytes."""
@@ -239,9 +263,9 @@ def _parse_client_hello(body: memoryview, record_bytes: int) -> ClientHello:
     end = len(b)
     if end < 2:
         raise _overrun("ClientHello", "legacy_version")
+    # Any legacy_version: OpenSSL negotiates from supported_versions (or from this number,
+    # capped at TLS 1.2) and answers protocol_version itself when there is no overlap.
     legacy_version = (b[0] << 8) | b[1]
-    if legacy_version >> 8 != 3:
-        raise TLSProtocolError(f"ClientHello: legacy_version 0x{legacy_version:04x} is not TLS")
     if end < 34:
         raise _overrun("ClientHello", "random")
     random = b[2:34]
@@ -275,7 +299,6 @@ def _parse_client_hello(body: memoryview, record_bytes: int) -> ClientHello:
         pos += 2
         if pos + n != end:
             raise TLSProtocolError(f"ClientHello: {end - pos - n} trailing bytes")
-        seen: set[int] = set()
         while pos < end:
             if end - pos < 4:
                 raise TLSProtocolError(
@@ -287,9 +310,8 @@ def _parse_client_hello(body: memoryview, record_bytes: int) -> ClientHello:
                 raise TLSProtocolError(
                     f"ClientHello extensions: extension {ext_type} data overruns its enclosing length"
                 )
-            if ext_type in seen:
-                raise TLSProtocolError(f"ClientHello: duplicate extension {ext_type}")
-            seen.add(ext_type)
+            # Duplicates are OpenSSL's to refuse (it does for the types it knows, the six read
+            # below among them; it ignores the others): the last one read here wins.
             data = b[pos : pos + ext_len]
             pos += ext_len
             extensions.append((ext_type, data))
@@ -303,18 +325,25 @@ def _parse_client_hello(body: memoryview, record_bytes: int) -> ClientHello:
     sigalgs: tuple[int, ...] = ()
     key_shares: tuple[int, ...] = ()
     for ext_type, data in parsed:
-        if ext_type == EXT_SERVER_NAME:
-            server_name = _parse_server_name(data)
-        elif ext_type == EXT_ALPN:
-            alpn = _parse_alpn(data)
-        elif ext_type == EXT_SUPPORTED_VERSIONS:
-            versions = _parse_u16_vector_ext(data, 1, "supported_versions extension")
-        elif ext_type == EXT_SUPPORTED_GROUPS:
-            groups = _parse_u16_vector_ext(data, 2, "supported_groups extension")
-        elif ext_type == EXT_SIGNATURE_ALGORITHMS:
-            sigalgs = _parse_u16_vector_ext(data, 2, "signature_algorithms extension")
-        else:
-            key_shares = _parse_key_share(data)
+        # An extension that does not read leaves its field empty: OpenSSL judges the raw bytes
+        # (it ignores some, e.g. a key_share in a TLS 1.2 handshake, and refuses others with
+        # the alert of its choice). A host_name that is not printable ASCII (OpenSSL takes any
+        # byte but NUL) matches no certificate name: no SNI for the lookup.
+        try:
+            if ext_type == EXT_SERVER_NAME:
+                server_name = _parse_server_name(data)
+            elif ext_type == EXT_ALPN:
+                alpn = _parse_alpn(data)
+            elif ext_type == EXT_SUPPORTED_VERSIONS:
+                versions = _parse_u16_vector_ext(data, 1, "supported_versions extension")
+            elif ext_type == EXT_SUPPORTED_GROUPS:
+                groups = _parse_u16_vector_ext(data, 2, "supported_groups extension")
+            elif ext_type == EXT_SIGNATURE_ALGORITHMS:
+                sigalgs = _parse_u16_vector_ext(data, 2, "signature_algorithms extension")
+            else:
+                key_shares = _parse_key_share(data)
+        except TLSProtocolError:
+            continue
 
     return ClientHello(
         legacy_version=legacy_version,
@@ -343,8 +372,8 @@ class ClientHelloParser:
     """Incremental, sans-IO ClientHello reader; see the theory of operation at the top."""
 
     def __init__(self, max_client_hello: int = MAX_CLIENT_HELLO) -> None:
-        if max_client_hello < _HANDSHAKE_HEADER_LEN:
-            raise ValueError(f"max_client_hello must be at least {_HANDSHAKE_HEADER_LEN}")
+        if max_client_hello < 0:
+            raise ValueError("max_client_hello must not be negative")
         self.max_client_hello = max_client_hello
         self._state = _State.READING
         self._error: TLSProtocolError | None = None
@@ -354,19 +383,22 @@ class ClientHelloParser:
         self._hello_len: int | None = None  # Declared handshake message length (4 + body).
         self._record_bytes = 0  # Headers + payloads of the records read so far.
         self._records = 0
+        self._empty_records = 0  # Empty records in a row.
 
     def feed(self, data: bytes | bytearray) -> ClientHello | None:
         """Consume the next bytes from the client.
 
         Returns the ClientHello once it is complete, None while more bytes are needed. Raises
-        TLSProtocolError if the bytes cannot be the start of a TLS ClientHello. Bytes after the
-        record that completes the hello are ignored.
+        ClientHelloRefused (with the alert to send) for a resource bound, TLSProtocolError when
+        the bytes are not a ClientHello the pre-parser reads (hand them to OpenSSL). Bytes after
+        the record that completes the hello are ignored.
         """
         if self._state is _State.DONE:
             raise RuntimeError("ClientHelloParser.feed() called after the ClientHello was returned")
         if self._state is _State.FAILED:
-            assert self._error is not None
-            raise TLSProtocolError(self._error.reason) from self._error
+            error = self._error
+            assert error is not None
+            raise error
         try:
             return self._consume(memoryview(data))
         except TLSProtocolError as exc:
@@ -379,8 +411,8 @@ class ClientHelloParser:
         end = len(view)
         while pos < end:
             if self._body_left == 0:
-                # The header bytes at hand are checked as soon as they arrive, so junk is refused
-                # at its first byte.
+                # The header bytes at hand are checked as soon as they arrive, so junk is handed
+                # over at its first byte.
                 header = self._header
                 take = min(_RECORD_HEADER_LEN - len(header), end - pos)
                 header += view[pos : pos + take]
@@ -420,18 +452,20 @@ class ClientHelloParser:
             if self._records:
                 raise TLSProtocolError(f"record type {c} interleaved before the ClientHello completed")
             if c & 0x80:
-                raise TLSProtocolError("SSLv2-style ClientHello is not supported")
+                raise TLSProtocolError("SSLv2-style ClientHello")
             raise TLSProtocolError("not a TLS handshake")
         if n > 1 and h[1] != 3:
             raise TLSProtocolError(f"record version major {h[1]} is not TLS")
-        if n > 2 and h[2] > 4:
-            raise TLSProtocolError(f"record version 0x03{h[2]:02x} is not TLS")
         if n == _RECORD_HEADER_LEN:
             length = (h[3] << 8) | h[4]
-            if length == 0:
-                raise TLSProtocolError("zero-length handshake record")
             if length > MAX_PLAINTEXT_RECORD:
-                raise TLSProtocolError(f"record length {length} exceeds 2^14")
+                raise ClientHelloRefused(f"record length {length} exceeds 2^14", ALERT_RECORD_OVERFLOW)
+            if length:
+                self._empty_records = 0
+            else:
+                self._empty_records += 1
+                if self._empty_records > MAX_EMPTY_RECORDS:
+                    raise TLSProtocolError(f"more than {MAX_EMPTY_RECORDS} empty records in a row")
 
     def _check_handshake_header(self) -> None:
         if self._hello_len is not None:
@@ -441,9 +475,10 @@ class ClientHelloParser:
             raise TLSProtocolError(f"handshake type {hs[0]} is not ClientHello")
         if len(hs) < _HANDSHAKE_HEADER_LEN:
             return
-        length = _HANDSHAKE_HEADER_LEN + ((hs[1] << 16) | (hs[2] << 8) | hs[3])
+        length = (hs[1] << 16) | (hs[2] << 8) | hs[3]
         if length > self.max_client_hello:
-            raise TLSProtocolError(
-                f"ClientHello of {length} bytes exceeds the {self.max_client_hello}-byte limit"
+            raise ClientHelloRefused(
+                f"ClientHello of {length} bytes exceeds the {self.max_client_hello}-byte limit",
+                ALERT_ILLEGAL_PARAMETER,
             )
-        self._hello_len = length
+        self._hello_len = _HANDSHAKE_HEADER_LEN + length

@@ -475,7 +475,7 @@ def test_sni_unknown_name_type_is_skipped_and_two_host_names_refused() -> None:
         "keyshare-overrun",
     ],
 )
-def test_malformed_interpreted_extensions_leave_their_field_empty(ext: tuple[int, bytes], reason: str) -> None:
+def test_malformed_interpreted_extensions_give_empty_fields(ext: tuple[int, bytes], reason: str) -> None:
     hello = parse(frame(build_hello([ext, sni_ext(b"k.example")])))
     assert hello is not None and hello.server_name == "k.example", reason
     assert hello.alpn_protocols == hello.supported_versions == hello.key_share_groups == ()

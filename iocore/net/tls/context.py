@@ -86,6 +86,9 @@ SESSION_ID_CONTEXT = b"tsproxy"
 _SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
 _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _SSL_OP_ALLOW_CLIENT_RENEGOTIATION = 1 << 8  # OpenSSL >= 3.0; not in the binding
+# OpenSSL >= 3.0: a TCP EOF without close_notify ends the stream like close_notify instead of
+# a fatal "unexpected eof" (which drops the session from the cache), as nginx sets it.
+_SSL_OP_IGNORE_UNEXPECTED_EOF = 1 << 7
 
 _PROTOCOLS = (
     ("TLSv1", SSL.TLS1_VERSION, SSL.OP_NO_TLSv1),
@@ -514,7 +517,7 @@ def build_server_context(
             ctx, params.server_cipher_suite, params.server_tls13_cipher_suites, "proxy.config.ssl.server"
         )
         _set_groups(ctx, params.server_groups_list, "proxy.config.ssl.server.groups_list")
-        options = SSL.OP_NO_COMPRESSION
+        options = SSL.OP_NO_COMPRESSION | _SSL_OP_IGNORE_UNEXPECTED_EOF
         if params.honor_cipher_order:
             options |= SSL.OP_CIPHER_SERVER_PREFERENCE
         if params.allow_client_renegotiation:

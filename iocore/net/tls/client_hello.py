@@ -23,7 +23,8 @@
 #   record layer     RECORD_HEADER --5 bytes--> RECORD_BODY --length bytes--> RECORD_HEADER ...
 #                    Each record must be a handshake record (type 22) with a TLS major version
 #                    (3; the minor is not looked at: OpenSSL ignores it in the first flight).
-#                    Empty records are skipped, as OpenSSL skips them (up to 32 in a row). The
+#                    Empty records are skipped, as OpenSSL skips them (up to 32 in a row; an
+#                    empty ChangeCipherSpec too, before the 4-byte handshake header). The
 #                    header bytes are checked as they arrive, so plain HTTP is handed over (or
 #                    tunnelled, tr-pass) at its first byte.
 #   handshake layer  the record payloads are appended to one bytearray. Its 4-byte header
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 SSL_OP_HANDSHAKE = 0x16  # TLS record content type "handshake" (22), the seed's name.
+SSL_OP_CHANGE_CIPHER_SPEC = 0x14  # record content type change_cipher_spec (20)
 HANDSHAKE_TYPE_CLIENT_HELLO = 1
 
 MAX_CLIENT_HELLO = 131396
@@ -449,6 +451,19 @@ class ClientHelloParser:
         n = len(h)
         c = h[0]
         if c != SSL_OP_HANDSHAKE:
+            if (
+                c == SSL_OP_CHANGE_CIPHER_SPEC
+                and len(self._handshake) < _HANDSHAKE_HEADER_LEN
+                and (n < 2 or h[1] == 3)
+            ):
+                # OpenSSL skips an empty ChangeCipherSpec record until it has the handshake
+                # header (an empty record, like the empty handshake records below): wait for
+                # its length.
+                if n < _RECORD_HEADER_LEN:
+                    return
+                if (h[3] << 8) | h[4] == 0:
+                    self._count_empty_record()
+                    return
             if self._records:
                 raise TLSProtocolError(f"record type {c} interleaved before the ClientHello completed")
             if c & 0x80:
@@ -463,9 +478,12 @@ class ClientHelloParser:
             if length:
                 self._empty_records = 0
             else:
-                self._empty_records += 1
-                if self._empty_records > MAX_EMPTY_RECORDS:
-                    raise TLSProtocolError(f"more than {MAX_EMPTY_RECORDS} empty records in a row")
+                self._count_empty_record()
+
+    def _count_empty_record(self) -> None:
+        self._empty_records += 1
+        if self._empty_records > MAX_EMPTY_RECORDS:
+            raise TLSProtocolError(f"more than {MAX_EMPTY_RECORDS} empty records in a row")
 
     def _check_handshake_header(self) -> None:
         if self._hello_len is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from test_tls_termination import (
     client_context,
     needs_openssl,
     origin,
+    read_lines,
     s_client,
     start_proxy,
     wait_for,
@@ -92,6 +94,79 @@ def test_resumption_after_the_client_closed_first(
             s.close()  # the stdlib sends no close_notify on close()
         wait_for(lambda: open_connections(tp) == 0, 5, "the proxy to close its side")
     assert tp.metric("total_tickets_verified") == 2
+
+
+def serving_pid(log: Path, client_port: int) -> int:
+    def find() -> int:
+        for words in read_lines(log):
+            if words[1] == "VCONN_START" and words[2] == str(client_port):
+                return int(words[0])
+        return 0
+
+    return int(wait_for(find, 5, f"the VCONN_START of port {client_port}"))
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"], ids=["tls12-session-id", "tls13-stateful-psk"])
+def test_session_cache_is_shared_by_the_workers(
+    tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path, version: str
+) -> None:
+    """proxy.config.ssl.session_cache 2 (the default): a session made by one worker resumes on
+    the other, tickets off, the client closing first without close_notify."""
+    log = tmp_path / "hooks.log"
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+        records={"proxy.config.exec_thread.limit": 2, "proxy.config.ssl.server.session_ticket.enable": 0},
+        plugins=[f"{{plugins}}/record_hooks.py {log}"],
+    )
+    workers = set(tp.worker_pids())
+    assert len(workers) == 2
+    ctx = client_context(certs, version)
+    session: ssl.SSLSession | None = None
+    made_by = 0
+    resumed_on: set[int] = set()
+    for attempt in range(40):
+        s = connect(ctx, tp.ports[0], session)
+        pid = serving_pid(log, int(s.getsockname()[1]))
+        s.sendall(KEEPALIVE_GET)
+        assert read_response(s).endswith(b"origin saw /")
+        if attempt == 0:
+            made_by = pid
+            session = s.session
+        else:
+            assert s.session_reused, (
+                f"attempt {attempt} on worker {pid} (session from {made_by}): full handshake"
+            )
+            resumed_on.add(pid)
+        s.close()
+        if resumed_on == workers:
+            break
+    assert resumed_on == workers, f"resumptions only reached {resumed_on} of {workers}"
+    assert tp.metric("total_tickets_verified") == attempt
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_session_cache_off_and_per_worker(
+    tsproxy_factory: Factory, certs: Certs, origin: int, mode: int
+) -> None:
+    """0: no session resumes; 1: OpenSSL's cache, per worker (one worker here: it resumes)."""
+    tp = start_proxy(
+        tsproxy_factory,
+        certs,
+        multicert="dest_ip=* ssl_cert_name=certs/exact.pem\n",
+        origin=origin,
+        records={"proxy.config.ssl.session_cache": mode, "proxy.config.ssl.server.session_ticket.enable": 0},
+    )
+    ctx = client_context(certs, "1.2")
+    session: ssl.SSLSession | None = None
+    for attempt in range(2):
+        with connect(ctx, tp.ports[0], session) as s:
+            s.sendall(KEEPALIVE_GET)
+            assert read_response(s).endswith(b"origin saw /")
+            assert s.session_reused == (attempt == 1 and mode == 1)
+            session = s.session
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,9 +320,7 @@ def test_wire_trace_by_percentage(
         assert 0 < len(traced) < 20, traced
 
 
-def test_wire_trace_off_logs_nothing(
-    tsproxy_factory: Factory, certs: Certs, origin: int
-) -> None:
+def test_wire_trace_off_logs_nothing(tsproxy_factory: Factory, certs: Certs, origin: int) -> None:
     tp = start_proxy(
         tsproxy_factory,
         certs,

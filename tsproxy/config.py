@@ -31,6 +31,7 @@ from iocore.net.tls.context import (
     check_groups_list,
     load_or_create_ticket_keys,
 )
+from iocore.net.tls.session_cache import SharedSessionCache, configure_session_cache, session_cache_supported
 from iocore.records.errors import ConfigError
 from iocore.records.parser import RecordsConfig, load_records
 from tsproxy.origin_tls import OriginTLS
@@ -63,6 +64,7 @@ class ProxyConfig:
     dev_ca: Path | None = None
     warnings: list[str] = field(default_factory=list)
     fallback_ctx: SSL.Context | None = None  # certificate-less server context (see load_proxy_config)
+    session_cache: SharedSessionCache | None = None  # made once, before the workers fork
 
     def state_dir(self) -> Path:
         return _state_dir(self.records)
@@ -98,8 +100,17 @@ def parse_plugin_config(text: str, path: str, plugin_dir: Path) -> list[PluginSp
     return specs
 
 
-def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, generation: int = 1) -> ProxyConfig:
-    """Load and validate everything; raise ConfigError (FILE:LINE) on the first problem."""
+def load_proxy_config(
+    config_dir: Path,
+    ticket_keys: bytes | None = None,
+    generation: int = 1,
+    session_cache: SharedSessionCache | None = None,
+) -> ProxyConfig:
+    """Load and validate everything; raise ConfigError (FILE:LINE) on the first problem.
+
+    ``ticket_keys`` and ``session_cache`` carry over from the configuration before (None at
+    start: made here); the shared session cache is made only with proxy.config.ssl.session_cache
+    2, and only once (its size is a restart record)."""
     config_dir = Path(config_dir).resolve()
     records = load_records(config_dir)
     warnings = list(records.warnings)
@@ -159,9 +170,23 @@ def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, genera
                 f"{ssl_params.multicert_filename}: no certificates configured; serving a development "
                 f"certificate for localhost (CA: {dev_ca})"
             )
+        mode = ssl_params.session_cache_mode
+        if mode == 2 and session_cache is None:
+            if session_cache_supported():
+                session_cache = SharedSessionCache(
+                    ssl_params.session_cache_size, ssl_params.session_cache_timeout
+                )
+            else:
+                warnings.append(
+                    "proxy.config.ssl.session_cache 2: the session cache callbacks are not available "
+                    "with this OpenSSL binding; each worker keeps OpenSSL's own cache"
+                )
         for cc in lookup.contexts:
             if cc.ctx is not None:
                 cc.ctx.set_alpn_select_callback(alpn_select)
+                configure_session_cache(
+                    cc.ctx, mode, ssl_params.session_cache_timeout, session_cache, cc.source
+                )
         # For a hello the pre-parser leaves to OpenSSL where no certificate applies: OpenSSL
         # still parses it and sends its own alert (handshake_failure if it was fine after all).
         fallback_ctx = build_server_context(ssl_params, [], None, ticket_keys)
@@ -180,6 +205,7 @@ def load_proxy_config(config_dir: Path, ticket_keys: bytes | None = None, genera
         dev_ca=dev_ca,
         warnings=warnings,
         fallback_ctx=fallback_ctx,
+        session_cache=session_cache,
     )
 
 

@@ -1065,7 +1065,12 @@ class Master:
             return
         assert self.config is not None and self.state_dir is not None
         try:
-            new = load_proxy_config(self.config_dir, self.ticket_keys, generation=self.generation + 1)
+            new = load_proxy_config(
+                self.config_dir,
+                self.ticket_keys,
+                generation=self.generation + 1,
+                session_cache=self.config.session_cache,
+            )
         except ConfigError as exc:
             data = {"path": exc.path, "line": exc.line, "exit_code": EX_CONFIG}
             fail(control.E_CONFIG, str(exc), data)

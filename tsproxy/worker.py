@@ -275,7 +275,9 @@ class Worker(Continuation):
         from tsproxy.config import load_proxy_config
 
         try:
-            config = load_proxy_config(self.boot.config_dir, self.config.ticket_keys, generation)
+            config = load_proxy_config(
+                self.boot.config_dir, self.config.ticket_keys, generation, self.config.session_cache
+            )
         except TSError as exc:
             _log.error("reload to generation %d failed: %s", generation, exc)
             self._send({"event": "reloaded", "generation": generation, "ok": False, "error": str(exc)})

@@ -88,6 +88,9 @@ RECORD_DEFAULTS: Mapping[str, object] = {
     "proxy.config.ssl.client.verify.depth": 7,
     "proxy.config.ssl.client.sni_policy": "host",
     "proxy.config.ssl.client_hello.max_size": 131396,
+    "proxy.config.ssl.session_cache": 2,
+    "proxy.config.ssl.session_cache.size": 20480,
+    "proxy.config.ssl.session_cache.timeout": 0,
     "proxy.config.ssl.server.alpn.no_overlap_alert": 1,
     "proxy.config.ssl.wire_trace_enabled": 0,
     "proxy.config.ssl.wire_trace_addr": "",
@@ -227,6 +230,9 @@ class SSLConfigParams:
     client_sni_policy: str
     # -- pre-parser, ALPN, wire trace (inbound) --
     client_hello_max_size: int = 131396
+    session_cache_mode: int = 2
+    session_cache_size: int = 20480
+    session_cache_timeout: int = 0
     alpn_no_overlap_alert: bool = True
     wire_trace: WireTrace | None = None
 
@@ -326,6 +332,9 @@ class SSLConfigParams:
             client_verify_depth=depth,
             client_sni_policy=_str(rec, "proxy.config.ssl.client.sni_policy") or "host",
             client_hello_max_size=_int(rec, "proxy.config.ssl.client_hello.max_size"),
+            session_cache_mode=_int(rec, "proxy.config.ssl.session_cache"),
+            session_cache_size=_int(rec, "proxy.config.ssl.session_cache.size"),
+            session_cache_timeout=_int(rec, "proxy.config.ssl.session_cache.timeout"),
             alpn_no_overlap_alert=_bool(rec, "proxy.config.ssl.server.alpn.no_overlap_alert"),
             wire_trace=WireTrace.from_records(rec),
         )

@@ -283,6 +283,19 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Seconds a client has to complete the TLS handshake; 0 leaves only the inactivity timeout",
     ),
     RecordSpec(
+        "proxy.config.ssl.session_cache", _I, 2, _X, int_range(0, 2),
+        "TLS session cache (session IDs, TLS 1.3 stateful tickets): 0 off, 1 OpenSSL's cache in "
+        "each worker, 2 one cache shared by all workers (ATS's default)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.session_cache.size", _I, 20480, _X, int_range(1, 4194304),
+        "Sessions the shared cache holds (1 KiB of shared memory each; ATS: 102400)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.session_cache.timeout", _I, 0, _R, NON_NEGATIVE,
+        "Seconds a cached session can be resumed; 0: OpenSSL's default, 300",
+    ),
+    RecordSpec(
         "proxy.config.ssl.client_hello.max_size", _I, 131396, _R, int_range(512, 16777215),
         "Largest ClientHello body (bytes, handshake header not counted) the pre-parser buffers; "
         "a larger one gets illegal_parameter. Default: OpenSSL's own limit (CLIENT_HELLO_MAX_LENGTH)",

@@ -694,6 +694,7 @@ class PluginAPI:
         Raises ``TSError`` when the files cannot be loaded."""
         from iocore.net.ssl_net_vconnection import alpn_select
         from iocore.net.tls.context import CertKeyPair, build_server_context
+        from iocore.net.tls.session_cache import configure_session_cache
 
         base = Path(self._worker.boot.config_dir)
         cert_path, key_path = base / Path(cert), base / Path(key)
@@ -707,6 +708,10 @@ class PluginAPI:
         ctx = build_server_context(config.ssl_params, [pair], None, config.ticket_keys)
         # alpn_select returns SSL.NO_OVERLAPPING_PROTOCOLS (typed object) when nothing matches
         ctx.set_alpn_select_callback(cast(Any, alpn_select))
+        params = config.ssl_params
+        configure_session_cache(
+            ctx, params.session_cache_mode, params.session_cache_timeout, config.session_cache, str(cert_path)
+        )
         with self._ctx_lock:
             return self._ctx_cache.setdefault(cache_key, ctx)
 

@@ -148,7 +148,20 @@ def _elf_function_symbols(path: str, wanted: frozenset[str]) -> dict[str, int]:
 
 
 # The functions looked up in cryptography's _rust module (one read of its symbol table).
-_RUST_FUNCTIONS = frozenset({"SSL_CTX_ctrl", "SSL_CTX_set_num_tickets", "SSL_ctrl", "SSL_has_pending"})
+_RUST_FUNCTIONS = frozenset(
+    {
+        "SSL_CTX_ctrl",
+        "SSL_CTX_set_num_tickets",
+        "SSL_ctrl",
+        "SSL_has_pending",
+        # the external session cache (session_cache.py)
+        "SSL_CTX_sess_set_new_cb",
+        "SSL_CTX_sess_set_get_cb",
+        "SSL_CTX_sess_set_remove_cb",
+        "SSL_SESSION_get_id",
+        "SSL_get_SSL_CTX",
+    }
+)
 
 
 def _rust_symbols(names: frozenset[str]) -> dict[str, int] | None:

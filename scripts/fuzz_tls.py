@@ -648,7 +648,9 @@ def ok(result: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def own_proxy(workers: int, handshake_timeout: int) -> Iterator[tuple[int, Path, str]]:
+def own_proxy(
+    workers: int, handshake_timeout: int, records: dict[str, Any] | None = None, *, rsa: bool = False
+) -> Iterator[tuple[int, Path, str]]:
     import http.server
     import subprocess
     import threading
@@ -676,7 +678,7 @@ def own_proxy(workers: int, handshake_timeout: int) -> Iterator[tuple[int, Path,
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         ca = trustme.CA()
-        leaf = ca.issue_cert("proxy.test")
+        leaf = ca.issue_cert("proxy.test", key_type=trustme.KeyType.RSA if rsa else trustme.KeyType.ECDSA)
         ca.cert_pem.write_to_path(str(d / "ca.pem"))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -687,6 +689,7 @@ def own_proxy(workers: int, handshake_timeout: int) -> Iterator[tuple[int, Path,
                 "proxy.config.http.server_ports": f"{port}:ssl:ip-in=127.0.0.1",
                 "proxy.config.exec_thread.limit": workers,
                 "proxy.config.ssl.handshake_timeout_in": handshake_timeout,
+                **(records or {}),
             },
             {
                 "certs/proxy.pem": leaf.private_key_and_cert_chain_pem.bytes(),

@@ -172,7 +172,12 @@ def load_proxy_config(
             )
         mode = ssl_params.session_cache_mode
         if mode == 2 and session_cache is None:
-            if session_cache_supported():
+            if generation > 1:  # a reload: memory shared with the workers is made before they fork
+                warnings.append(
+                    "proxy.config.ssl.session_cache 2 takes effect at the next start; until then each "
+                    "worker keeps OpenSSL's own cache"
+                )
+            elif session_cache_supported():
                 session_cache = SharedSessionCache(
                     ssl_params.session_cache_size, ssl_params.session_cache_timeout
                 )

@@ -77,7 +77,7 @@ from iocore.net.tls.client_hello import (
     ClientHelloParser,
     looks_like_tls_handshake,
 )
-from iocore.net.tls.context import session_reused, socket_bio_functions
+from iocore.net.tls.context import NoApplicationProtocol, session_reused, socket_bio_functions
 from iocore.net.tls.errors import ClientHelloRefused, TLSProtocolError
 from iocore.records.stats import METRIC_ID
 
@@ -321,12 +321,6 @@ def _drain_out(ssl: SSL.Connection, pending: int, scratch: _SSLScratch, out: byt
         ssl._handle_bio_errors(ssl._from_ssl, n)
         return
     out += _ffi_buffer(scratch.out, n)
-
-
-class NoApplicationProtocol(SSL.Error):
-    """Raised by alpn_select: pyOpenSSL then answers the callback with
-    SSL_TLSEXT_ERR_ALERT_FATAL, OpenSSL sends no_application_protocol, and the handshake
-    step re-raises this (an SSL.Error, counted like any other handshake failure)."""
 
 
 def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> Any:

@@ -283,9 +283,10 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Seconds a client has to complete the TLS handshake; 0 leaves only the inactivity timeout",
     ),
     RecordSpec(
-        "proxy.config.ssl.session_cache", _I, 2, _X, int_range(0, 2),
+        "proxy.config.ssl.session_cache", _I, 2, _R, int_range(0, 2),
         "TLS session cache (session IDs, TLS 1.3 stateful tickets): 0 off, 1 OpenSSL's cache in "
-        "each worker, 2 one cache shared by all workers (ATS's default)",
+        "each worker, 2 one cache shared by all workers (ATS's default; made at start: a reload "
+        "from 0 or 1 to 2 acts as 1 until a restart)",
     ),
     RecordSpec(
         "proxy.config.ssl.session_cache.size", _I, 20480, _X, int_range(1, 4194304),

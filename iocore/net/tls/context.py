@@ -63,6 +63,7 @@ __all__ = [
     "SESSION_ID_CONTEXT",
     "TICKET_KEY_LEN",
     "CertKeyPair",
+    "NoApplicationProtocol",
     "build_client_context",
     "build_server_context",
     "load_or_create_ticket_keys",
@@ -96,6 +97,13 @@ _PROTOCOLS = (
     ("TLSv1_2", SSL.TLS1_2_VERSION, SSL.OP_NO_TLSv1_2),
     ("TLSv1_3", SSL.TLS1_3_VERSION, SSL.OP_NO_TLSv1_3),
 )
+
+
+class NoApplicationProtocol(SSL.Error):
+    """Raised by the ALPN select callback when no protocol is in common: pyOpenSSL answers the
+    callback with SSL_TLSEXT_ERR_ALERT_FATAL, OpenSSL sends no_application_protocol (RFC 7301
+    section 3.2), and the handshake step re-raises this (an SSL.Error, counted like any other
+    handshake failure). Here, not in the compiled VC module: its base is a Python class."""
 
 
 class CertKeyPair(NamedTuple):

@@ -510,6 +510,10 @@ def test_memory_goes_back_to_the_kernel_after_a_handshake_burst(
         later = _rss_anon_kib(pid)
         for _, writer in conns:
             writer.close()
+        # the proxy answers each close_notify with its own (issue 15): wait for the transports
+        # to finish their TLS shutdown instead of leaving them to the loop's teardown
+        closing = asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
+        await asyncio.wait_for(closing, 10)
         return right_after, later
 
     right_after, later = asyncio.run(burst())

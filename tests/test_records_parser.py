@@ -125,6 +125,19 @@ def test_duplicate_warns_and_last_wins() -> None:
             "CONFIG proxy.config.admin.user_id STRING #nobody",
             "r:3: proxy.config.admin.user_id: expected a user name, #UID or #-1, got '#nobody'",
         ),
+        (
+            "CONFIG proxy.config.ssl.wire_trace_addr STRING client.example",
+            "r:3: proxy.config.ssl.wire_trace_addr: expected an IP address",
+        ),
+        (
+            "CONFIG proxy.config.ssl.wire_trace_percentage INT 101",
+            "r:3: proxy.config.ssl.wire_trace_percentage: expected",
+        ),
+        (
+            "CONFIG proxy.config.ssl.client_hello.max_size INT 131397",
+            "r:3: proxy.config.ssl.client_hello.max_size: expected",
+        ),
+        ("CONFIG proxy.config.ssl.session_cache INT 3", "r:3: proxy.config.ssl.session_cache: expected"),
     ],
 )
 def test_errors_name_file_and_line(line: str, message: str) -> None:

@@ -14,11 +14,14 @@ pyOpenSSL cannot pause inside OpenSSL's own callbacks, so the server side runs t
 sans-IO ClientHello parser says "need more" until the hello is complete, the hooks run, the
 certificate context is chosen (``set_context_cert``: SNI exact, SNI wildcard, local IP:port, IP,
 default), and only then the ``SSL.Connection`` is created with that context and the buffered
-bytes are replayed into its memory BIO. From there ``do_handshake`` runs over memory BIOs; the
-ciphertext it produces is flushed to the socket. Once the handshake is done and both memory
-BIOs are empty, the SSL gets the socket itself (``_use_socket_bio``, ATS's switch to the fd BIO
-once the handshake buffer is drained): SSL_read/SSL_write then do the reads and writes, with
-read-ahead on so one read(2) takes every queued record.
+bytes are replayed into its memory BIO. Bytes the parser does not read as a hello (it is never
+stricter than OpenSSL) go to OpenSSL at once, with the context of the local address, and OpenSSL
+answers them; the parser itself refuses only a record over 2^14 bytes and a hello over
+proxy.config.ssl.client_hello.max_size, with OpenSSL's alerts. From there ``do_handshake`` runs
+over memory BIOs; the ciphertext it produces is flushed to the socket. Once the handshake is
+done and both memory BIOs are empty, the SSL gets the socket itself (``_use_socket_bio``, ATS's
+switch to the fd BIO once the handshake buffer is drained): SSL_read/SSL_write then do the reads
+and writes, with read-ahead on so one read(2) takes every queued record.
 
 Hook state (data, not flags): the pre-accept phase follows the seed's
 ``SSLHookState`` INIT -> INVOKE -> ACTIVE -> DONE; the handshake phases follow

@@ -297,9 +297,10 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Seconds a cached session can be resumed; 0: OpenSSL's default, 300",
     ),
     RecordSpec(
-        "proxy.config.ssl.client_hello.max_size", _I, 131396, _R, int_range(512, 16777215),
+        "proxy.config.ssl.client_hello.max_size", _I, 131396, _R, int_range(512, 131396),
         "Largest ClientHello body (bytes, handshake header not counted) the pre-parser buffers; "
-        "a larger one gets illegal_parameter. Default: OpenSSL's own limit (CLIENT_HELLO_MAX_LENGTH)",
+        "a larger one gets illegal_parameter. Default and maximum: OpenSSL's own limit "
+        "(CLIENT_HELLO_MAX_LENGTH), which refuses anything larger anyway",
     ),
     RecordSpec(
         "proxy.config.ssl.server.alpn.no_overlap_alert", _I, 1, _R, BOOL,

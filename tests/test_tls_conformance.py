@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,6 @@ NGINX_CIPHERS = "HIGH:!aNULL:!MD5"
 @dataclass(frozen=True)
 class Cert:
     path: Path  # key + chain PEM
-    ca: trustme.CA
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
     leaf = ca.issue_cert("conformance.test", key_type=trustme.KeyType.RSA)  # RSA-2048
     path = tmp_path_factory.mktemp("conformance") / "leaf.pem"
     path.write_bytes(leaf.private_key_and_cert_chain_pem.bytes())
-    return Cert(path, ca)
+    return Cert(path)
 
 
 def proxy_context(cert: Cert) -> SSL.Context:
@@ -179,20 +178,18 @@ HELLOS: dict[str, bytes] = {**RAW, **openssl_hellos()}
 MESSAGES = {name: handshake_message(raw) for name, raw in HELLOS.items()}
 
 
-def _body_offsets(msg: bytes) -> tuple[int, int]:
-    """Offsets (in the message, header included) of the extensions block's length field and
-    of the end of the cipher suites."""
+def _extensions_offset(msg: bytes) -> int:
+    """Offset (in the message, header included) of the extensions block's length field."""
     pos = 4 + 2 + 32
     pos += 1 + msg[pos]
     pos += 2 + int.from_bytes(msg[pos : pos + 2], "big")
-    pos += 1 + msg[pos]
-    return pos, pos
+    return pos + 1 + msg[pos]
 
 
 def _replace_extension(msg: bytes, ext_type: int, data: bytes | None) -> bytes:
     """The message with extension ``ext_type``'s data replaced (added at the end if absent,
     removed if ``data`` is None)."""
-    ext_at, _ = _body_offsets(msg)
+    ext_at = _extensions_offset(msg)
     exts = msg[ext_at + 2 :]
     out, found, i = b"", False, 0
     while i + 4 <= len(exts):
@@ -437,9 +434,10 @@ def proxy_files(cert: Cert) -> dict[str, str | bytes]:
 
 
 @pytest.fixture
-def live_proxy(tsproxy_factory: object, proxy_files: dict[str, str | bytes]) -> Iterator[ProxyProcess]:
-    assert callable(tsproxy_factory)
-    proxy: ProxyProcess = tsproxy_factory(
+def live_proxy(
+    tsproxy_factory: Callable[..., ProxyProcess], proxy_files: dict[str, str | bytes]
+) -> ProxyProcess:
+    return tsproxy_factory(
         records={
             "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1",
             "proxy.config.ssl.server.cert.path": ".",
@@ -448,7 +446,6 @@ def live_proxy(tsproxy_factory: object, proxy_files: dict[str, str | bytes]) -> 
         },
         files=proxy_files,
     )
-    yield proxy
 
 
 def wire_outcome(port: int, data: bytes) -> Outcome:

@@ -478,3 +478,32 @@ def test_the_live_proxy_answers_as_openssl(
     for name, (data, expected) in CASES.items():
         assert bare_outcome(contexts[1], [data]) == expected, name
         assert wire_outcome(port, data) == expected, name
+
+
+HANDED_OVER = [
+    "record-major-2",
+    "not-a-client-hello",
+    "ccs-interleaved",
+    "appdata-first",
+    "33-empty-records",
+    "http",
+]
+
+
+def test_handed_over_bytes_get_openssls_answer_without_a_default_certificate(
+    tsproxy_factory: Callable[..., ProxyProcess], proxy_files: dict[str, str | bytes]
+) -> None:
+    """No certificate for the address (only a named one): bytes the pre-parser hands over still
+    get OpenSSL's answer, from the certificate-less context, not an alert of the proxy's."""
+    files = {**proxy_files, "ssl_multicert.config": "ssl_cert_name=certs/leaf.pem\n"}
+    proxy = tsproxy_factory(
+        records={
+            "proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1",
+            "proxy.config.ssl.server.cert.path": ".",
+            "proxy.config.ssl.server.private_key.path": ".",
+        },
+        files=files,
+    )
+    for name in HANDED_OVER:
+        data, expected = CASES[name]
+        assert wire_outcome(proxy.port(0), data) == expected, name

@@ -126,6 +126,8 @@ def load_proxy_config(
             "proxy.config.url_remap.filename is empty",
         )
     remap = load_remap(remap_name)
+    warnings.extend(remap.warnings)
+    warnings.extend(unreachable_rule_warnings(remap, ports))
 
     plugin_dir = records.resolve_path("proxy.config.plugin.plugin_dir") or config_dir
     plugin_file = config_dir / "plugin.config"
@@ -212,6 +214,33 @@ def load_proxy_config(
         fallback_ctx=fallback_ctx,
         session_cache=session_cache,
     )
+
+
+def unreachable_rule_warnings(remap: RemapTable, ports: list[PortDescriptor]) -> list[str]:
+    """A warning per rule no request can match: ATS's ``map`` rule matches the port of the
+    request URL (the Host header's port, else 80/443), ``map_with_recv_port`` the port the
+    request came in on; either way a port tsproxy does not serve that scheme on never matches.
+    (Behind a port-forwarding load balancer the Host port may differ from the listening port:
+    use map_with_recv_port there.)"""
+    http_ports = {p.port for p in ports if not p.ssl and not p.blind}
+    https_ports = {p.port for p in ports if p.ssl}
+    shown = " ".join(p.describe() for p in ports) or "none"
+    out: list[str] = []
+    for rule in remap.rules:
+        served = https_ports if rule.from_scheme == "https" else http_ports
+        if rule.from_port in served:
+            continue
+        other = http_ports if rule.from_scheme == "https" else https_ports
+        why = (
+            f"port {rule.from_port} is not an {rule.from_scheme} port"
+            if rule.from_port in other
+            else f"no server port {rule.from_port}"
+        )
+        out.append(
+            f"{rule.path}:{rule.line}: rule for {rule.from_host}:{rule.from_port} can never match: "
+            f"{why} (ports: {shown})"
+        )
+    return out
 
 
 def _multicert_has_entries(params: SSLConfigParams) -> bool:

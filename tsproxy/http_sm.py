@@ -80,7 +80,7 @@ from tsproxy.http.parser import (
     ResponseReceived,
 )
 from tsproxy.origin_tls import M_VERIFY_FAILED, OriginTLS
-from tsproxy.remap import OriginKey
+from tsproxy.remap import OriginKey, describe_miss
 
 if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
@@ -656,7 +656,8 @@ class HttpClientSession(Continuation):
         remap = self.http.remap.lookup(self.scheme, host, self.port, target)
         if remap is None:
             _dbg("no remap rule for %s://%s%s", self.scheme, host, target)
-            self._send_error(404, "no remap rule matches this request", close=not self.client_keep_alive)
+            miss = describe_miss(self.scheme, host, self.port)
+            self._send_error(404, miss, close=not self.client_keep_alive)
             return
         self.remap = remap
         self._run_hooks(_POST_REMAP, self._get_origin)

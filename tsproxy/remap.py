@@ -33,7 +33,15 @@ from types import MappingProxyType
 
 from iocore.records.errors import ConfigError
 
-__all__ = ["OriginKey", "RemapResult", "RemapRule", "RemapTable", "load_remap", "parse_remap"]
+__all__ = [
+    "OriginKey",
+    "RemapResult",
+    "RemapRule",
+    "RemapTable",
+    "describe_miss",
+    "load_remap",
+    "parse_remap",
+]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -164,22 +172,10 @@ class RemapTable:
         return result
 
     def _lookup(self, scheme: str, host: str | bytes, port: int, path: bytes) -> RemapResult | None:
-        hb = host.encode("latin-1") if isinstance(host, str) else host
-        hb = hb.lower()
-        name = hb
-        url_port = DEFAULT_PORTS.get(scheme, 0)
-        colon = hb.rfind(b":")
-        if colon >= 0 and hb.find(b"]", colon) < 0:
-            digits = hb[colon + 1 :]
-            name = hb[:colon]
-            if digits:
-                if not digits.isdigit() or len(digits) > 5:
-                    return None
-                url_port = int(digits)
-        if name.endswith(b"."):
-            name = name[:-1]
-        if not name:
+        key = _host_key(scheme, host)
+        if key is None:
             return None
+        name, url_port = key
         candidates = self._by_host_port.get((scheme, name, url_port))
         if self._by_recv_port:
             recv = self._by_recv_port.get((scheme, name, port))
@@ -208,6 +204,47 @@ class RemapTable:
                 rule.to_scheme, rule.to_host, rule.to_port, new_path, rule.host_header, rule, rule.options
             )
         return None
+
+
+def _host_key(scheme: str, host: str | bytes) -> tuple[bytes, int] | None:
+    """(lower-case name, port) a Host value is looked up under; None if it is not a host."""
+    hb = host.encode("latin-1") if isinstance(host, str) else host
+    hb = hb.lower()
+    name = hb
+    url_port = DEFAULT_PORTS.get(scheme, 0)
+    colon = hb.rfind(b":")
+    if colon >= 0 and hb.find(b"]", colon) < 0:
+        digits = hb[colon + 1 :]
+        name = hb[:colon]
+        if digits:
+            if not digits.isdigit() or len(digits) > 5:
+                return None
+            url_port = int(digits)
+    if name.endswith(b"."):
+        name = name[:-1]
+    if not name:
+        return None
+    return name, url_port
+
+
+_MAX_SHOWN_HOST = 100
+
+
+def describe_miss(scheme: str, host: str | bytes, port: int) -> str:
+    """What a 404 for an unmapped request says: the host:port the lookup used (the client's own
+    input, so shortened and made printable; a ``map`` rule's port is the Host header's, or the
+    scheme's default without one), and the port the request came in on."""
+    key = _host_key(scheme, host)
+    if key is None:
+        raw = host.decode("latin-1") if isinstance(host, bytes) else host
+        shown = "".join(c if "!" <= c <= "~" else "?" for c in raw[:_MAX_SHOWN_HOST])
+        return f"no remap rule: bad or missing Host {shown!r} (request on port {port})"
+    name, url_port = key
+    text = name.decode("latin-1")
+    if len(text) > _MAX_SHOWN_HOST:
+        text = text[:_MAX_SHOWN_HOST] + "..."
+    text = "".join(c if "!" <= c <= "~" else "?" for c in text)
+    return f"no remap rule for {scheme}://{text}:{url_port}/ (request on port {port})"
 
 
 def load_remap(path: Path) -> RemapTable:

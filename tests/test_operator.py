@@ -1,0 +1,122 @@
+"""Operator experience (issue 19): the shipped examples work as written, config check and reload
+say what is true, the CLI behaves from any shell. Every test starts the real tsproxy processes
+(or the real CLI) and talks to them as a user would."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, ProxyProcess, free_port, run_tsproxy
+from origin import OriginServer
+
+SHIPPED = REPO_ROOT / "etc" / "tsproxy"
+_MAP_LINE = re.compile(r"^[ #]*((?:map|map_with_recv_port)\s+https?://\S+\s+\S+.*)$")
+
+
+@pytest.fixture
+def origin() -> Iterator[OriginServer]:
+    with OriginServer() as server:
+        yield server
+
+
+def _doc_map_lines() -> list[tuple[str, str]]:
+    """(file, line) of every remap example in README.md, docs/*.md and the shipped remap.config."""
+    found: list[tuple[str, str]] = []
+    docs = sorted((REPO_ROOT / "docs").glob("*.md"))
+    for path in [REPO_ROOT / "README.md", *docs, SHIPPED / "remap.config"]:
+        for raw in path.read_text().splitlines():
+            m = _MAP_LINE.match(raw)
+            if m:
+                found.append((path.name, m.group(1).split("#")[0].strip()))
+    return found
+
+
+def _request(scheme: str, port: int, host_header: str, path: str) -> tuple[int, bytes]:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock: socket.socket = raw
+    if scheme == "https":
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        sock = ctx.wrap_socket(raw, server_hostname=host_header.rsplit(":", 1)[0])
+    with sock:
+        head = f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n"
+        sock.sendall(head.encode("latin-1"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+# -- 1. remap examples, the port rule, the 404 that explains itself ----------------------------
+
+
+def test_every_documented_remap_example_matches_on_the_shipped_ports(
+    tsproxy_factory: Callable[..., ProxyProcess], origin: OriginServer
+) -> None:
+    """Each documented rule, with the shipped ports 8080/8443 standing for the test's free ports,
+    is reached by the request a user would send to it (curl http://HOST:8080/...)."""
+    examples = _doc_map_lines()
+    assert any(name == "README.md" for name, _ in examples) and len(examples) >= 4
+    plain, tls = free_port(), free_port()
+    lines = []
+    for _, line in examples:
+        directive, from_url, *_ = line.split()
+        from_url = from_url.replace(":8080/", f":{plain}/").replace(":8443/", f":{tls}/")
+        lines.append(f"{directive} {from_url} http://{origin.authority}/echo")
+    proxy = tsproxy_factory(
+        records={"proxy.config.http.server_ports": f"{plain}:ip-in=127.0.0.1 {tls}:ssl:ip-in=127.0.0.1"},
+        files={"remap.config": "\n".join(lines) + "\n"},
+    )
+    assert "can never match" not in proxy.output()
+    for line in lines:
+        directive, from_url, _ = line.split()
+        m = re.match(r"(https?)://([^/:]+)(?::(\d+))?(/.*)", from_url)
+        assert m, from_url
+        scheme, host, port, path = m.groups()
+        port_n = int(port) if port else (80 if scheme == "http" else 443)
+        host_header = host if directive == "map_with_recv_port" else f"{host}:{port_n}"
+        status, body = _request(scheme, port_n, host_header, path)
+        assert status == 200, (line, status, body)
+
+
+def test_rule_for_an_unserved_port_is_warned_and_the_404_names_the_lookup(
+    tsproxy_factory: Callable[..., ProxyProcess], origin: OriginServer, tmp_path: Path
+) -> None:
+    remap = (
+        f"map http://www.example.com/ http://{origin.authority}/\n"
+        f"map https://www.example.com/ http://{origin.authority}/\n"
+    )
+    proxy = tsproxy_factory(files={"remap.config": remap})
+    port = proxy.port(0)
+    ports = f"(ports: {port}:ip-in=127.0.0.1)"
+    for line, hostport in ((1, "www.example.com:80"), (2, "www.example.com:443")):
+        needle = f"remap.config:{line}: rule for {hostport} can never match: no server port"
+        assert needle in proxy.output() and ports in proxy.output()
+    check = run_tsproxy("config", "check", "--config-dir", str(proxy.config_dir))
+    assert check.returncode == 0
+    needle = f"remap.config:1: rule for www.example.com:80 can never match: no server port 80 {ports}"
+    assert needle in check.stderr
+
+    status, body = _request("http", port, f"www.example.com:{port}", "/x")
+    assert status == 404
+    assert f"http://www.example.com:{port}/".encode() in body
+    # The client's own input comes back shortened and printable, never raw.
+    status, body = _request("http", port, "<b>\xe9" + "a" * 300, "/x")
+    assert status == 404 and b"<b>?aaa" in body and b"\xe9" not in body and len(body) < 300
+    assert origin.requests == []
+
+
+def test_config_check_on_the_shipped_directory_is_quiet(tmp_path: Path) -> None:
+    shipped = shutil.copytree(SHIPPED, tmp_path / "etc", ignore=shutil.ignore_patterns("run", "log"))
+    result = run_tsproxy("config", "check", "--config-dir", str(shipped))
+    assert result.returncode == 0, result.stderr
+    assert "can never match" not in result.stderr
+    assert "unknown record" not in result.stderr

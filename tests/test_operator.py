@@ -4,6 +4,7 @@ say what is true, the CLI behaves from any shell. Every test starts the real tsp
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -120,3 +121,38 @@ def test_config_check_on_the_shipped_directory_is_quiet(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "can never match" not in result.stderr
     assert "unknown record" not in result.stderr
+
+
+# -- 4. honest reload -----------------------------------------------------------------------
+
+
+def test_reload_says_a_plugin_change_needs_a_restart_and_only_content_counts(
+    tsproxy_factory: Callable[..., ProxyProcess],
+) -> None:
+    proxy = tsproxy_factory(files={"plugin.config": "# none yet\n"})
+    port = proxy.port(0)
+    plugin_config = proxy.config_dir / "plugin.config"
+    plugin_config.write_text("# none yet\nplugins.stats_over_http /_stats\n")
+    result = proxy.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    assert "plugin.config:2: plugin plugins.stats_over_http added: needs 'tsproxy restart'" in result.stdout
+    assert "file changed: plugin.config" in result.stdout
+    assert "1 change(s) above wait for a restart" in result.stdout
+    assert _request("http", port, "localhost", "/_stats")[0] == 404  # nothing was loaded
+    restarted = proxy.ctl("restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert _request("http", port, "localhost", "/_stats")[0] == 200  # the restart loaded it
+
+    # A touched file (same bytes, new mtime) and a file rewritten with the same bytes are no change.
+    remap = proxy.config_dir / "remap.config"
+    st = remap.stat()
+    os.utime(remap, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    plugin_config.write_text(plugin_config.read_text())
+    result = proxy.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    assert "file changed" not in result.stdout and "nothing changed" in result.stdout
+
+    plugin_config.write_text("# none\n")
+    result = proxy.ctl("reload")
+    assert "plugin.config: plugin plugins.stats_over_http removed: needs 'tsproxy restart'" in result.stdout
+    assert _request("http", port, "localhost", "/_stats")[0] == 200  # still loaded until a restart

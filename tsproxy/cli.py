@@ -310,14 +310,19 @@ def reload(config_dir: Path | None) -> None:
         click.echo(f"record changed: {name}")
     for name in result["restart_required"]:
         click.echo(f"record changed, needs restart: {name}")
-    if not (result["files"] or result["changed"] or result["restart_required"]):
+    plugins = result.get("plugins_restart_required", [])
+    for note in plugins:
+        click.echo(note)
+    if not (result["files"] or result["changed"] or result["restart_required"] or plugins):
         click.echo("nothing changed")
     failed = [w for w in result["workers"] if not w["ok"]]
     for w in failed:
         click.echo(f"tsproxy: worker {w['role']}[{w['slot']}] pid {w['pid']}: {w['error']}", err=True)
     if failed:
         sys.exit(EX_FAILURE)
-    click.echo(f"reloaded {len(result['workers'])} workers")
+    pending = len(result["restart_required"]) + len(plugins)
+    later = f"; {pending} change(s) above wait for a restart" if pending else ""
+    click.echo(f"reloaded {len(result['workers'])} workers{later}")
 
 
 @cli.command()

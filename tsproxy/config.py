@@ -100,6 +100,37 @@ def parse_plugin_config(text: str, path: str, plugin_dir: Path) -> list[PluginSp
     return specs
 
 
+def plugin_restart_notes(old: list[PluginSpec], new: list[PluginSpec]) -> list[str]:
+    """What a reload cannot apply in plugin.config, one message each: a worker imports and
+    initialises its plugins when it boots (ATS, too, reads plugin.config only at start-up), so
+    an added or removed plugin, new arguments or a new order take ``tsproxy restart``."""
+    need = "needs 'tsproxy restart'"
+    old_by = {spec.target: spec for spec in old}
+    new_by = {spec.target: spec for spec in new}
+    notes: list[str] = []
+    for spec in new:
+        where = _short_source(spec.source)
+        before = old_by.get(spec.target)
+        if before is None:
+            notes.append(f"{where}: plugin {spec.target} added: {need}")
+        elif before.args != spec.args:
+            notes.append(f"{where}: plugin {spec.target} arguments changed: {need}")
+    for spec in old:
+        if spec.target not in new_by:
+            file = _short_source(spec.source).rpartition(":")[0]
+            notes.append(f"{file}: plugin {spec.target} removed: {need}")
+    kept_old = [s.target for s in old if s.target in new_by]
+    kept_new = [s.target for s in new if s.target in old_by]
+    if kept_old != kept_new:
+        notes.append(f"plugin.config: plugin order changed: {need}")
+    return notes
+
+
+def _short_source(source: str) -> str:
+    """``/etc/x/plugin.config:3`` -> ``plugin.config:3`` (the file's name, as reload lists it)."""
+    return Path(source).name
+
+
 def load_proxy_config(
     config_dir: Path,
     ticket_keys: bytes | None = None,

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import hashlib
 import json
 import os
 import re
@@ -61,7 +62,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,25 +192,51 @@ class _PendingReload:
     changed: list[str]
     restart_required: list[str]
     files: list[str]
+    plugins: list[str]  # plugin.config changes that need a restart, as messages
     waiting: dict[int, int]  # slot index -> pid
     replies: dict[int, dict[str, Any]]
     deadline: float
     responder: control.Responder | None
 
 
-def _file_fingerprints(config_dir: Path, exclude: list[Path]) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of every file under the config dir except state and log dirs."""
-    result: dict[str, tuple[int, int]] = {}
+# (size, mtime_ns, sha256 of the content) of one config file; the hash decides "changed".
+_Fingerprint = tuple[int, int, bytes]
+
+
+def _file_fingerprints(
+    config_dir: Path, exclude: list[Path], previous: Mapping[str, _Fingerprint] | None = None
+) -> dict[str, _Fingerprint]:
+    """Fingerprints of every file under the config dir except the state and log dirs.
+
+    A file whose size and mtime match ``previous`` keeps its hash without being read again;
+    any other is hashed, so a file that was only touched (or rewritten with the same bytes)
+    compares equal and a reload does not report it as changed."""
+    result: dict[str, _Fingerprint] = {}
+    previous = previous or {}
     excluded = [p.resolve() for p in exclude]
+    root_dir = config_dir.resolve()
     for root, dirs, files in os.walk(config_dir):
         here = Path(root).resolve()
         dirs[:] = [d for d in dirs if (here / d) not in excluded and not d.startswith(".")]
         for name in files:
             path = here / name
+            rel = str(path.relative_to(root_dir))
             with contextlib.suppress(OSError):
                 st = path.stat()
-                result[str(path.relative_to(config_dir.resolve()))] = (st.st_size, st.st_mtime_ns)
+                old = previous.get(rel)
+                if old is not None and old[:2] == (st.st_size, st.st_mtime_ns):
+                    result[rel] = old
+                    continue
+                digest = hashlib.sha256()
+                with path.open("rb") as f:
+                    while block := f.read(1 << 16):
+                        digest.update(block)
+                result[rel] = (st.st_size, st.st_mtime_ns, digest.digest())
     return result
+
+
+def _content(fp: _Fingerprint | None) -> bytes | None:
+    return None if fp is None else fp[2]
 
 
 def read_pidfile(path: Path) -> int | None:
@@ -377,7 +404,7 @@ class Master:
         self._exit_code = EX_OK
         self._stop_waiters: list[control.Responder] = []
         self._reload: _PendingReload | None = None
-        self._fingerprints: dict[str, tuple[int, int]] = {}
+        self._fingerprints: dict[str, _Fingerprint] = {}
         self._pidfile_written = False
         self._proc = psutil.Process()
         self._retirees: list[_Retiree] = []
@@ -1050,7 +1077,7 @@ class Master:
 
     def reload(self, responder: control.Responder | None) -> None:
         """Validate the config dir; if clean, tell every worker to switch to it."""
-        from tsproxy.config import load_proxy_config
+        from tsproxy.config import load_proxy_config, plugin_restart_notes
 
         def fail(code: int, message: str, data: dict[str, Any] | None = None) -> None:
             _log.error("reload failed: %s", message)
@@ -1089,8 +1116,11 @@ class Master:
         files = sorted(
             name
             for name in set(fingerprints) | set(self._fingerprints)
-            if fingerprints.get(name) != self._fingerprints.get(name)
+            if _content(fingerprints.get(name)) != _content(self._fingerprints.get(name))
         )
+        # Workers load plugins when they boot (as ATS loads plugin.config at start-up only):
+        # a reload does not add, remove or re-initialise one, and says so.
+        plugins = plugin_restart_notes(old.plugins, new.plugins)
         for warning in new.warnings:
             _log.warning("%s", warning)
         self.generation += 1
@@ -1101,6 +1131,7 @@ class Master:
             changed=[n for n in changed if n not in restart],
             restart_required=restart,
             files=files,
+            plugins=plugins,
             waiting={},
             replies={},
             deadline=time.monotonic() + RELOAD_TIMEOUT,
@@ -1113,9 +1144,9 @@ class Master:
         if not pending.waiting:
             self._finish_reload()
 
-    def _config_files(self) -> dict[str, tuple[int, int]]:
+    def _config_files(self) -> dict[str, _Fingerprint]:
         skip = [p for p in (self.state_dir, self.log_dir) if p is not None]
-        return _file_fingerprints(self.config_dir, skip)
+        return _file_fingerprints(self.config_dir, skip, self._fingerprints)
 
     def _check_reload_deadline(self) -> None:
         pending = self._reload
@@ -1145,6 +1176,7 @@ class Master:
             "changed": pending.changed,
             "restart_required": pending.restart_required,
             "files": pending.files,
+            "plugins_restart_required": pending.plugins,
             "workers": workers,
         }
         if ok:
@@ -1155,6 +1187,8 @@ class Master:
                 pending.restart_required or "none",
                 pending.files or "none",
             )
+            for note in pending.plugins:
+                _log.warning("reload: %s", note)
         else:
             for w in workers:
                 if not w["ok"]:

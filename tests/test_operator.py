@@ -7,13 +7,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, ProxyProcess, free_port, run_tsproxy
+from conftest import REPO_ROOT, TSPROXY_CMD, ProxyProcess, free_port, run_tsproxy, subprocess_env
 from origin import OriginServer
 
 SHIPPED = REPO_ROOT / "etc" / "tsproxy"
@@ -156,3 +159,88 @@ def test_reload_says_a_plugin_change_needs_a_restart_and_only_content_counts(
     result = proxy.ctl("reload")
     assert "plugin.config: plugin plugins.stats_over_http removed: needs 'tsproxy restart'" in result.stdout
     assert _request("http", port, "localhost", "/_stats")[0] == 200  # still loaded until a restart
+
+
+# -- 5. CLI ---------------------------------------------------------------------------------
+
+
+def test_config_dir_option_is_accepted_before_the_subcommand(tsproxy: ProxyProcess) -> None:
+    cdir = str(tsproxy.config_dir)
+    for args in (
+        ("--config-dir", cdir, "status"),
+        ("--config-dir", cdir, "metric", "get", "proxy.process.http.incoming_requests"),
+        ("metric", "--config-dir", cdir, "get", "proxy.process.http.incoming_requests"),
+        ("--config-dir", cdir, "config", "check"),
+        ("--config-dir", "/nonexistent", "status", "--config-dir", cdir),  # the nearest one wins
+    ):
+        result = run_tsproxy(*args)
+        assert result.returncode == 0, (args, result.stderr)
+    assert f"master  -     {tsproxy.pid}" in run_tsproxy("--config-dir", cdir, "status").stdout
+
+
+def test_unknown_metric_has_its_own_documented_exit_code(tsproxy: ProxyProcess) -> None:
+    from tsproxy.exitcodes import EX_DATAERR, EX_UNAVAILABLE
+
+    assert EX_DATAERR != EX_UNAVAILABLE
+    for args in (("metric", "get", "proxy.process.nope"), ("metric", "match", "(")):
+        result = tsproxy.ctl(*args)
+        assert result.returncode == EX_DATAERR, result.stderr
+    doc = (REPO_ROOT / "docs" / "operations.md").read_text()
+    assert f"| {EX_DATAERR} | EX_DATAERR |" in doc
+
+
+def _spawn_with_signals_ignored(args: list[str]) -> subprocess.Popen[bytes]:
+    """As a shell starts a background job (``tsproxy top &``): SIGINT ignored, inherited."""
+
+    def ignore() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=subprocess_env(), preexec_fn=ignore
+    )
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)])
+def test_top_quits_on_sigint_and_sigterm_even_when_started_ignoring_them(
+    tsproxy: ProxyProcess, sig: signal.Signals, code: int
+) -> None:
+    proc = _spawn_with_signals_ignored(
+        [*TSPROXY_CMD, "top", "--interval", "0.2", "--config-dir", str(tsproxy.config_dir)]
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"tsproxy top - ")
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert b"Traceback" not in err
+
+
+def test_top_help_has_no_raw_markup() -> None:
+    result = run_tsproxy("top", "--help")
+    assert result.returncode == 0 and "``" not in result.stdout and "'tsproxy status'" in result.stdout
+
+
+def test_total_handshake_time_is_in_the_unit_the_docs_say(
+    tsproxy_factory: Callable[..., ProxyProcess],
+) -> None:
+    doc = (REPO_ROOT / "docs" / "records.md").read_text()
+    line = next(x for x in doc.splitlines() if "`proxy.process.ssl.total_handshake_time`" in x)
+    units = {"nanoseconds": 1e-9, "microseconds": 1e-6, "milliseconds": 1e-3}
+    (unit,) = [u for u in units if u in line]
+    proxy = tsproxy_factory(records={"proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1"})
+    client_seconds = 0.0
+    for _ in range(5):
+        started = time.monotonic()
+        status, _body = _request("https", proxy.port(0), "localhost", "/")  # handshake, then a 404
+        client_seconds += time.monotonic() - started
+        assert status == 404
+    result = proxy.ctl("metric", "get", "proxy.process.ssl.total_handshake_time")
+    total = int(result.stdout.split()[1]) * units[unit]
+    # Each server-side handshake lies within the client's connect-to-response span.
+    assert 0 < total <= client_seconds, (unit, total, client_seconds)

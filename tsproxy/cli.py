@@ -10,8 +10,10 @@ with the code named in ``tsproxy.exitcodes``; never with a traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,15 +42,27 @@ class _Group(click.Group):
             ctx.exit(exit_code_for(exc))
 
 
-def _config_dir_option(func: Any) -> Any:
+def _inherit_config_dir(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """``--config-dir`` may come before the subcommand (``tsproxy --config-dir D status``), after
+    it, or between a group and its command (``tsproxy metric --config-dir D get N``): the one
+    nearest the command wins, then ``$TSPROXY_CONFIG_DIR`` (read by the top-level option)."""
+    parent = ctx.parent
+    while value is None and parent is not None:
+        value = parent.params.get("config_dir")
+        parent = parent.parent
+    return value
+
+
+def _config_dir_option(func: Any, *, envvar: str | None = None) -> Any:
     return click.option(
         "--config-dir",
         "config_dir",
         type=click.Path(file_okay=False, path_type=Path),
-        envvar=ENV_CONFIG_DIR,
+        envvar=envvar,
         default=None,
+        callback=_inherit_config_dir,
         help=f"Directory holding records.config and friends (env {ENV_CONFIG_DIR}; "
-        "default: the shipped etc/tsproxy).",
+        "default: the shipped etc/tsproxy). Accepted before or after the command.",
     )(func)
 
 
@@ -95,7 +109,8 @@ def _call(config_dir: Path | None, method: str, params: Any = None, timeout: flo
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@functools.partial(_config_dir_option, envvar=ENV_CONFIG_DIR)
+def cli(config_dir: Path | None) -> None:
     """tsproxy: a TLS-terminating HTTP proxy built like Apache Traffic Server."""
 
 
@@ -270,11 +285,15 @@ def status(config_dir: Path | None, as_json: bool) -> None:
     help="Stop after this many refreshes (default: until Ctrl-C).",
 )
 def top(config_dir: Path | None, interval: float, iterations: int) -> None:
-    """Show the ``tsproxy status`` table live, refreshed every INTERVAL seconds.
+    """Show the 'tsproxy status' table live, refreshed every INTERVAL seconds.
 
     Ctrl-C quits (exit status 0). On a terminal each refresh clears the screen; otherwise the
     frames are printed one after another, separated by a blank line.
     """
+    # A shell starts a background job with SIGINT ignored, and a process inherits ignored
+    # signals: without this, Ctrl-C (or kill -INT) would not stop top once brought forward.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cdir = resolve_config_dir(config_dir)
     tty = sys.stdout.isatty()
     frames = 0
@@ -364,8 +383,13 @@ def restart(config_dir: Path | None, timeout: float | None) -> None:
 
 
 @cli.group()
-def metric() -> None:
-    """Read or zero proxy.process.* statistics, summed over the workers."""
+@_config_dir_option
+def metric(config_dir: Path | None) -> None:
+    """Read or zero proxy.process.* statistics, summed over the workers.
+
+    The list of metrics, with their units, is in docs/records.md (section Metrics). An
+    unknown metric name or a bad regex exits 65.
+    """
 
 
 def _print_metrics(result: dict[str, Any]) -> None:
@@ -398,7 +422,8 @@ def metric_zero(config_dir: Path | None, names: tuple[str, ...]) -> None:
 
 
 @cli.group()
-def config() -> None:
+@_config_dir_option
+def config(config_dir: Path | None) -> None:
     """Configuration tools."""
 
 

@@ -11,6 +11,8 @@ EX_OK                  0  success (also: graceful stop)
 EX_FAILURE             1  a generic failure (e.g. a reload some worker rejected)
 EX_USAGE               2  bad command line (click's own code)
 EX_WORKER_BOOT         3  workers died at boot repeatedly; the master gave up
+EX_DATAERR            65  the master runs but the name or pattern asked for is wrong
+                          (``metric get``/``zero`` of an unknown metric, a bad regex)
 EX_UNAVAILABLE        69  a resource is busy or absent: port in use, another master
                           running, no tsproxy running for that config dir
 EX_SOFTWARE           70  internal error (a bug: please report the log)
@@ -28,6 +30,7 @@ EX_OK = 0
 EX_FAILURE = 1
 EX_USAGE = 2
 EX_WORKER_BOOT = 3
+EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75

@@ -76,6 +76,7 @@ from tsproxy import control
 from tsproxy.compiled import stale_compiled_modules
 from tsproxy.exitcodes import (
     EX_CONFIG,
+    EX_DATAERR,
     EX_FAILURE,
     EX_NOPERM,
     EX_OK,
@@ -1400,7 +1401,8 @@ class Master:
             try:
                 metrics = self.region.match(regex)
             except re.error as exc:
-                responder.error(control.INVALID_PARAMS, f"bad regex {regex!r}: {exc}")
+                message = f"bad regex {regex!r}: {exc}"
+                responder.error(control.INVALID_PARAMS, message, {"exit_code": EX_DATAERR})
                 return
             responder.result({"metrics": [[name, value] for name, value in metrics]})
             return
@@ -1417,7 +1419,7 @@ class Master:
                 unknown.append(name)
         if unknown:
             message = f"unknown metric {', '.join(unknown)}"
-            responder.error(control.E_NOT_FOUND, message, {"exit_code": EX_UNAVAILABLE})
+            responder.error(control.E_NOT_FOUND, message, {"exit_code": EX_DATAERR})
             return
         if method == "metric.zero":
             for metric_id in ids:

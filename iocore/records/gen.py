@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from iocore.records.spec import RECORDS, RecType, RecUpdate, RecValue
+from iocore.records.stats import METRICS, MetricKind
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECORDS_CONFIG_PATH = Path("etc/tsproxy/records.config")
@@ -92,7 +93,26 @@ def records_doc_text() -> str:
             _cell(spec.doc),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _metrics_doc_lines()
     return "\n".join(lines) + "\n"
+
+
+def _metrics_doc_lines() -> list[str]:
+    lines = [
+        "",
+        "## Metrics",
+        "",
+        "`tsproxy metric get NAME`, `metric match REGEX` and the stats_over_http plugin show these",
+        "`proxy.process.*` statistics, summed over every worker. A *counter* only grows (and",
+        "survives worker restarts); a *gauge* goes up and down. Plugins may add their own.",
+        "",
+        "| Metric | Kind | Meaning |",
+        "|---|---|---|",
+    ]
+    for metric in METRICS:
+        kind = "counter" if metric.kind is MetricKind.COUNTER else "gauge"
+        lines.append(f"| `{metric.name}` | {kind} | {_cell(metric.doc)} |")
+    return lines
 
 
 def generated_files() -> dict[Path, str]:

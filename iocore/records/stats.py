@@ -63,7 +63,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_SSL + "total_attempts_handshake_count_in", _C, "Client TLS handshakes started"),
     MetricSpec(_SSL + "total_success_handshake_count_in", _C, "Client TLS handshakes completed"),
     MetricSpec(_SSL + "total_success_handshake_count_out", _C, "Origin TLS handshakes completed"),
-    MetricSpec(_SSL + "total_handshake_time", _C, "Sum of client handshake durations, microseconds"),
+    MetricSpec(_SSL + "total_handshake_time", _C, "Sum of client handshake times, in nanoseconds (as ATS)"),
     MetricSpec(_SSL + "user_agent_other_errors", _C, "Client TLS errors not counted elsewhere"),
     MetricSpec(_SSL + "user_agent_expired_cert", _C, "Client certificates rejected as expired"),
     MetricSpec(_SSL + "user_agent_unknown_ca", _C, "Client certificates from an unknown CA"),

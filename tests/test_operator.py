@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from conftest import REPO_ROOT, TSPROXY_CMD, ProxyProcess, free_port, run_tsproxy, subprocess_env
 from origin import OriginServer
 
@@ -244,3 +245,46 @@ def test_total_handshake_time_is_in_the_unit_the_docs_say(
     total = int(result.stdout.split()[1]) * units[unit]
     # Each server-side handshake lies within the client's connect-to-response span.
     assert 0 < total <= client_seconds, (unit, total, client_seconds)
+
+
+# -- 6. a name-only certificate ----------------------------------------------------------------
+
+
+def _handshake(port: int, ca: trustme.CA, sni: str | None) -> bool:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=sni):
+                return True
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+
+def test_name_only_certificate_refusals_are_logged_once_per_name_and_config_check_says_so(
+    tsproxy_factory: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("a.test")
+    files = {
+        "ssl_multicert.config": "ssl_cert_name=server.pem ssl_key_name=server.key\n",
+        "server.pem": cert.cert_chain_pems[0].bytes(),
+        "server.key": cert.private_key_pem.bytes(),
+    }
+    tls_port = {"proxy.config.http.server_ports": "{0}:ssl:ip-in=127.0.0.1"}
+    proxy = tsproxy_factory(records=tls_port, files=files)
+    check = run_tsproxy("config", "check", "--config-dir", str(proxy.config_dir))
+    assert check.returncode == 0
+    assert "ssl_multicert.config: no default certificate (no dest_ip=* line)" in check.stderr
+
+    port = proxy.port(0)
+    assert _handshake(port, ca, "a.test")
+    for _ in range(3):
+        assert not _handshake(port, ca, "b.test")
+        assert not _handshake(port, ca, None)
+    log = (proxy.config_dir / "log" / "tsproxy.log").read_text()
+    refused = [line for line in log.splitlines() if "refused: no certificate" in line]
+    assert sum("SNI 'b.test'" in line for line in refused) == 1, refused
+    assert sum("no SNI" in line for line in refused) == 1, refused
+    assert all("WARNING" in line for line in refused), refused

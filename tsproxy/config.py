@@ -203,6 +203,11 @@ def load_proxy_config(
                 f"{ssl_params.multicert_filename}: no certificates configured; serving a development "
                 f"certificate for localhost (CA: {dev_ca})"
             )
+        elif lookup.default_context.ctx is None:
+            warnings.append(
+                f"{ssl_params.multicert_filename}: no default certificate (no dest_ip=* line): TLS "
+                "clients that send no SNI, or a name no certificate covers, are refused"
+            )
         mode = ssl_params.session_cache_mode
         if mode == 2 and session_cache is None:
             if generation > 1:  # a reload: memory shared with the workers is made before they fork

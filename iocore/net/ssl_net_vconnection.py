@@ -108,6 +108,35 @@ RAW_READ = 65536
 _dbg = DbgCtl("ssl")
 _dbg_err = DbgCtl("ssl.error")
 _trace_log = logging.getLogger("tsproxy.ssl.trace")  # wire trace lines (INFO, any debug setting)
+_log = logging.getLogger("tsproxy.ssl")
+
+# A handshake refused for want of a certificate is logged at warning level once per SNI name
+# per interval (an operator must see it; a client retrying must not flood the log).
+NO_CERT_LOG_INTERVAL = 60.0
+_NO_CERT_LOG_MAX = 1024  # names remembered; beyond that (a scan of random names) stay quiet
+_no_cert_logged: dict[str, float] = {}
+
+
+def _warn_no_cert(name: str | None, local: Any) -> None:
+    key = name or ""
+    now = time.monotonic()
+    last = _no_cert_logged.get(key)
+    if last is not None and now - last < NO_CERT_LOG_INTERVAL:
+        return
+    if last is None and len(_no_cert_logged) >= _NO_CERT_LOG_MAX:
+        for old in [k for k, t in _no_cert_logged.items() if now - t >= NO_CERT_LOG_INTERVAL]:
+            del _no_cert_logged[old]
+        if len(_no_cert_logged) >= _NO_CERT_LOG_MAX:
+            return
+    _no_cert_logged[key] = now
+    sni = f"SNI {name[:255]!r}" if name else "no SNI"
+    where = f"{local[0]}:{local[1]}" if local else "?"
+    _log.warning(
+        "TLS handshake on %s refused: no certificate for %s and no default certificate "
+        "(a dest_ip=* line in ssl_multicert.config); logged once a minute per name",
+        where,
+        sni,
+    )
 
 
 def _m(name: str) -> int:
@@ -808,7 +837,7 @@ class SSLNetVConnection(NetVConnection):
         if ctx is None:
             ctx = fallback
         if ctx is None:
-            _dbg_err("no certificate for sni=%s local=%s", self.server_name, self.local_addr)
+            _warn_no_cert(self.server_name, self.local_addr)
             self._trace("no certificate for sni=%s: handshake failed", self.server_name)
             self.counters_incr(M_NO_CERT)
             self.counters_incr(M_ERROR_SSL)

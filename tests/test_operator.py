@@ -288,3 +288,52 @@ def test_name_only_certificate_refusals_are_logged_once_per_name_and_config_chec
     assert sum("SNI 'b.test'" in line for line in refused) == 1, refused
     assert sum("no SNI" in line for line in refused) == 1, refused
     assert all("WARNING" in line for line in refused), refused
+
+
+# -- 2. the stock ATS 9.2 configuration directory ------------------------------------------
+
+STOCK_ATS = REPO_ROOT / "tests" / "data" / "ats-9.2"
+
+
+def _stock_copy(tmp_path: Path) -> Path:
+    return shutil.copytree(STOCK_ATS, tmp_path / "trafficserver")
+
+
+def test_stock_ats_directory_checks_in_a_handful_of_lines(tmp_path: Path) -> None:
+    cdir = _stock_copy(tmp_path)
+    result = run_tsproxy("config", "check", "--config-dir", str(cdir))
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.splitlines()
+    assert len(warnings) <= 8, result.stderr
+    assert "unknown record" not in result.stderr
+    assert "records.config: ATS cache: ignored, not implemented: 17 records" in result.stderr
+    assert all("see docs/records.md#ats" in w for w in warnings), warnings
+    doc = (REPO_ROOT / "docs" / "records.md").read_text()
+    assert '<a id="ats"></a>' in doc and "`proxy.config.cache.ram_cache.size`" in doc
+
+    # A name ATS does not know either is a typo: a warning of its own, with the nearest name.
+    records = cdir / "records.config"
+    records.write_text(records.read_text() + "CONFIG proxy.config.http.keep_alive_enabled_inn INT 1\n")
+    typo = run_tsproxy("config", "check", "--config-dir", str(cdir))
+    assert typo.returncode == 0
+    line = len(records.read_text().splitlines())
+    assert (
+        f"records.config:{line}: unknown record proxy.config.http.keep_alive_enabled_inn (ignored; ATS "
+        "has no such record either; did you mean proxy.config.http.keep_alive_enabled_in?)"
+    ) in typo.stderr
+
+
+def test_stock_ats_directory_serves(tsproxy_factory: Callable[..., ProxyProcess], tmp_path: Path) -> None:
+    """tsproxy start on the stock directory, changed only where a test must: its port (8080 may
+    be taken) and proxy.config.admin.user_id (the 'trafficserver' user may not exist here)."""
+    text = (STOCK_ATS / "records.config").read_text()
+    port = free_port()
+    text = text.replace("STRING 8080 8080:ipv6", f"STRING {port}:ip-in=127.0.0.1")
+    user = "proxy.config.admin.user_id STRING"
+    text = text.replace(f"{user} trafficserver", f"{user} NULL")
+    files = {p.name: p.read_bytes() for p in STOCK_ATS.iterdir() if p.is_file()}
+    files["records.config"] = text.encode()
+    proxy = tsproxy_factory(records={"proxy.config.http.server_ports": None}, files=files)
+    assert len(proxy.status()["workers"]) == 2  # exec_thread.limit 2
+    status, body = _request("http", port, "www.example.com", "/")
+    assert status == 404 and b"no remap rule for http://www.example.com:80/" in body

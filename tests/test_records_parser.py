@@ -70,7 +70,24 @@ def test_null_and_missing_string_mean_empty() -> None:
 def test_unknown_record_is_a_warning_not_an_error(tmp_path: Path) -> None:
     rec = load_records(write(tmp_path, "\nCONFIG proxy.config.no.such.thing INT 5\n"))
     assert rec.warnings == (
-        f"{tmp_path / 'records.config'}:2: unknown record proxy.config.no.such.thing (ignored)",
+        f"{tmp_path / 'records.config'}:2: unknown record proxy.config.no.such.thing "
+        "(ignored; ATS has no such record either)",
+    )
+
+
+def test_ats_records_not_implemented_are_one_warning_per_subsystem() -> None:
+    parsed = parse_records_text(
+        "CONFIG proxy.config.cache.ram_cache.size INT -1\n"
+        "CONFIG proxy.config.http.cache.http INT 1\n"
+        "CONFIG proxy.config.http.parent_proxy.retry_time INT 300\n"
+        "CONFIG proxy.config.exec_thread.limit INT 2\n",
+        "records.config",
+    )
+    assert parsed.values == {"proxy.config.exec_thread.limit": 2}
+    see = "see docs/records.md#ats"
+    assert parsed.warnings == (
+        f"records.config: ATS cache: ignored, not implemented: 2 records (lines 1, 2), {see}",
+        f"records.config: ATS parent proxy: ignored, not implemented: 1 record (line 3), {see}",
     )
 
 

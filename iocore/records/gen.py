@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from iocore.records.ats import ats_records
 from iocore.records.spec import RECORDS, RecType, RecUpdate, RecValue
 from iocore.records.stats import METRICS, MetricKind
 
@@ -44,7 +45,7 @@ def records_config_text() -> str:
         "# Syntax: CONFIG name TYPE value. TYPE is INT, FLOAT or STRING; INT takes K/M/G/T",
         "# suffixes; a STRING runs to the end of the line and NULL means empty. Relative paths",
         "# are relative to the directory holding this file. Reloadable records take effect on",
-        "# `tsproxy config reload`; the others need a restart.",
+        "# `tsproxy reload`; the others need a restart.",
     ]
     for spec in RECORDS:
         lines += [
@@ -76,9 +77,13 @@ def records_doc_text() -> str:
         "",
         "A wrong value, a type that does not match the record, or a malformed line stops startup",
         "(or fails a reload, which keeps the running configuration) with `FILE:LINE: message`.",
-        "An unknown record name is a warning and is ignored; a record set twice is a warning and",
-        "the later line wins. *Reloadable* records take effect on `tsproxy config reload`; the",
-        "others are reported by the reload and take effect at the next restart.",
+        "A record that ATS defines but tsproxy does not implement is ignored, and `tsproxy config",
+        "check` sums such records up in one warning per ATS subsystem (`records.config: ATS cache:",
+        "ignored, not implemented: 17 records (lines ...)`; the list is [below](#ats)), so an ATS",
+        "records.config can be used as it is. A name that ATS does not define either (a typo) gets",
+        "a warning of its own, with the nearest known name. A record set twice is a warning and the",
+        "later line wins. *Reloadable* records take effect on `tsproxy reload`; the others are",
+        "reported by the reload and take effect at the next restart.",
         "",
         "| Record | Type | Default | Applies | Meaning |",
         "|---|---|---|---|---|",
@@ -94,7 +99,40 @@ def records_doc_text() -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _metrics_doc_lines()
+    lines += _ats_doc_lines()
     return "\n".join(lines) + "\n"
+
+
+def _ats_doc_lines() -> list[str]:
+    ats = ats_records()
+    ours = {spec.name for spec in RECORDS}
+    implemented = sum(name in ours for name in ats)
+    lines = [
+        "",
+        '<a id="ats"></a>',
+        "",
+        "## ATS records and their status in tsproxy",
+        "",
+        f"Apache Traffic Server 9.2 defines {len(ats)} records (`iocore/records/ats_records.txt`, read",
+        f"from its `traffic_server` by `scripts/ats_record_names.py`); tsproxy implements {implemented}",
+        "of them, with ATS's meaning unless the table above says otherwise. The others are accepted",
+        "in records.config and ignored: `tsproxy config check` counts them per subsystem. Records",
+        "ATS 9.2 does not have (tsproxy's own): "
+        + ", ".join(f"`{name}`" for name in sorted(ours - set(ats)))
+        + ".",
+        "",
+        "| Subsystem | Implemented | Ignored, not implemented |",
+        "|---|---|---|",
+    ]
+    by_sub: dict[str, list[str]] = {}
+    for name, sub in ats.items():
+        by_sub.setdefault(sub, []).append(name)
+    for sub in sorted(by_sub):
+        names = sorted(by_sub[sub])
+        done = [f"`{n}`" for n in names if n in ours]
+        ignored = [f"`{n}`" for n in names if n not in ours]
+        lines.append(f"| {sub} | {', '.join(done) or '-'} | {', '.join(ignored) or '-'} |")
+    return lines
 
 
 def _metrics_doc_lines() -> list[str]:

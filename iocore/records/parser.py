@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from iocore.records.ats import ATS_DOC_ANCHOR, ats_records, closest_name
 from iocore.records.errors import ConfigError
 from iocore.records.spec import RECORDS, RECORDS_BY_NAME, RecType, RecUpdate, RecValue
 
@@ -82,6 +83,8 @@ def parse_records_text(text: str, path: str) -> ParsedRecords:
     values: dict[str, RecValue] = {}
     lines: dict[str, int] = {}
     warnings: list[str] = []
+    ats = ats_records()
+    not_implemented: dict[str, list[int]] = {}  # ATS subsystem -> lines of its records
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -97,7 +100,14 @@ def parse_records_text(text: str, path: str) -> ParsedRecords:
             raise ConfigError(path, lineno, f"{name}: missing value")
         spec = RECORDS_BY_NAME.get(name)
         if spec is None:
-            warnings.append(f"{path}:{lineno}: unknown record {name} (ignored)")
+            subsystem = ats.get(name)
+            if subsystem is not None:
+                not_implemented.setdefault(subsystem, []).append(lineno)
+            else:
+                near = closest_name(name, [*RECORDS_BY_NAME, *ats])
+                hint = f"; did you mean {near}?" if near else ""
+                why = f"ignored; ATS has no such record either{hint}"
+                warnings.append(f"{path}:{lineno}: unknown record {name} ({why})")
             continue
         if rtype is not spec.type:
             message = f"{name}: declared {type_word}, but the record is {spec.type.value}"
@@ -115,7 +125,18 @@ def parse_records_text(text: str, path: str) -> ParsedRecords:
             )
         values[name] = value
         lines[name] = lineno
+    for subsystem, at in sorted(not_implemented.items()):
+        records = "record" if len(at) == 1 else "records"
+        warnings.append(
+            f"{path}: ATS {subsystem}: ignored, not implemented: {len(at)} {records} "
+            f"(line{'s' if len(at) > 1 else ''} {_line_list(at)}), see {ATS_DOC_ANCHOR}"
+        )
     return ParsedRecords(MappingProxyType(values), MappingProxyType(lines), tuple(warnings))
+
+
+def _line_list(numbers: list[int], most: int = 8) -> str:
+    shown = ", ".join(str(n) for n in numbers[:most])
+    return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
 
 
 class RecordsConfig:

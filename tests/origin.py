@@ -145,7 +145,7 @@ class OriginServer:
     def start(self) -> OriginServer:
         lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lst.bind((self.host, 0))
+        lst.bind((self.host, self.port))  # 0 (the default): any free port
         lst.listen(128)
         lst.settimeout(0.1)
         self._listener = lst

@@ -4,6 +4,8 @@ say what is true, the CLI behaves from any shell. Every test starts the real tsp
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import REPO_ROOT, TSPROXY_CMD, ProxyProcess, free_port, run_tsproxy, subprocess_env
-from origin import OriginServer
+from origin import OriginServer, pattern
 
 SHIPPED = REPO_ROOT / "etc" / "tsproxy"
 _MAP_LINE = re.compile(r"^[ #]*((?:map|map_with_recv_port)\s+https?://\S+\s+\S+.*)$")
@@ -42,7 +44,7 @@ def _doc_map_lines() -> list[tuple[str, str]]:
     return found
 
 
-def _request(scheme: str, port: int, host_header: str, path: str) -> tuple[int, bytes]:
+def _request(scheme: str, port: int, host_header: str, path: str, extra: str = "") -> tuple[int, bytes]:
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock: socket.socket = raw
     if scheme == "https":
@@ -51,11 +53,13 @@ def _request(scheme: str, port: int, host_header: str, path: str) -> tuple[int, 
         ctx.verify_mode = ssl.CERT_NONE
         sock = ctx.wrap_socket(raw, server_hostname=host_header.rsplit(":", 1)[0])
     with sock:
-        head = f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n"
+        head = f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n{extra}Connection: close\r\n\r\n"
         sock.sendall(head.encode("latin-1"))
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
+    if not data:
+        return 0, b""  # closed without an answer
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
 
@@ -337,3 +341,124 @@ def test_stock_ats_directory_serves(tsproxy_factory: Callable[..., ProxyProcess]
     assert len(proxy.status()["workers"]) == 2  # exec_thread.limit 2
     status, body = _request("http", port, "www.example.com", "/")
     assert status == 404 and b"no remap rule for http://www.example.com:80/" in body
+
+
+# -- 3. the ATS records people set ----------------------------------------------------------
+
+
+def _echo(port: int, host: str, extra: str = "") -> dict[str, str]:
+    status, body = _request("http", port, host, "/echo", extra)
+    assert status == 200, body
+    return {k.lower(): v for k, v in json.loads(body)["headers"]}
+
+
+def test_pristine_host_hdr_and_insert_client_ip(
+    tsproxy_factory: Callable[..., ProxyProcess], origin: OriginServer
+) -> None:
+    remap = {"remap.config": f"map http://www.example.com/ http://{origin.authority}/\n"}
+    spoof = "Client-ip: 6.6.6.6\r\n"
+    proxy = tsproxy_factory(files=remap)
+    seen = _echo(proxy.port(0), "www.example.com", spoof)
+    assert seen["host"] == origin.authority  # the remap target's host (ATS default)
+    assert seen["client-ip"] == "127.0.0.1"  # insert_client_ip 1 (ATS default): ours replaces theirs
+
+    records = {"proxy.config.url_remap.pristine_host_hdr": 1, "proxy.config.http.insert_client_ip": 0}
+    proxy = tsproxy_factory(records=records, files=remap)
+    seen = _echo(proxy.port(0), "www.example.com", spoof)
+    assert seen["host"] == "www.example.com"  # the client's own Host
+    assert seen["client-ip"] == "6.6.6.6"  # not inserted: the client's header goes on untouched
+
+
+def test_transaction_active_timeouts(
+    tsproxy_factory: Callable[..., ProxyProcess], origin: OriginServer
+) -> None:
+    remap = {"remap.config": f"map http://www.example.com/ http://{origin.authority}/\n"}
+    slow = "/slow?delay=3&n=5"  # slow, but silent for less than the inactivity timeouts
+    baseline = tsproxy_factory(files=remap)
+    assert _request("http", baseline.port(0), "www.example.com", slow)[0] == 200
+
+    cut_in = tsproxy_factory(records={"proxy.config.http.transaction_active_timeout_in": 1}, files=remap)
+    assert _request("http", cut_in.port(0), "www.example.com", slow) == (0, b"")  # closed, no answer
+
+    cut_out = tsproxy_factory(records={"proxy.config.http.transaction_active_timeout_out": 1}, files=remap)
+    status, body = _request("http", cut_out.port(0), "www.example.com", slow)
+    assert status == 504, body
+    # Between transactions no active timeout runs: a keep-alive connection outlives it.
+    c = http.client.HTTPConnection("127.0.0.1", cut_in.port(0), timeout=10)
+    c.request("GET", "/", headers={"Host": "www.example.com"})
+    assert c.getresponse().read() == pattern(5)
+    time.sleep(1.5)
+    c.request("GET", "/", headers={"Host": "www.example.com"})
+    assert c.getresponse().status == 200
+    c.close()
+
+
+def test_accept_no_activity_timeout_closes_a_silent_new_connection(
+    tsproxy_factory: Callable[..., ProxyProcess],
+) -> None:
+    records = {
+        "proxy.config.http.accept_no_activity_timeout": 1,
+        "proxy.config.http.keep_alive_no_activity_timeout_in": 60,
+    }
+    proxy = tsproxy_factory(records=records)
+    with socket.create_connection(("127.0.0.1", proxy.port(0)), timeout=15) as silent:
+        assert silent.recv(100) == b""  # closed by the proxy, long before the keep-alive timeout
+
+
+def test_connect_retries_then_the_origin_is_marked_down(
+    tsproxy_factory: Callable[..., ProxyProcess],
+) -> None:
+    port = free_port()  # nobody listens: every connect is refused
+    records = {
+        "proxy.config.http.connect_attempts_max_retries": 2,
+        "proxy.config.http.connect_attempts_max_retries_dead_server": 1,
+        "proxy.config.http.down_server.cache_time": 60,
+    }
+    proxy = tsproxy_factory(records=records, files={"remap.config": f"map http://a.test/ http://127.0.0.1:{port}/\n"})
+
+    def failures() -> int:
+        out = proxy.ctl("metric", "get", "proxy.process.http.err_connect_fail_count").stdout
+        return int(out.split()[1])
+
+    assert _request("http", proxy.port(0), "a.test", "/")[0] == 502
+    assert failures() == 3  # the first attempt and 2 retries
+    assert f"origin 127.0.0.1:{port} marked down for 60 s: 3 connection attempts failed" in proxy.output()
+    assert _request("http", proxy.port(0), "a.test", "/")[0] == 502
+    assert failures() == 4  # marked down: one attempt only
+    with OriginServer(port=port) as back:
+        assert _request("http", proxy.port(0), "a.test", "/")[0] == 200  # still tried, and up again
+        assert back.requests
+    assert f"origin 127.0.0.1:{port} is up again" in proxy.output()
+
+
+def test_max_requests_in_answers_503_beyond_the_limit(
+    tsproxy_factory: Callable[..., ProxyProcess], origin: OriginServer
+) -> None:
+    remap = {"remap.config": f"map http://www.example.com/ http://{origin.authority}/\n"}
+    proxy = tsproxy_factory(records={"proxy.config.net.max_requests_in": 1}, files=remap)
+    port = proxy.port(0)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as busy:
+        busy.sendall(b"GET /slow?delay=2 HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        origin.wait_requests(1)
+        assert _request("http", port, "www.example.com", "/")[0] == 503
+        assert busy.recv(100).startswith(b"HTTP/1.1 200")
+    assert _request("http", port, "www.example.com", "/")[0] == 200
+
+
+def test_remap_required_0_forwards_only_for_allowed_clients_and_never_to_itself(
+    tsproxy_factory: Callable[..., ProxyProcess], origin: OriginServer
+) -> None:
+    closed = tsproxy_factory()
+    assert _request("http", closed.port(0), origin.authority, "/")[0] == 404  # remap_required 1
+
+    proxy = tsproxy_factory(records={"proxy.config.url_remap.remap_required": 0})
+    status, body = _request("http", proxy.port(0), origin.authority, "/")
+    assert (status, body) == (200, pattern(5))  # 127.0.0.1 is in unmapped_clients by default
+    assert _request("http", proxy.port(0), f"127.0.0.1:{proxy.port(0)}", "/")[0] == 404  # itself: no loop
+
+    others = {
+        "proxy.config.url_remap.remap_required": 0,
+        "proxy.config.url_remap.unmapped_clients": "10.0.0.0/8",
+    }
+    proxy = tsproxy_factory(records=others)
+    assert _request("http", proxy.port(0), origin.authority, "/")[0] == 404

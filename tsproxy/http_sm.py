@@ -33,6 +33,7 @@ other, so a stalled transaction always ends by one side's timeout.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -79,8 +80,9 @@ from tsproxy.http.parser import (
     ResponseParser,
     ResponseReceived,
 )
+from tsproxy.origin_health import OriginHealth
 from tsproxy.origin_tls import M_VERIFY_FAILED, OriginTLS
-from tsproxy.remap import OriginKey, describe_miss
+from tsproxy.remap import OriginKey, describe_miss, forward_result
 
 if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
@@ -107,6 +109,7 @@ CLIENT_WATER_MARK = 64 * 1024
 RESPONSE_WATER_MARK = 256 * 1024
 ORIGIN_WRITE_WATER_MARK = 256 * 1024
 MAX_IDLE_PER_ORIGIN = 128
+RESOLVER_CACHE_MAX = 4096
 
 
 def _m(name: str) -> int:
@@ -130,17 +133,28 @@ class HttpConfig:
     """The HTTP records a session needs, read once per config generation."""
 
     __slots__ = (
+        "accept_timeout",
+        "active_in",
+        "active_out",
+        "client_ip",
+        "connect_retries",
+        "connect_retries_dead",
         "connect_timeout",
+        "down_time",
         "ka_timeout_in",
         "ka_timeout_out",
         "keep_alive_in",
         "keep_alive_out",
         "max_header_size",
+        "max_requests_in",
+        "pristine_host",
         "remap",
+        "remap_required",
         "request_via",
         "response_via",
         "txn_timeout_in",
         "txn_timeout_out",
+        "unmapped_clients",
         "xff",
     )
 
@@ -160,6 +174,19 @@ class HttpConfig:
         self.response_via = name if g("proxy.config.http.insert_response_via_str") else None
         self.xff = bool(g("proxy.config.http.insert_squid_x_forwarded_for"))
         self.max_header_size = g("proxy.config.http.request_header_max_size")
+        self.active_in = g("proxy.config.http.transaction_active_timeout_in")
+        self.active_out = g("proxy.config.http.transaction_active_timeout_out")
+        accept = g("proxy.config.http.accept_no_activity_timeout")
+        self.accept_timeout = accept if accept > 0 else g("proxy.config.net.default_inactivity_timeout")
+        self.connect_retries = g("proxy.config.http.connect_attempts_max_retries")
+        self.connect_retries_dead = g("proxy.config.http.connect_attempts_max_retries_dead_server")
+        self.down_time = g("proxy.config.http.down_server.cache_time")
+        self.max_requests_in = g("proxy.config.net.max_requests_in")
+        self.client_ip = bool(g("proxy.config.http.insert_client_ip"))
+        self.pristine_host = bool(g("proxy.config.url_remap.pristine_host_hdr"))
+        self.remap_required = bool(g("proxy.config.url_remap.remap_required"))
+        clients = rec.get_str("proxy.config.url_remap.unmapped_clients").split()
+        self.unmapped_clients = [ipaddress.ip_network(w, strict=False) for w in clients]
 
 
 class Resolver:
@@ -175,6 +202,8 @@ class Resolver:
         if hit is None:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             family, _, _, _, addr = infos[0]
+            if len(self._cache) >= RESOLVER_CACHE_MAX:  # remap_required 0: any host may come
+                self._cache.clear()
             hit = self._cache[key] = (family, addr)
         return hit
 
@@ -199,11 +228,16 @@ class HttpProcessor:
         # A request parser between messages, shared: see HttpClientSession._process_client_input.
         self.spare_parser: RequestParser | None = None
         self.draining = False
+        self.active_txns = 0  # transactions in progress (proxy.config.net.max_requests_in)
+        self.health = OriginHealth()
         self.set_config(config)
 
     def set_config(self, config: ProxyConfig) -> None:
         self.config = config
         self.http = HttpConfig(config)
+        # This proxy's own addresses: remap_required 0 never forwards a request to itself.
+        self.listen_ports = {p.port for p in config.ports}
+        self.listen_ips = {p.ip_in for p in config.ports if p.ip_in is not None}
         # Idle origin connections were opened (and verified) under the old config: a reload that
         # tightens verification or changes the CA must not keep reusing them. Busy ones are not
         # pooled again (OriginPool.put checks the config they were opened under).
@@ -321,6 +355,7 @@ class OriginConnection(Continuation):
         self.session = None
         self.handler = self._handle_idle  # set_handler, without the call
         self.vc.set_inactivity_timeout(timeout)
+        self.vc.set_active_timeout(0)  # transaction_active_timeout_out ends with the transaction
         if not self.vc.read_enabled:
             self.vc.do_io_read(self, INT64_MAX, self.read_buf)
 
@@ -377,6 +412,7 @@ class HttpClientSession(Continuation):
         "client_keep_alive",
         "close_after_write",
         "closed",
+        "connect_attempts",
         "connect_vc",
         "connecting",
         "framing",
@@ -441,6 +477,7 @@ class HttpClientSession(Continuation):
         self.client_keep_alive = True
         self.origin_paused = False
         self.retried = False
+        self.connect_attempts = 0
         self.origin_bytes = 0
         # HTTP transaction hooks (see _run_hooks)
         self.txn: Any = None  # the plugin facade of the current transaction, made on demand
@@ -468,7 +505,7 @@ class HttpClientSession(Continuation):
         counters[M_TOTAL_CLIENT] += 1
         vc.do_io_read(self, INT64_MAX, self.read_buf)
         vc.do_io_write(self, INT64_MAX, self.write_reader)
-        vc.set_inactivity_timeout(self.http.ka_timeout_in)
+        vc.set_inactivity_timeout(self.http.accept_timeout)  # until the first request
 
     def idle(self) -> bool:
         """Between transactions with nothing left to send: safe to close on drain."""
@@ -626,8 +663,16 @@ class HttpClientSession(Continuation):
         self.request_done = False
         self.response = None
         self.retried = False
-        self.client_keep_alive = req.keep_alive and self.http.keep_alive_in and not proc.draining
-        self.vc.set_inactivity_timeout(self.http.txn_timeout_in)
+        self.connect_attempts = 0
+        http = self.http
+        self.client_keep_alive = req.keep_alive and http.keep_alive_in and not proc.draining
+        self.vc.set_inactivity_timeout(http.txn_timeout_in)
+        if http.active_in:
+            self.vc.set_active_timeout(http.active_in)
+        proc.active_txns += 1
+        if http.max_requests_in and proc.active_txns > http.max_requests_in:
+            self._send_error(503, "too many requests in progress; try again", close=True)
+            return
         if req.method == b"CONNECT":
             self._send_error(501, "CONNECT is not supported", close=True)
             return
@@ -654,6 +699,8 @@ class HttpClientSession(Continuation):
                 host = rest if slash < 0 else rest[:slash]
                 target = b"/" if slash < 0 else rest[slash:]
         remap = self.http.remap.lookup(self.scheme, host, self.port, target)
+        if remap is None and not self.http.remap_required:
+            remap = self._forward_target(req, host, target)
         if remap is None:
             _dbg("no remap rule for %s://%s%s", self.scheme, host, target)
             miss = describe_miss(self.scheme, host, self.port)
@@ -661,6 +708,31 @@ class HttpClientSession(Continuation):
             return
         self.remap = remap
         self._run_hooks(_POST_REMAP, self._get_origin)
+
+    def _forward_target(self, req: RequestReceived, host: bytes, target: bytes) -> RemapResult | None:
+        """remap_required 0: the host the request names, for a client in unmapped_clients, unless
+        that is this proxy itself (a request sent round in a loop)."""
+        try:
+            client = ipaddress.ip_address(self.vc.remote_ip)
+        except ValueError:
+            return None
+        if not any(client in net for net in self.http.unmapped_clients):
+            return None
+        result = forward_result(self.scheme, host, target)
+        if result is None:
+            return None
+        via = self.http.request_via
+        if via is not None and any(n.lower() == b"via" and via in v for n, v in req.headers):
+            return None  # it has been through this proxy (by name) already
+        if result.origin_port in self.proc.listen_ports:
+            try:
+                _, sockaddr = self.proc.resolver.resolve(result.origin_host, result.origin_port)
+                addr = ipaddress.ip_address(sockaddr[0])
+            except (OSError, ValueError):
+                return result  # the connect reports it
+            if addr.is_loopback or addr.is_unspecified or str(addr) in self.proc.listen_ips:
+                return None
+        return result
 
     def _origin_key(self) -> OriginKey:
         r = self.remap
@@ -679,6 +751,7 @@ class HttpClientSession(Continuation):
 
     def _connect_origin(self, key: OriginKey) -> None:
         proc = self.proc
+        self.connect_attempts += 1
         try:
             family, addr = proc.resolver.resolve(key[1], key[2])
         except OSError as exc:
@@ -705,12 +778,22 @@ class HttpClientSession(Continuation):
                 data.do_io_close()
             return
         if event == NET_EVENT_OPEN_FAILED:
-            self.proc.counters[M_CONNECT_FAIL] += 1
+            proc = self.proc
+            proc.counters[M_CONNECT_FAIL] += 1
             err = data if isinstance(data, int) else 0
             _dbg("connect to %s:%s failed: errno %s", key[1], key[2], err)
+            http = self.http
+            health = proc.health
+            allowed = health.attempts_allowed(key[1], key[2], http.connect_retries, http.connect_retries_dead)
+            if self.connect_attempts < allowed:
+                self._connect_origin(key)  # connect_attempts_max_retries: at once, as ATS
+                return
+            health.mark_down(key[1], key[2], http.down_time, self.connect_attempts, _strerror(err))
             self._send_error(502, f"origin {key[1]}:{key[2]} unreachable ({_strerror(err)})", close=False)
             self._process_client_input()
             return
+        if self.connect_attempts > 1 or self.proc.health.any_down:
+            self.proc.health.mark_up(key[1], key[2])
         vc: NetVConnection = data
         settings: OriginTLSSettings | None = None
         if key[0] == "https":
@@ -863,6 +946,8 @@ class HttpClientSession(Continuation):
         self.origin = conn
         self.origin_bytes = 0
         conn.attach(self)
+        if self.http.active_out:
+            conn.vc.set_active_timeout(self.http.active_out)
         conn.requests += 1
         self._run_hooks(_SEND_REQUEST_HDR, self._send_request_head)
 
@@ -873,13 +958,21 @@ class HttpClientSession(Continuation):
         if req is None or remap is None or conn is None:
             return
         conn.parser.start(req.method)
+        http = self.http
+        host_header = remap.host_header
+        if http.pristine_host:
+            for name, value in req.headers:
+                if len(name) == 4 and name.lower() == b"host":
+                    host_header = value
+                    break
         head = build_origin_request_head(
             req,
             path=remap.path,
-            host_header=remap.host_header,
+            host_header=host_header,
             client_ip=self.vc.remote_ip,
-            via=self.http.request_via,
-            xff=self.http.xff,
+            via=http.request_via,
+            xff=http.xff,
+            client_ip_header=http.client_ip,
         )
         self.proc.counters[M_OUTGOING] += 1
         self.chunked_up = ChunkedEncoder() if req.body is _CHUNKED else None
@@ -1123,6 +1216,10 @@ class HttpClientSession(Continuation):
         self._end_transaction()
 
     def _end_transaction(self) -> None:
+        if self.request is not None:
+            self.proc.active_txns -= 1
+            if self.http.active_in and not self.head_timer:
+                self.vc.set_active_timeout(0)
         if self.txn_hooks is not None or _TXN_CLOSE in self._hook_table:
             self._notify(_TXN_CLOSE)
         self.txn = None
@@ -1295,6 +1392,7 @@ class HttpClientSession(Continuation):
             return
         self.closed = True
         if self.request is not None:
+            self.proc.active_txns -= 1
             # The transaction dies with the connection (client abort, timeout, a plugin that
             # never re-enabled): TXN_CLOSE still fires, once, as in ATS.
             self._hook_then = None

@@ -39,6 +39,7 @@ __all__ = [
     "RemapRule",
     "RemapTable",
     "describe_miss",
+    "forward_result",
     "load_remap",
     "parse_remap",
 ]
@@ -225,6 +226,41 @@ def _host_key(scheme: str, host: str | bytes) -> tuple[bytes, int] | None:
     if not name:
         return None
     return name, url_port
+
+
+def forward_result(scheme: str, host: str | bytes, path: bytes) -> RemapResult | None:
+    """proxy.config.url_remap.remap_required 0: where an unmapped request goes, namely to the
+    host and port it names itself (as a forward proxy), with the client's Host sent on."""
+    key = _host_key(scheme, host)
+    if key is None:
+        return None
+    name_b, port = key
+    name = name_b.decode("latin-1")
+    if name.startswith("["):
+        name = name[1:-1]
+    elif _HOSTNAME_RE.match(name) is None:
+        return None
+    try:
+        host_header = name_b if port == DEFAULT_PORTS[scheme] else b"%s:%d" % (name_b, port)
+    except KeyError:
+        return None
+    rule = RemapRule(
+        path="(remap_required 0)",
+        line=0,
+        text=f"forward {scheme}://{name_b.decode('latin-1')}:{port}/",
+        directive="forward",
+        from_scheme=scheme,
+        from_host=name,
+        from_port=port,
+        from_prefix=b"/",
+        to_scheme=scheme,
+        to_host=name,
+        to_port=port,
+        to_path=b"/",
+        host_header=host_header,
+        options=MappingProxyType({}),
+    )
+    return RemapResult(scheme, name, port, path, host_header, rule, rule.options)
 
 
 _MAX_SHOWN_HOST = 100

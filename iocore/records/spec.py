@@ -133,6 +133,16 @@ def _ip_or_empty(value: RecValue) -> str | None:
     return None
 
 
+def _networks(value: RecValue) -> str | None:
+    """Accept space-separated IP addresses and networks (``10.0.0.0/8``, ``::1``)."""
+    for word in str(value).split():
+        try:
+            ipaddress.ip_network(word, strict=False)
+        except ValueError:
+            return f"expected IP addresses or networks, got {word!r}"
+    return None
+
+
 # -- the table --------------------------------------------------------------------------------
 
 _R = RecUpdate.RELOADABLE
@@ -199,8 +209,37 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Seconds an idle origin connection is kept in the pool",
     ),
     RecordSpec(
+        "proxy.config.http.transaction_active_timeout_in", _I, 900, _R, NON_NEGATIVE,
+        "Seconds a client transaction may last in all, from its first request byte to its last "
+        "response byte; then the connection is closed; 0 disables",
+    ),
+    RecordSpec(
+        "proxy.config.http.transaction_active_timeout_out", _I, 0, _R, NON_NEGATIVE,
+        "Seconds an origin may take for a whole response, from the request head on (504 if no "
+        "response head came yet, else the connection is cut); 0 disables",
+    ),
+    RecordSpec(
+        "proxy.config.http.accept_no_activity_timeout", _I, 120, _R, NON_NEGATIVE,
+        "Seconds a new client connection may stay silent before its first request (after the "
+        "TLS handshake); 0 leaves only the default inactivity timeout",
+    ),
+    RecordSpec(
         "proxy.config.http.connect_attempts_timeout", _I, 30, _R, POSITIVE,
         "Seconds to wait for an origin connection (TCP and TLS) to be established",
+    ),
+    RecordSpec(
+        "proxy.config.http.connect_attempts_max_retries", _I, 3, _R, int_range(0, 255),
+        "Connection attempts to an origin after the first one fails (refused, unreachable, "
+        "timed out), before the client gets 502; the origin is then marked down",
+    ),
+    RecordSpec(
+        "proxy.config.http.connect_attempts_max_retries_dead_server", _I, 1, _R, int_range(0, 255),
+        "Connection attempts to an origin marked down (at least one is always made)",
+    ),
+    RecordSpec(
+        "proxy.config.http.down_server.cache_time", _I, 60, _R, NON_NEGATIVE,
+        "Seconds an origin stays marked down (per worker) after every attempt to connect failed; "
+        "0 never marks one down",
     ),
     RecordSpec("proxy.config.http.keep_alive_enabled_in", _I, 1, _R, BOOL, "Allow client keep-alive"),
     RecordSpec("proxy.config.http.keep_alive_enabled_out", _I, 1, _R, BOOL, "Reuse origin connections"),
@@ -215,6 +254,11 @@ RECORDS: tuple[RecordSpec, ...] = (
     RecordSpec(
         "proxy.config.http.insert_squid_x_forwarded_for", _I, 1, _R, BOOL,
         "Add the client address to X-Forwarded-For on requests to the origin",
+    ),
+    RecordSpec(
+        "proxy.config.http.insert_client_ip", _I, 1, _R, BOOL,
+        "Send the client address to the origin in a Client-ip header (one the client sent is "
+        "replaced); 0 forwards the client's own Client-ip untouched",
     ),
     RecordSpec("proxy.config.proxy_name", _S, "tsproxy", _R, None, "Name of this proxy in Via headers"),
     RecordSpec(
@@ -238,10 +282,29 @@ RECORDS: tuple[RecordSpec, ...] = (
         "proxy.config.net.max_connections_in", _I, 30000, _R, POSITIVE,
         "Most client connections per worker; further accepts are closed and counted as throttled",
     ),
+    RecordSpec(
+        "proxy.config.net.max_requests_in", _I, 0, _R, NON_NEGATIVE,
+        "Most client transactions in progress at once per worker; a request beyond it gets 503 "
+        "and its connection is closed; 0 means unlimited",
+    ),
     # remap and plugins
     RecordSpec(
         "proxy.config.url_remap.filename", _S, "remap.config", _R, None,
         "Remap rules file; relative to the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.url_remap.remap_required", _I, 1, _R, BOOL,
+        "1: a request no remap rule matches gets 404. 0: it goes to the host it names (a forward "
+        "proxy), but only for clients in proxy.config.url_remap.unmapped_clients",
+    ),
+    RecordSpec(
+        "proxy.config.url_remap.unmapped_clients", _S, "127.0.0.1 ::1", _R, _networks,
+        "With remap_required 0: client addresses or networks (space separated, e.g. 10.0.0.0/8) "
+        "whose unmapped requests are forwarded; 0.0.0.0/0 ::/0 makes an open proxy (tsproxy)",
+    ),
+    RecordSpec(
+        "proxy.config.url_remap.pristine_host_hdr", _I, 0, _R, BOOL,
+        "Send the origin the client's Host header instead of the remap target's host",
     ),
     RecordSpec(
         "proxy.config.plugin.plugin_dir", _S, "plugins", _X, None,
@@ -250,6 +313,29 @@ RECORDS: tuple[RecordSpec, ...] = (
     RecordSpec(
         "proxy.config.plugin.load_failure_fatal", _I, 1, _R, BOOL,
         "A plugin that fails to load stops startup (1) or is skipped with an error (0)",
+    ),
+    # log files
+    RecordSpec(
+        "proxy.config.log.rolling_enabled", _I, 1, _R, int_range(0, 4),
+        "Roll the log files: 0 never, 1 every rolling_interval_sec, 2 when a file exceeds "
+        "rolling_size_mb, 3 whichever comes first, 4 at the interval, if the file exceeds the size",
+    ),
+    RecordSpec(
+        "proxy.config.log.rolling_interval_sec", _I, 86400, _R, int_range(60),
+        "Seconds between interval rolls, aligned to multiples of it since midnight UTC",
+    ),
+    RecordSpec(
+        "proxy.config.log.rolling_size_mb", _I, 10, _R, POSITIVE,
+        "Size in MB above which a log file is rolled (rolling_enabled 2, 3 or 4)",
+    ),
+    RecordSpec(
+        "proxy.config.log.max_space_mb_for_logs", _I, 25000, _R, POSITIVE,
+        "MB the log directory may use; beyond it the oldest rolled files are deleted "
+        "(with auto_delete_rolled_files)",
+    ),
+    RecordSpec(
+        "proxy.config.log.auto_delete_rolled_files", _I, 1, _R, BOOL,
+        "Delete the oldest rolled log files when the log directory exceeds max_space_mb_for_logs",
     ),
     # diagnostics
     RecordSpec("proxy.config.diags.debug.enabled", _I, 0, _R, BOOL, "Enable debug output for the tags below"),

@@ -47,6 +47,7 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 
 # Headers the builders drop on top of the hop-by-hop ones because they write their own.
 _ORIGIN_DROP = HOP_BY_HOP | {b"host", b"content-length", b"via", b"x-forwarded-for"}
+_ORIGIN_DROP_CLIENT_IP = _ORIGIN_DROP | {b"client-ip"}  # insert_client_ip: ours replaces theirs
 _CLIENT_DROP = HOP_BY_HOP | {b"content-length", b"via"}
 
 
@@ -120,6 +121,7 @@ def build_origin_request_head(
     via: bytes | None,
     xff: bool,
     body_framing: BodyMode | None = None,
+    client_ip_header: bool = False,
 ) -> bytes:
     """The request head to send to the origin for the client request ``ev``.
 
@@ -127,9 +129,14 @@ def build_origin_request_head(
     ``via`` the proxy's name for the Via entry (None: add none), ``xff`` whether to append the
     client's address to X-Forwarded-For. ``body_framing`` defaults to the framing of the request
     body as received (LENGTH keeps its Content-Length, CHUNKED is re-chunked).
+    ``client_ip_header`` (proxy.config.http.insert_client_ip) sends ``Client-ip: client_ip``
+    in place of any Client-ip the client sent.
     """
     parts: list[bytes] = [ev.method, b" ", path, b" HTTP/1.1\r\nHost: ", host_header, b"\r\n"]
-    via_seen, xff_seen = _forward(ev.headers, _ORIGIN_DROP, parts)
+    drop = _ORIGIN_DROP_CLIENT_IP if client_ip_header else _ORIGIN_DROP
+    via_seen, xff_seen = _forward(ev.headers, drop, parts)
+    if client_ip_header:
+        parts += (b"Client-ip: ", client_ip.encode("ascii"), b"\r\n")
     if via is not None:
         via_seen.append(b"%s %s" % (ev.http_version, via))
     if via_seen:

@@ -17,7 +17,9 @@ space in the unquoted SNI field), ``"`` and ``\\`` become ``\\"`` and ``\\\\``; 
 one line, whose fields split on spaces. Lines are buffered in memory and written with one ``write`` per
 second (or as soon as 64 KiB are buffered), at ``tsproxy reload`` (which also reopens the file,
 for log rotation) and when the worker stops; a slow disk costs the loop at most one write per
-flush. Every worker appends to the same file with O_APPEND, whole lines per write.
+flush. Every worker appends to the same file with O_APPEND, whole lines per write. A flush
+first checks that the path still names the open file (one stat): when the master has rolled it
+(proxy.config.log.rolling_enabled) or logrotate moved it, the file is opened anew.
 """
 
 from __future__ import annotations
@@ -133,9 +135,24 @@ class AccessLog:
         if self.size >= FLUSH_BYTES:
             self.flush()
 
+    def _reopen_if_rolled(self) -> None:
+        """The master rolls log files by renaming them (proxy.config.log.rolling_enabled):
+        once the name no longer leads to the open file, open it anew."""
+        try:
+            st, fst = os.stat(self.path), os.fstat(self.fd)
+            rolled = (st.st_dev, st.st_ino) != (fst.st_dev, fst.st_ino)
+        except OSError:
+            rolled = True
+        if rolled:
+            try:
+                self.open()
+            except PluginError as exc:
+                self.api.log.error("%s", exc)
+
     def flush(self) -> None:
         if not self.buf or self.fd < 0:
             return
+        self._reopen_if_rolled()
         data = b"".join(self.buf)
         self.buf.clear()
         self.size = 0

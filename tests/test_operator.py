@@ -462,3 +462,85 @@ def test_remap_required_0_forwards_only_for_allowed_clients_and_never_to_itself(
     }
     proxy = tsproxy_factory(records=others)
     assert _request("http", proxy.port(0), origin.authority, "/")[0] == 404
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""  # between a roll and the writer's next line
+
+
+def _wait(cond: Callable[[], object], what: str, timeout: float = 15.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+        except FileNotFoundError:  # a file rolled or deleted under the check
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_log_rolling_by_size_and_auto_delete(
+    tsproxy_factory: Callable[..., ProxyProcess], origin: OriginServer
+) -> None:
+    records = {
+        "proxy.config.log.rolling_enabled": 2,  # by size
+        "proxy.config.log.rolling_size_mb": 1,
+        "proxy.config.log.max_space_mb_for_logs": 3,
+        "proxy.config.log.auto_delete_rolled_files": 1,
+    }
+    files = {
+        "remap.config": f"map http://www.example.com/ http://{origin.authority}/\n",
+        "plugin.config": "plugins.access_log\n",
+    }
+    proxy = tsproxy_factory(records=records, files=files)
+    log_dir = proxy.config_dir / "log"
+    port = proxy.port(0)
+    # A busy day's worth of lines, written straight into the logs (1.2 MB each: over the size).
+    filler = ("x" * 99 + "\n") * 12_000
+    assert _request("http", port, "www.example.com", "/first")[0] == 200
+    _wait(lambda: "/first" in _text(log_dir / "access.log"), "the access log line")
+    for name in ("tsproxy.log", "access.log"):
+        with (log_dir / name).open("a") as f:
+            f.write(filler)
+    _wait(lambda: len(list(log_dir.glob("*.old"))) >= 2, "two rolls")
+    names = sorted(p.name for p in log_dir.glob("*.old"))
+    assert [n.split("_")[0] for n in names] == ["access.log", "tsproxy.log"], names
+    # Both writers carry on in fresh files under the old names.
+    assert _request("http", port, "www.example.com", "/after-roll")[0] == 200
+    _wait(lambda: "/after-roll" in _text(log_dir / "access.log"), "a line in the new access.log")
+    assert proxy.ctl("reload").returncode == 0
+    _wait(lambda: "reloaded" in _text(log_dir / "tsproxy.log"), "a line in the new tsproxy.log")
+    assert (log_dir / "access.log").stat().st_size < 1 << 20
+
+    # Beyond max_space_mb_for_logs the oldest rolled files go.
+    for _ in range(3):
+        with (log_dir / "access.log").open("a") as f:
+            f.write(filler)
+        before = set(log_dir.glob("access.log_*.old"))
+        _wait(lambda before=before: set(log_dir.glob("access.log_*.old")) - before, "another roll")
+    _wait(lambda: sum(p.stat().st_size for p in log_dir.iterdir()) <= 3 << 20, "old files deleted")
+    assert "exceeds proxy.config.log.max_space_mb_for_logs" in _text(log_dir / "tsproxy.log")
+
+
+def test_log_rolling_at_the_interval(tmp_path: Path) -> None:
+    """The interval modes, on real files: rolled when a multiple of rolling_interval_sec passes."""
+    from tsproxy.logs import LogRoller, RollingPolicy
+
+    day = 86400
+    start = 100 * day + 10.0
+    cases = ((1, 10, True), (3, 10, True), (4, 10, False), (4, 2 << 20, True), (2, 10, False))
+    for mode, size, rolls in cases:
+        log_dir = tmp_path / f"m{mode}-{size}"
+        log_dir.mkdir()
+        (log_dir / "tsproxy.log").write_bytes(b"x" * size)
+        (log_dir / "empty.log").touch()
+        roller = LogRoller(log_dir, RollingPolicy(mode, day, 1 << 20, 1 << 40, True), now=start)
+        assert roller.tick(now=start + 60) == []  # the same interval
+        rolled = roller.tick(now=start + day)  # the next one
+        assert [p.name.split("_")[0] for p in rolled] == (["tsproxy.log"] if rolls else []), (mode, size)
+        assert (log_dir / "empty.log").exists()  # an empty file is never rolled

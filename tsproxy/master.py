@@ -85,7 +85,7 @@ from tsproxy.exitcodes import (
     EX_WORKER_BOOT,
     exit_code_for,
 )
-from tsproxy.logs import get_logger, set_process_label, setup_logging
+from tsproxy.logs import LogRoller, RollingPolicy, get_logger, set_process_label, setup_logging
 from tsproxy.safefs import check_private_dir, make_dir, open_dir, read_file, write_atomic
 
 if TYPE_CHECKING:
@@ -388,6 +388,8 @@ class Master:
         self.ticket_keys: bytes | None = None
         self.state_dir: Path | None = None
         self.log_dir: Path | None = None
+        self._roller: LogRoller | None = None  # proxy.config.log.rolling_* (one roller: the master)
+        self._next_roll = 0.0
         self.pidfile: Path | None = None
         self.run_as: RunAs | None = None
         self.sock_path: Path | None = None
@@ -471,6 +473,8 @@ class Master:
         try:
             level = self.log_level if self.log_level is not None else 20
             setup_logging(self.log_dir, level=level, owner=owner)
+            if self.log_dir is not None:
+                self._roller = LogRoller(self.log_dir, RollingPolicy.from_records(self.config.records))
         except OSError as exc:
             raise StartupError(f"cannot create {exc.filename}: {exc.strerror}", EX_CONFIG) from exc
         set_process_label("master")
@@ -995,6 +999,7 @@ class Master:
             self.reap_workers()
             self._check_workers()
             self._check_reload_deadline()
+            self._roll_logs()
             if self._stopping:
                 if all(slot.pid == 0 for slot in self.slots) and not self._retirees:
                     break
@@ -1003,6 +1008,18 @@ class Master:
             for key, mask in self.selector.select(TICK):
                 key.data(mask)
         return self._finish_stop()
+
+    def _roll_logs(self) -> None:
+        if self._roller is None:
+            return
+        now = time.monotonic()
+        if now < self._next_roll:
+            return
+        self._next_roll = now + 1.0
+        try:
+            self._roller.tick()
+        except Exception:  # a log problem must never stop the master
+            _log.exception("log rolling failed")
 
     def _begin_stop(self, reason: str, code: int) -> None:
         if self._stopping:
@@ -1127,6 +1144,8 @@ class Master:
         self.generation += 1
         self.config = new
         self._fingerprints = fingerprints
+        if self._roller is not None:
+            self._roller.set_policy(RollingPolicy.from_records(new.records))
         pending = _PendingReload(
             generation=self.generation,
             changed=[n for n in changed if n not in restart],

@@ -617,13 +617,15 @@ def test_slowloris_tls_1000(tsproxy_factory: Factory, certs: Certs, origin: Orig
 def test_slowloris_plain_http_silent_and_stalled_head(
     tsproxy_factory: Factory, certs: Certs, origin: OriginServer
 ) -> None:
-    """Plain HTTP: silent connections are closed by keep_alive_no_activity_timeout_in, a request head
-    that stops arriving by transaction_no_activity_timeout_in."""
+    """Plain HTTP: silent new connections are closed by accept_no_activity_timeout (as in ATS; a
+    connection between two requests by keep_alive_no_activity_timeout_in), a request head that
+    stops arriving by transaction_no_activity_timeout_in."""
     proxy = start_proxy(
         tsproxy_factory,
         certs,
         origin.authority,
         {
+            "proxy.config.http.accept_no_activity_timeout": 2,
             "proxy.config.http.keep_alive_no_activity_timeout_in": 2,
             "proxy.config.http.transaction_no_activity_timeout_in": 2,
         },

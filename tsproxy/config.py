@@ -157,6 +157,9 @@ def load_proxy_config(
             "proxy.config.url_remap.filename is empty",
         )
     remap = load_remap(remap_name)
+    unread = unread_ats_file_warning(config_dir)
+    if unread is not None:
+        warnings.append(unread)
     warnings.extend(remap.warnings)
     warnings.extend(unreachable_rule_warnings(remap, ports))
 
@@ -249,6 +252,42 @@ def load_proxy_config(
         warnings=warnings,
         fallback_ctx=fallback_ctx,
         session_cache=session_cache,
+    )
+
+
+# ATS configuration files tsproxy does not read (it reads records.config, ssl_multicert.config,
+# remap.config and plugin.config). One with settings in it is named by config check, so an ATS
+# operator is not left believing, say, ip_allow.yaml's rules apply.
+ATS_FILES_NOT_READ = (
+    "cache.config",
+    "hosting.config",
+    "ip_allow.yaml",
+    "logging.yaml",
+    "parent.config",
+    "sni.yaml",
+    "socks.config",
+    "splitdns.config",
+    "storage.config",
+    "strategies.yaml",
+    "volume.config",
+)
+
+
+def unread_ats_file_warning(config_dir: Path) -> str | None:
+    """One warning naming the ATS files of ``config_dir`` that hold settings tsproxy ignores."""
+    found = []
+    for name in ATS_FILES_NOT_READ:
+        try:
+            text = (config_dir / name).read_text(errors="replace")
+        except OSError:
+            continue
+        if any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines()):
+            found.append(name)
+    if not found:
+        return None
+    return (
+        f"{config_dir}: {', '.join(found)}: not read by tsproxy, their settings do not apply "
+        "(see docs/operations.md)"
     )
 
 

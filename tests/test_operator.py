@@ -312,7 +312,7 @@ def test_stock_ats_directory_checks_in_a_handful_of_lines(tmp_path: Path) -> Non
     assert "unknown record" not in result.stderr
     assert "records.config: ATS cache: ignored, not implemented: 17 records" in result.stderr
     assert sum("see docs/records.md#ats" in w for w in warnings) == len(warnings) - 1, warnings
-    # The stock ip_allow.yaml has rules (deny PURGE, PUSH, DELETE): the operator is told they do not apply.
+    # The stock ip_allow.yaml has rules (deny PURGE, PUSH, DELETE, TRACE): say they do not apply.
     unread = "ip_allow.yaml, logging.yaml, socks.config, storage.config: not read by tsproxy"
     assert unread in result.stderr
     doc = (REPO_ROOT / "docs" / "records.md").read_text()

@@ -111,8 +111,10 @@ class OriginTLS:
             policy = VerifyServerPolicy[verify.upper()]
         sni = opts.get("sni")
         if sni is None:
-            # sni_policy "host" and "remap" name the same host here: the Host sent to the origin
-            # is the remap target's (tsproxy does not keep the client's Host on remap).
+            # sni_policy "host" and "remap" name the same host here: the remap target's. Even with
+            # url_remap.pristine_host_hdr (the origin gets the client's Host) the SNI and the name
+            # check stay the target's, so pooled connections (one pool per rule) stay right for
+            # every Host; a rule's @sni= names another.
             sni = remap.origin_host
         if _is_ip(sni):
             sni = None

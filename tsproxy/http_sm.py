@@ -229,6 +229,7 @@ class HttpProcessor:
         self.spare_parser: RequestParser | None = None
         self.draining = False
         self.active_txns = 0  # transactions in progress (proxy.config.net.max_requests_in)
+        self.request_share = 1  # workers sharing the listeners: max_requests_in is split over them
         self.health = OriginHealth()
         self.set_config(config)
 
@@ -670,7 +671,7 @@ class HttpClientSession(Continuation):
         if http.active_in:
             self.vc.set_active_timeout(http.active_in)
         proc.active_txns += 1
-        if http.max_requests_in and proc.active_txns > http.max_requests_in:
+        if http.max_requests_in and proc.active_txns > -(-http.max_requests_in // proc.request_share):
             self._send_error(503, "too many requests in progress; try again", close=True)
             return
         if req.method == b"CONNECT":

@@ -154,6 +154,7 @@ class Worker(Continuation):
             else "proxy.config.exec_thread.limit"
         )
         self.accepting_workers = max(self.config.records.get_int(role_record), 1)
+        self.http.request_share = self.accepting_workers  # proxy.config.net.max_requests_in, split too
         for lst in self.boot.listeners:
             self.acceptors.append(self._make_acceptor(lst))
         self.thread.register(self.boot.control.fileno(), 1, self._on_control)

@@ -284,8 +284,8 @@ RECORDS: tuple[RecordSpec, ...] = (
     ),
     RecordSpec(
         "proxy.config.net.max_requests_in", _I, 0, _R, NON_NEGATIVE,
-        "Most client transactions in progress at once per worker; a request beyond it gets 503 "
-        "and its connection is closed; 0 means unlimited",
+        "Most client transactions in progress at once (split evenly over the workers); a request "
+        "beyond it gets 503 and its connection is closed; 0 means unlimited",
     ),
     # remap and plugins
     RecordSpec(

@@ -147,6 +147,8 @@ def test_reload_says_a_plugin_change_needs_a_restart_and_only_content_counts(
     assert "file changed: plugin.config" in result.stdout
     assert "1 change(s) above wait for a restart" in result.stdout
     assert _request("http", port, "localhost", "/_stats")[0] == 404  # nothing was loaded
+    again = proxy.ctl("reload")  # still pending: said again until a restart loads it
+    assert "plugins.stats_over_http added: needs 'tsproxy restart'" in again.stdout
     restarted = proxy.ctl("restart")
     assert restarted.returncode == 0, restarted.stderr
     assert _request("http", port, "localhost", "/_stats")[0] == 200  # the restart loaded it
@@ -164,6 +166,18 @@ def test_reload_says_a_plugin_change_needs_a_restart_and_only_content_counts(
     result = proxy.ctl("reload")
     assert "plugin.config: plugin plugins.stats_over_http removed: needs 'tsproxy restart'" in result.stdout
     assert _request("http", port, "localhost", "/_stats")[0] == 200  # still loaded until a restart
+
+    # A plugin file whose code changed is not re-imported by a reload either.
+    source = proxy.config_dir / "plugins" / "noop.py"
+    source.parent.mkdir()
+    source.write_text("def plugin_init(api, args):\n    pass\n")
+    plugin_config.write_text("noop.py\n")
+    assert f"plugin {source.resolve()} added: needs 'tsproxy restart'" in proxy.ctl("reload").stdout
+    assert proxy.ctl("restart").returncode == 0
+    source.write_text("def plugin_init(api, args):\n    api.log.info('new code')\n")
+    result = proxy.ctl("reload")
+    needle = f"plugin.config:1: plugin {source.resolve()} code changed: needs 'tsproxy restart'"
+    assert needle in result.stdout, result.stdout
 
 
 # -- 5. CLI ---------------------------------------------------------------------------------

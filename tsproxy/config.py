@@ -100,10 +100,13 @@ def parse_plugin_config(text: str, path: str, plugin_dir: Path) -> list[PluginSp
     return specs
 
 
-def plugin_restart_notes(old: list[PluginSpec], new: list[PluginSpec]) -> list[str]:
+def plugin_restart_notes(
+    old: list[PluginSpec], new: list[PluginSpec], changed_files: frozenset[Path] = frozenset()
+) -> list[str]:
     """What a reload cannot apply in plugin.config, one message each: a worker imports and
     initialises its plugins when it boots (ATS, too, reads plugin.config only at start-up), so
-    an added or removed plugin, new arguments or a new order take ``tsproxy restart``."""
+    an added or removed plugin, new arguments, a new order or a plugin file whose code changed
+    (``changed_files``, absolute paths) take ``tsproxy restart``."""
     need = "needs 'tsproxy restart'"
     old_by = {spec.target: spec for spec in old}
     new_by = {spec.target: spec for spec in new}
@@ -115,6 +118,8 @@ def plugin_restart_notes(old: list[PluginSpec], new: list[PluginSpec]) -> list[s
             notes.append(f"{where}: plugin {spec.target} added: {need}")
         elif before.args != spec.args:
             notes.append(f"{where}: plugin {spec.target} arguments changed: {need}")
+        elif Path(spec.target) in changed_files:
+            notes.append(f"{where}: plugin {spec.target} code changed: {need}")
     for spec in old:
         if spec.target not in new_by:
             file = _short_source(spec.source).rpartition(":")[0]

@@ -89,7 +89,7 @@ from tsproxy.logs import LogRoller, RollingPolicy, get_logger, set_process_label
 from tsproxy.safefs import check_private_dir, make_dir, open_dir, read_file, write_atomic
 
 if TYPE_CHECKING:
-    from tsproxy.config import ProxyConfig
+    from tsproxy.config import PluginSpec, ProxyConfig
     from tsproxy.worker import WorkerBoot
 
 PIDFILE_NAME = "tsproxy.pid"
@@ -234,6 +234,16 @@ def _file_fingerprints(
                         digest.update(block)
                 result[rel] = (st.st_size, st.st_mtime_ns, digest.digest())
     return result
+
+
+def _plugin_code_hashes(plugins: list[PluginSpec]) -> dict[str, bytes]:
+    """SHA-256 of each plugin given as a file (a module name has none here)."""
+    hashes: dict[str, bytes] = {}
+    for spec in plugins:
+        if spec.target.endswith(".py") or "/" in spec.target:
+            with contextlib.suppress(OSError):
+                hashes[spec.target] = hashlib.sha256(Path(spec.target).read_bytes()).digest()
+    return hashes
 
 
 def _content(fp: _Fingerprint | None) -> bytes | None:
@@ -408,6 +418,7 @@ class Master:
         self._stop_waiters: list[control.Responder] = []
         self._reload: _PendingReload | None = None
         self._fingerprints: dict[str, _Fingerprint] = {}
+        self._plugins_loaded: tuple[list[PluginSpec], dict[str, bytes]] = ([], {})
         self._pidfile_written = False
         self._proc = psutil.Process()
         self._retirees: list[_Retiree] = []
@@ -508,6 +519,7 @@ class Master:
         self._fingerprints = _file_fingerprints(
             self.config_dir, [self.state_dir, *filter(None, [self.log_dir])]
         )
+        self._note_plugins_loaded()
         self._make_slots()
         self._install_signals()
         self.started_wall = time.time()
@@ -1138,7 +1150,12 @@ class Master:
         )
         # Workers load plugins when they boot (as ATS loads plugin.config at start-up only):
         # a reload does not add, remove or re-initialise one, and says so.
-        plugins = plugin_restart_notes(old.plugins, new.plugins)
+        # Compared with what the workers loaded (at start or the last restart), not with the last
+        # reload: a change stays listed until a restart has loaded it.
+        loaded, loaded_code = self._plugins_loaded
+        code_now = _plugin_code_hashes(new.plugins)
+        changed_code = frozenset(Path(t) for t, h in code_now.items() if loaded_code.get(t, h) != h)
+        plugins = plugin_restart_notes(loaded, new.plugins, changed_code)
         for warning in new.warnings:
             _log.warning("%s", warning)
         self.generation += 1
@@ -1163,6 +1180,11 @@ class Master:
                 pending.waiting[slot.index] = slot.pid
         if not pending.waiting:
             self._finish_reload()
+
+    def _note_plugins_loaded(self) -> None:
+        """Workers forked from now on import self.config's plugins, as their files are now."""
+        assert self.config is not None
+        self._plugins_loaded = (list(self.config.plugins), _plugin_code_hashes(self.config.plugins))
 
     def _config_files(self) -> dict[str, _Fingerprint]:
         skip = [p for p in (self.state_dir, self.log_dir) if p is not None]
@@ -1235,6 +1257,7 @@ class Master:
                 responder.error(control.E_BUSY, busy, {"exit_code": EX_UNAVAILABLE})
             return
         _log.info("restarting %d workers one at a time", len(self.slots))
+        self._note_plugins_loaded()
         self._restart = _PendingRestart(
             todo=deque(s.index for s in self.slots), responder=responder, started=time.monotonic()
         )

@@ -115,8 +115,10 @@ def _ats_doc_lines() -> list[str]:
         "",
         f"Apache Traffic Server 9.2 defines {len(ats)} records (`iocore/records/ats_records.txt`, read",
         f"from its `traffic_server` by `scripts/ats_record_names.py`); tsproxy implements {implemented}",
-        "of them, with ATS's meaning unless the table above says otherwise. The others are accepted",
-        "in records.config and ignored: `tsproxy config check` counts them per subsystem. Records",
+        "of them, with ATS's meaning except where",
+        "[operations.md](operations.md#where-tsproxy-differs-from-ats) says otherwise. The others",
+        "are accepted in records.config and ignored: `tsproxy config check` counts them per",
+        "subsystem. Records",
         "ATS 9.2 does not have (tsproxy's own): "
         + ", ".join(f"`{name}`" for name in sorted(ours - set(ats)))
         + ".",

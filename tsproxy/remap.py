@@ -272,15 +272,15 @@ def describe_miss(scheme: str, host: str | bytes, port: int) -> str:
     scheme's default without one), and the port the request came in on."""
     key = _host_key(scheme, host)
     if key is None:
-        raw = host.decode("latin-1") if isinstance(host, bytes) else host
-        shown = "".join(c if "!" <= c <= "~" else "?" for c in raw[:_MAX_SHOWN_HOST])
-        return f"no remap rule: bad or missing Host {shown!r} (request on port {port})"
+        return f"no remap rule: bad or missing Host {_shown(host)!r} (request on port {port})"
     name, url_port = key
-    text = name.decode("latin-1")
-    if len(text) > _MAX_SHOWN_HOST:
-        text = text[:_MAX_SHOWN_HOST] + "..."
-    text = "".join(c if "!" <= c <= "~" else "?" for c in text)
-    return f"no remap rule for {scheme}://{text}:{url_port}/ (request on port {port})"
+    return f"no remap rule for {scheme}://{_shown(name)}:{url_port}/ (request on port {port})"
+
+
+def _shown(value: str | bytes) -> str:
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    cut = text[:_MAX_SHOWN_HOST] + ("..." if len(text) > _MAX_SHOWN_HOST else "")
+    return "".join(c if "!" <= c <= "~" else "?" for c in cut)
 
 
 def load_remap(path: Path) -> RemapTable:

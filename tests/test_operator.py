@@ -113,6 +113,8 @@ def test_rule_for_an_unserved_port_is_warned_and_the_404_names_the_lookup(
     assert check.returncode == 0
     needle = f"remap.config:1: rule for www.example.com:80 can never match: no server port 80 {ports}"
     assert needle in check.stderr
+    reload = proxy.ctl("reload")  # a reload says it too
+    assert reload.returncode == 0 and needle in reload.stderr
 
     status, body = _request("http", port, f"www.example.com:{port}", "/x")
     assert status == 404

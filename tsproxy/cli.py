@@ -322,6 +322,8 @@ def top(config_dir: Path | None, interval: float, iterations: int) -> None:
 def reload(config_dir: Path | None) -> None:
     """Validate the config files and switch every worker to them (SIGHUP does the same)."""
     result = _call(config_dir, "reload", timeout=30.0)
+    for warning in result.get("warnings", []):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"generation {result['generation']}")
     for name in result["files"]:
         click.echo(f"file changed: {name}")

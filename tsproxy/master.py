@@ -194,6 +194,7 @@ class _PendingReload:
     restart_required: list[str]
     files: list[str]
     plugins: list[str]  # plugin.config changes that need a restart, as messages
+    warnings: list[str]  # the new configuration's warnings (as config check prints them)
     waiting: dict[int, int]  # slot index -> pid
     replies: dict[int, dict[str, Any]]
     deadline: float
@@ -1169,6 +1170,7 @@ class Master:
             restart_required=restart,
             files=files,
             plugins=plugins,
+            warnings=list(new.warnings),
             waiting={},
             replies={},
             deadline=time.monotonic() + RELOAD_TIMEOUT,
@@ -1219,6 +1221,7 @@ class Master:
             "restart_required": pending.restart_required,
             "files": pending.files,
             "plugins_restart_required": pending.plugins,
+            "warnings": pending.warnings,
             "workers": workers,
         }
         if ok:

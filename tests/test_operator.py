@@ -353,7 +353,7 @@ def test_stock_ats_directory_serves(tsproxy_factory: Callable[..., ProxyProcess]
     port = free_port()
     text = text.replace("STRING 8080 8080:ipv6", f"STRING {port}:ip-in=127.0.0.1")
     user = "proxy.config.admin.user_id STRING"
-    text = text.replace(f"{user} trafficserver", f"{user} NULL")
+    text = text.replace(f"{user} trafficserver", f"{user} #-1")  # keep the test's user
     files = {p.name: p.read_bytes() for p in STOCK_ATS.iterdir() if p.is_file()}
     files["records.config"] = text.encode()
     proxy = tsproxy_factory(records={"proxy.config.http.server_ports": None}, files=files)

@@ -106,10 +106,15 @@ _CHUNKED = BodyMode.CHUNKED
 _UNTIL_CLOSE = BodyMode.UNTIL_CLOSE
 
 CLIENT_WATER_MARK = 64 * 1024
-RESPONSE_WATER_MARK = 256 * 1024
-ORIGIN_WRITE_WATER_MARK = 256 * 1024
 MAX_IDLE_PER_ORIGIN = 128
 RESOLVER_CACHE_MAX = 4096
+# Flow control (proxy.config.http.flow_control.*, see FlowControl): a transaction stalled by a
+# slow client for STALLED_AFTER seconds counts against its worker's budget; past half of it the
+# stalled transactions buffer at most THROTTLED_WATER_MARK, past all of it the longest-stalled
+# are closed.
+THROTTLED_WATER_MARK = 16 * 1024
+STALLED_AFTER = 1.0
+FLOW_CONTROL_PERIOD = 0.5
 
 
 def _m(name: str) -> int:
@@ -126,6 +131,9 @@ M_TOTAL_SERVER = _m("total_server_connections")
 M_REUSED = _m("origin_connections_reused")
 M_CLIENT_ABORT = _m("err_client_abort_count")
 M_CONNECT_FAIL = _m("err_connect_fail_count")
+M_FC_PAUSED = _m("flow_control.paused_bytes")
+M_FC_THROTTLED = _m("flow_control.throttled")
+M_FC_CLOSED = _m("flow_control.closed")
 M_STATUS = {2: _m("2xx_responses"), 3: _m("3xx_responses"), 4: _m("4xx_responses"), 5: _m("5xx_responses")}
 
 
@@ -141,6 +149,7 @@ class HttpConfig:
         "connect_retries_dead",
         "connect_timeout",
         "down_time",
+        "flow_high_water",
         "ka_timeout_in",
         "ka_timeout_out",
         "keep_alive_in",
@@ -155,6 +164,7 @@ class HttpConfig:
         "txn_timeout_in",
         "txn_timeout_out",
         "unmapped_clients",
+        "worker_budget",
         "xff",
     )
 
@@ -187,6 +197,8 @@ class HttpConfig:
         self.remap_required = bool(g("proxy.config.url_remap.remap_required"))
         clients = rec.get_str("proxy.config.url_remap.unmapped_clients").split()
         self.unmapped_clients = [ipaddress.ip_network(w, strict=False) for w in clients]
+        self.flow_high_water = g("proxy.config.http.flow_control.high_water")
+        self.worker_budget = g("proxy.config.http.flow_control.worker_budget")
 
 
 class Resolver:
@@ -232,6 +244,7 @@ class HttpProcessor:
         self.request_share = 1  # workers sharing the listeners: max_requests_in is split over them
         self.health = OriginHealth()
         self.set_config(config)
+        self.flow = FlowControl(self)
 
     def set_config(self, config: ProxyConfig) -> None:
         self.config = config
@@ -257,6 +270,63 @@ class HttpProcessor:
             if session.idle():
                 session.close()
         self.pool.close_all()
+
+
+class FlowControl(Continuation):
+    """The worker's budget for bytes buffered for slow clients
+    (``proxy.config.http.flow_control.worker_budget``).
+
+    Each transaction buffers at most ``flow_control.high_water`` of response bytes (the origin
+    read buffer and the client write buffer share that water mark, see MIOBuffer.downstream).
+    A transaction whose origin read waits for its client is in ``paused``, in the order of its
+    pause (it leaves when the client drained the buffer, and goes to the back when it pauses
+    again), so the front holds the slowest readers. Pausing and resuming cost a dict insert
+    and pop; the budget is checked by a timer every FLOW_CONTROL_PERIOD seconds over the
+    transactions paused for STALLED_AFTER seconds or more: a fast client's momentary pause is
+    never counted. Past half the budget each stalled transaction buffers at most
+    THROTTLED_WATER_MARK from its next read on (counted once per transaction); past the whole
+    budget the longest-stalled are closed (counted) until the rest fits.
+    """
+
+    def __init__(self, proc: HttpProcessor) -> None:
+        super().__init__(self._check)
+        self.proc = proc
+        self.paused: dict[HttpClientSession, float] = {}
+        proc.nh.thread.schedule_every(self, FLOW_CONTROL_PERIOD)
+
+    def _check(self, event: int, data: Any) -> int:
+        proc = self.proc
+        counters = proc.counters
+        paused = self.paused
+        if not paused:
+            if counters[M_FC_PAUSED]:
+                counters[M_FC_PAUSED] = 0
+            return 0
+        old = proc.nh.thread.now - STALLED_AFTER
+        stalled: list[tuple[HttpClientSession, int]] = []
+        total = 0
+        for session, since in paused.items():  # oldest pause first
+            if since > old:
+                break
+            held = session.buffered()
+            stalled.append((session, held))
+            total += held
+        counters[M_FC_PAUSED] = total
+        budget = proc.http.worker_budget
+        if not budget or total <= budget >> 1:
+            return 0
+        for session, _ in stalled:
+            if not session.throttled:
+                session.throttle()
+        for session, held in stalled:
+            if total <= budget:
+                break
+            _dbg("over the worker's buffer budget (%d > %d): closing a slow reader", total, budget)
+            counters[M_FC_CLOSED] += 1
+            total -= held
+            session.close()
+        counters[M_FC_PAUSED] = total
+        return 0
 
 
 class OriginPool:
@@ -321,9 +391,13 @@ class OriginConnection(Continuation):
         self.config = proc.config  # the snapshot this connection was opened (and verified) under
         self.session: HttpClientSession | None = None
         self.parser = ResponseParser()
-        self.read_buf = MIOBuffer(RESPONSE_WATER_MARK)
+        high_water = proc.http.flow_high_water
+        # The response: while a session owns the connection, its client write buffer is this
+        # buffer's downstream, so the origin is read only while the two hold less than
+        # high_water together (proxy.config.http.flow_control.high_water; see attach).
+        self.read_buf = MIOBuffer(high_water)
         self.reader = self.read_buf.alloc_reader()
-        self.write_buf = MIOBuffer(ORIGIN_WRITE_WATER_MARK)
+        self.write_buf = MIOBuffer(high_water)  # the request and its body (uploads)
         self.write_reader = self.write_buf.alloc_reader()
         self.requests = 0
         proc.counters[M_CUR_SERVER] += 1
@@ -332,6 +406,7 @@ class OriginConnection(Continuation):
     def attach(self, session: HttpClientSession) -> None:
         self.session = session
         self.handler = session.handle_origin_event  # set_handler, without the call
+        self.read_buf.downstream = session.write_buf
         vc = self.vc
         rvio = vc.read
         if (
@@ -354,6 +429,9 @@ class OriginConnection(Continuation):
 
     def park(self, timeout: float) -> None:
         self.session = None
+        read_buf = self.read_buf
+        read_buf.downstream = None
+        read_buf.water_mark = self.proc.http.flow_high_water  # after a throttled transaction
         self.handler = self._handle_idle  # set_handler, without the call
         self.vc.set_inactivity_timeout(timeout)
         self.vc.set_active_timeout(0)  # transaction_active_timeout_out ends with the transaction
@@ -373,6 +451,7 @@ class OriginConnection(Continuation):
         # Free what refers back to itself (see Continuation): gone at once, not at the next GC.
         self.handler = ignore_event
         self.parser.close()
+        self.read_buf.downstream = None
         self.read_buf.dealloc_all_readers()
         self.write_buf.dealloc_all_readers()
 
@@ -437,6 +516,7 @@ class HttpClientSession(Continuation):
         "scheme",
         "status_sent",
         "synthetic",
+        "throttled",
         "txn",
         "txn_hooks",
         "vc",
@@ -456,7 +536,9 @@ class HttpClientSession(Continuation):
         self.parser: RequestParser | None = None
         self.read_buf = MIOBuffer(CLIENT_WATER_MARK)
         self.reader = self.read_buf.alloc_reader()
-        self.write_buf = MIOBuffer(RESPONSE_WATER_MARK)
+        # The response side: proxy.config.http.flow_control.high_water bounds what the transaction
+        # buffers for a slow client (see _process_origin_input).
+        self.write_buf = MIOBuffer(self.http.flow_high_water)
         self.write_reader = self.write_buf.alloc_reader()
         # Parsed client events not processed yet; rarely more than a few, so a list (an empty
         # deque costs ~600 bytes per idle connection), and None while there are none.
@@ -477,6 +559,7 @@ class HttpClientSession(Continuation):
         self.chunked_up: ChunkedEncoder | None = None
         self.client_keep_alive = True
         self.origin_paused = False
+        self.throttled = False  # limited to THROTTLED_WATER_MARK by the worker budget
         self.retried = False
         self.connect_attempts = 0
         self.origin_bytes = 0
@@ -538,8 +621,7 @@ class HttpClientSession(Continuation):
             if self.close_after_write and not self.write_reader.read_avail():
                 self.close()
             elif self.origin_paused:
-                self.origin_paused = False
-                self._process_origin_input()
+                self._resume_origin()
         elif event == VC_EVENT_EOS:
             if self.request is None and not self.pending:
                 self.close()
@@ -1061,7 +1143,9 @@ class HttpClientSession(Continuation):
         origin = self.origin
         if origin is None or self.closed:
             return
-        if self.write_buf.high_water() or self._hook_then is not None:
+        if self._hook_then is not None:
+            # A response hook holds the transaction: the origin is not consumed meanwhile (its
+            # read stops by itself at the water mark); the hook's reenable resumes it.
             self.origin_paused = True
             return
         reader = origin.reader
@@ -1075,7 +1159,36 @@ class HttpClientSession(Continuation):
                 return
             self._handle_response_events(events)
         if self.origin is origin and not origin.vc.closed:
-            origin.vc.read.reenable()
+            if origin.read_buf.high_water():
+                # What the origin sent waits for the client (the client write buffer is the
+                # origin read buffer's downstream): the origin read stays off until the client
+                # drained it (WRITE_READY), so a slow reader costs high_water, not more.
+                if not self.origin_paused:
+                    self.origin_paused = True
+                    self.proc.flow.paused[self] = self.proc.nh.thread.now
+            else:
+                origin.vc.read.reenable()
+
+    def _resume_origin(self) -> None:
+        """The client took the buffered response bytes (or a response hook re-enabled)."""
+        self.origin_paused = False
+        self.proc.flow.paused.pop(self, None)
+        self._process_origin_input()
+
+    def buffered(self) -> int:
+        """Response bytes this transaction holds (the client write and origin read buffers)."""
+        origin = self.origin
+        held = self.write_buf.max_read_avail()
+        return held + origin.read_buf.max_read_avail() if origin is not None else held
+
+    def throttle(self) -> None:
+        """Over half the worker's budget: buffer at most THROTTLED_WATER_MARK from now on, until
+        the transaction ends (FlowControl)."""
+        origin = self.origin
+        if origin is not None:
+            self.throttled = True
+            origin.read_buf.water_mark = THROTTLED_WATER_MARK
+            self.proc.counters[M_FC_THROTTLED] += 1
 
     def _handle_response_events(self, events: Sequence[Any]) -> None:
         write = self.write_buf.write
@@ -1145,8 +1258,7 @@ class HttpClientSession(Continuation):
             pending, self.resp_pending = self.resp_pending, ()
             self._handle_response_events(pending)
         elif self.origin_paused:
-            self.origin_paused = False
-            self._process_origin_input()
+            self._resume_origin()
 
     def _origin_eof(self) -> None:
         origin = self.origin
@@ -1232,7 +1344,10 @@ class HttpClientSession(Continuation):
         self.remap = None
         self.response = None
         self.chunked = None
-        self.origin_paused = False
+        if self.origin_paused:
+            self.origin_paused = False
+            self.proc.flow.paused.pop(self, None)
+        self.throttled = False
         if not self.client_keep_alive or self.proc.draining:
             self.close_after_write = True
             self.vc.read.disable()
@@ -1402,6 +1517,8 @@ class HttpClientSession(Continuation):
                 self._notify(HookID.TXN_CLOSE)
             self.txn = None
             self.txn_hooks = None
+        if self.origin_paused:
+            self.proc.flow.paused.pop(self, None)
         self._drop_origin()
         if self.connect_vc is not None:
             self.connect_vc.do_io_close()

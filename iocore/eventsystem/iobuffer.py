@@ -17,6 +17,12 @@ sides of a proxied request, is therefore never copied here. The next write turns
 holds the shared ``b""``, so the thousands of idle connections' buffers hold no storage object
 (as an ATS MIOBuffer with no blocks).
 
+Two buffers in a row (a proxy's origin read buffer whose bytes go on into the client write buffer)
+can share one water mark: ``downstream`` names the next buffer, whose unconsumed bytes count
+against this buffer's water mark. The producer then stops once the *sum* reaches it, as in ATS's
+tunnel where producer and consumer share one buffer: what one transaction buffers is bounded
+however slowly its consumer drains.
+
 A VIO describes one direction of I/O on a VConnection: the continuation to call back, how many
 bytes are wanted (``nbytes``; ``INT64_MAX`` for "until EOS"), how many are done (``ndone``), the
 buffer, and ``reenable()`` to ask the VConnection to continue.
@@ -37,7 +43,7 @@ _EMPTY: Final = b""
 class MIOBuffer:
     """A byte queue with readers and a water mark."""
 
-    __slots__ = ("_buf", "_first", "_others", "water_mark")
+    __slots__ = ("_buf", "_first", "_others", "downstream", "water_mark")
 
     def __init__(self, water_mark: int = DEFAULT_WATER_MARK) -> None:
         self._buf: bytearray | bytes = _EMPTY
@@ -46,6 +52,7 @@ class MIOBuffer:
         self._first: IOBufferReader | None = None
         self._others: tuple[IOBufferReader, ...] = ()
         self.water_mark = water_mark
+        self.downstream: MIOBuffer | None = None  # its pending bytes count against water_mark
 
     @property
     def readers(self) -> tuple[IOBufferReader, ...]:
@@ -94,10 +101,17 @@ class MIOBuffer:
     def write_avail(self) -> int:
         """How many bytes may still be added before the water mark is reached."""
         avail = self.water_mark - len(self._buf) + self._low()
+        down = self.downstream
+        if down is not None:
+            avail -= down.max_read_avail()
         return avail if avail > 0 else 0
 
     def high_water(self) -> bool:
-        return len(self._buf) - self._low() >= self.water_mark
+        held = len(self._buf) - self._low()
+        down = self.downstream
+        if down is not None:
+            held += down.max_read_avail()
+        return held >= self.water_mark
 
     def _trim(self) -> None:
         # Drop consumed bytes when everything was consumed (the storage goes) or when the consumed

@@ -319,8 +319,10 @@ class NetVConnection(Continuation):
             self._update_interest()
             self._signal(vio, VC_EVENT_READ_COMPLETE)
         else:
-            if buf.high_water():
-                self._update_interest()
+            # A full buffer is noticed at the next read (net_read_io finds no room and drops the
+            # read interest), not here: the consumer usually drains it in this callback, and a
+            # downstream buffer (see MIOBuffer) drains before the next poll; dropping and
+            # restoring the interest around that would cost two system calls per read.
             self._signal(vio, VC_EVENT_READ_READY)
 
     # -- writing -----------------------------------------------------------------------------

@@ -1205,6 +1205,9 @@ class SSLNetVConnection(NetVConnection):
         got_raw = False
         chunks: list[bytes] = []
         room = min(buf.write_avail(), vio.nbytes - vio.ndone)
+        if room <= 0:  # the buffer is full: stop polling until the consumer re-enables
+            self._update_interest()
+            return
         eos = False
         error = False
         rec = self._scratch.rec
@@ -1391,6 +1394,9 @@ class SSLNetVConnection(NetVConnection):
             self._update_interest()
             return
         room = min(buf.write_avail(), vio.nbytes - vio.ndone)
+        if room <= 0:  # the buffer is full: stop polling until the consumer re-enables
+            self._update_interest()
+            return
         rec = self._scratch.rec
         ssl_ptr = ssl._ssl
         has_pending = _has_pending

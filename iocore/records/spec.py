@@ -271,7 +271,34 @@ RECORDS: tuple[RecordSpec, ...] = (
     ),
     RecordSpec(
         "proxy.config.http.per_server.connection.max", _I, 0, _R, NON_NEGATIVE,
-        "Most connections to one origin per worker; 0 means unlimited",
+        "Most connections (open or opening) to one upstream server group per worker; beyond it a"
+        " transaction waits for one to free, up to connect_attempts_timeout, then gets 503;"
+        " 0 means unlimited",
+    ),
+    RecordSpec(
+        "proxy.config.http.per_server.connection.match", _S, "ip", _R, one_of("ip", "port", "host", "both"),
+        "What makes an upstream server group for per_server.connection.max: ip (address), port"
+        " (address and port), host (remapped host name) or both (address, port and host name)",
+    ),
+    RecordSpec(
+        "proxy.config.http.per_server.connection.queue_size", _I, -1, _R, int_range(-1),
+        "Most transactions waiting for one upstream server group at the per_server.connection.max"
+        " cap; -1 unlimited, 0 never wait (503 at once)",
+    ),
+    RecordSpec(
+        "proxy.config.http.per_server.connection.queue_delay", _I, 100, _R, POSITIVE,
+        "Milliseconds between rechecks of the transactions waiting at the per_server.connection.max cap",
+    ),
+    RecordSpec(
+        "proxy.config.http.flow_control.high_water", _I, 65536, _R, int_range(4096),
+        "Bytes one transaction may buffer in each direction before the sending side's reads stop"
+        " (a slow client stops the origin read, a slow origin the client read); new connections",
+    ),
+    RecordSpec(
+        "proxy.config.http.flow_control.worker_budget", _I, 64 << 20, _R, NON_NEGATIVE,
+        "Bytes all transactions of a worker stalled by slow clients may hold: beyond half of it a"
+        " newly stalled transaction buffers at most 16 KiB, beyond it the longest-stalled ones are"
+        " closed; 0 means no budget",
     ),
     # net
     RecordSpec(

@@ -108,6 +108,26 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("proxy.process.http.origin_connections_reused", _C, "Requests sent on a pooled connection"),
     MetricSpec("proxy.process.http.err_client_abort_count", _C, "Transactions the client aborted"),
     MetricSpec("proxy.process.http.err_connect_fail_count", _C, "Origin connection attempts that failed"),
+    MetricSpec(
+        "proxy.process.http.origin_connections_throttled_out", _C,
+        "Transactions answered 503 at the per_server.connection.max cap (queue full or waited too long)",
+    ),
+    MetricSpec(
+        "proxy.process.http.origin_connections_queued", _C,
+        "Transactions that waited at the per_server.connection.max cap for an origin connection",
+    ),
+    MetricSpec(
+        "proxy.process.http.flow_control.paused_bytes", _G,
+        "Bytes held by transactions whose origin read is paused by a slow client",
+    ),
+    MetricSpec(
+        "proxy.process.http.flow_control.throttled", _C,
+        "Stalled transactions limited to 16 KiB of buffer because the worker passed half its budget",
+    ),
+    MetricSpec(
+        "proxy.process.http.flow_control.closed", _C,
+        "Longest-stalled slow-reader connections closed because the worker passed its buffer budget",
+    ),
     MetricSpec("proxy.process.tunnel.total_client_connections_blind_tcp", _C, "Blind tunnels opened"),
     MetricSpec("proxy.process.tunnel.current_client_connections_blind_tcp", _G, "Open blind tunnels"),
 )

@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench  # noqa: E402  (scripts/bench.py: certificates, origin, proxies, Service)
+import bench  # scripts/bench.py: certificates, origin, proxies, Service
 
 BODY = 4 * 1024 * 1024
 HEAD_READ = 16 * 1024
@@ -154,7 +154,7 @@ def measure(proxy: bench.Proxy, svc: bench.Service, args: argparse.Namespace, ct
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--conns", type=int, default=200, help="slow readers per proxy (default 200, at most 2000)")
+    ap.add_argument("--conns", type=int, default=200, help="slow readers per proxy (at most 2000)")
     ap.add_argument("--mode", choices=("tls", "plain", "both"), default="both")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--settle", type=float, default=20.0, help="longest wait for memory to stop growing (s)")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = "nginx" if have_nginx else "python"
         if kind == "python":
             bench.PY_ORIGIN = bench.PY_ORIGIN.replace(
-                'b"/64k": b"b" * 65536}', 'b"/64k": b"b" * 65536, b"/4m": b"c" * %d}' % BODY
+                'b"/64k": b"b" * 65536}', f'b"/64k": b"b" * 65536, b"/4m": b"c" * {BODY}}}'
             )
         origin = bench.start_origin(kind, tmp, origin_port)
         (tmp / "origin" / "www" / "4m").write_bytes(b"c" * BODY)
@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(line(r), flush=True)
         finally:
             origin.stop()
-    print(f"\n{args.conns} slow readers ({args.mode}) of a 4 MiB body, origin {kind}; medians of {args.runs}:")
-    print(f"{'proxy':8} {'RSS KiB/conn':>12} {'PSS KiB/conn':>12} {'kernel TCP KiB/conn':>20} {'complete':>9}")
+    print(f"\n{args.conns} slow readers ({args.mode}), 4 MiB body, origin {kind}; medians of {args.runs}:")
+    print(f"{'proxy':8} {'RSS KiB/conn':>12} {'PSS KiB/conn':>12} {'kernel TCP KiB/conn':>20} complete")
     for proxy in proxies:
         rs = [r for r in results if r["proxy"] == proxy.name]
         if not rs:
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 def line(r: dict) -> str:
     kern = "n/a" if r["kernel_kib"] is None else f"{r['kernel_kib']:.1f}"
     return (
-        f"run {r['run']} {r['proxy']:8} readers {r['ok']} (failed {r['failed']}): RSS {r['rss_kib']:.1f} KiB/conn, "
+        f"run {r['run']} {r['proxy']:8} readers {r['ok']} (failed {r['failed']}): "
+        f"RSS {r['rss_kib']:.1f} KiB/conn, "
         f"PSS {r['pss_kib']:.1f} KiB/conn, kernel TCP {kern} KiB/conn, base RSS {r['base_rss_mib']:.1f} MiB, "
         f"settled in {r['settled_s']:.1f} s, complete bodies {r['complete']}/{r['ok']}, alive {r['alive']}"
     )

@@ -36,11 +36,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from iocore.eventsystem.diags import DbgCtl
 from iocore.eventsystem.event import (
+    EVENT_IMMEDIATE,
     NET_EVENT_OPEN,
     NET_EVENT_OPEN_FAILED,
     VC_EVENT_ACTIVE_TIMEOUT,
@@ -131,6 +133,8 @@ M_TOTAL_SERVER = _m("total_server_connections")
 M_REUSED = _m("origin_connections_reused")
 M_CLIENT_ABORT = _m("err_client_abort_count")
 M_CONNECT_FAIL = _m("err_connect_fail_count")
+M_THROTTLED_OUT = _m("origin_connections_throttled_out")
+M_QUEUED = _m("origin_connections_queued")
 M_FC_PAUSED = _m("flow_control.paused_bytes")
 M_FC_THROTTLED = _m("flow_control.throttled")
 M_FC_CLOSED = _m("flow_control.closed")
@@ -157,6 +161,10 @@ class HttpConfig:
         "max_header_size",
         "max_requests_in",
         "pristine_host",
+        "ps_match",
+        "ps_max",
+        "ps_queue_delay",
+        "ps_queue_size",
         "remap",
         "remap_required",
         "request_via",
@@ -199,6 +207,10 @@ class HttpConfig:
         self.unmapped_clients = [ipaddress.ip_network(w, strict=False) for w in clients]
         self.flow_high_water = g("proxy.config.http.flow_control.high_water")
         self.worker_budget = g("proxy.config.http.flow_control.worker_budget")
+        self.ps_max = g("proxy.config.http.per_server.connection.max")
+        self.ps_match = rec.get_str("proxy.config.http.per_server.connection.match")
+        self.ps_queue_size = g("proxy.config.http.per_server.connection.queue_size")
+        self.ps_queue_delay = g("proxy.config.http.per_server.connection.queue_delay") / 1000.0
 
 
 class Resolver:
@@ -245,6 +257,7 @@ class HttpProcessor:
         self.health = OriginHealth()
         self.set_config(config)
         self.flow = FlowControl(self)
+        self.servers = ServerGroups(self)
 
     def set_config(self, config: ProxyConfig) -> None:
         self.config = config
@@ -329,6 +342,159 @@ class FlowControl(Continuation):
         return 0
 
 
+class ServerGroup:
+    """The origin connections (open or opening) of one upstream server group, and the
+    transactions waiting for one at the per_server.connection.max cap, oldest first."""
+
+    __slots__ = ("vcs", "waiters")
+
+    def __init__(self) -> None:
+        self.vcs: dict[NetVConnection, None] = {}
+        self.waiters: deque[tuple[HttpClientSession, _Connecting, float]] = deque()
+
+    def count(self) -> int:
+        vcs = self.vcs
+        for vc in [vc for vc in vcs if vc.closed]:
+            del vcs[vc]
+        return len(vcs)
+
+
+class ServerGroups(Continuation):
+    """``proxy.config.http.per_server.connection.max`` (ATS's OutboundConnTrack), per worker.
+
+    A group is what ``per_server.connection.match`` says (the origin's address, address and
+    port, remapped host name, or all three). A transaction that needs a new connection to a
+    group already at the cap waits (it is "connecting" meanwhile, so its session reads no
+    further) in the group's queue, at most ``per_server.connection.queue_size`` of them
+    (-1 unlimited, 0 none). A connection that closes or goes back to the pool wakes the queue
+    at once, and it is rechecked every ``queue_delay`` ms besides (a failed connect frees a
+    slot without telling anyone). A woken transaction takes an idle pooled connection of its
+    origin if there is one, else connects, closing an idle connection of the group to another
+    host name if that is what keeps the group full. A transaction still waiting after
+    ``proxy.config.http.connect_attempts_timeout`` (the time it may take to get an origin
+    connection) is answered 503, counted in ``origin_connections_throttled_out``.
+    """
+
+    def __init__(self, proc: HttpProcessor) -> None:
+        super().__init__(self._run)
+        self.proc = proc
+        self.groups: dict[Hashable, ServerGroup] = {}
+        self.waiting = 0  # transactions in the queues (stale entries included until a run)
+        self._timer = False
+        self._kicked = False
+
+    def group_of(self, key: OriginKey, addr: tuple[Any, ...]) -> ServerGroup:
+        match = self.proc.http.ps_match
+        name: Hashable
+        if match == "ip":
+            name = addr[0]
+        elif match == "port":
+            name = (addr[0], addr[1])
+        elif match == "host":
+            name = key[1]
+        else:
+            name = (addr[0], addr[1], key[1])
+        group = self.groups.get(name)
+        if group is None:
+            group = self.groups[name] = ServerGroup()
+        return group
+
+    def wait(self, session: HttpClientSession, key: OriginKey, group: ServerGroup) -> None:
+        http = self.proc.http
+        size = http.ps_queue_size
+        if size == 0 or (size > 0 and len(group.waiters) >= size):
+            self._refuse(session, key)
+            return
+        token = _Connecting(session, key)
+        session.connecting = token
+        session.connect_vc = None
+        thread = self.proc.nh.thread
+        group.waiters.append((session, token, thread.now + http.connect_timeout))
+        self.waiting += 1
+        self.proc.counters[M_QUEUED] += 1
+        _dbg("origin %s:%s at per_server.connection.max: transaction queued", key[1], key[2])
+        if not self._timer:
+            self._timer = True
+            thread.schedule_in(self, http.ps_queue_delay)
+
+    def kick(self) -> None:
+        """A connection of some group closed or went idle: run the queues now."""
+        if not self._kicked:
+            self._kicked = True
+            self.proc.nh.thread.schedule_imm(self)
+
+    def _refuse(self, session: HttpClientSession, key: OriginKey) -> None:
+        self.proc.counters[M_THROTTLED_OUT] += 1
+        session._send_error(
+            503, f"too many connections to origin {key[1]}:{key[2]} (per_server.connection.max)", close=False
+        )
+
+    def _run(self, event: int, data: Any) -> None:
+        if event == EVENT_IMMEDIATE:
+            self._kicked = False
+        else:
+            self._timer = False
+        proc = self.proc
+        now = proc.nh.thread.now
+        waiting = 0
+        for name, group in list(self.groups.items()):
+            if group.waiters:
+                self._run_group(group, now)
+                waiting += len(group.waiters)
+            elif not group.count():
+                del self.groups[name]
+        self.waiting = waiting
+        if waiting and not self._timer:
+            self._timer = True
+            proc.nh.thread.schedule_in(self, proc.http.ps_queue_delay)
+
+    def _run_group(self, group: ServerGroup, now: float) -> None:
+        proc = self.proc
+        cap = proc.http.ps_max
+        waiters = group.waiters
+        while waiters:
+            session, token, deadline = waiters[0]
+            if session.closed or session.connecting is not token:
+                waiters.popleft()  # gone, or answered meanwhile
+                continue
+            key = token.key
+            if cap and not proc.pool.idle.get(key) and group.count() >= cap and not self._free_idle(group):
+                break
+            waiters.popleft()
+            self._resume(session, None)
+        for entry in list(waiters):
+            session, token, deadline = entry
+            if session.closed or session.connecting is not token:
+                waiters.remove(entry)
+            elif deadline <= now:
+                waiters.remove(entry)
+                self._resume(session, token.key)
+
+    def _resume(self, session: HttpClientSession, refuse: OriginKey | None) -> None:
+        """The transaction's turn: get its origin connection, or (waited too long) a 503."""
+        session.connecting = None
+        try:
+            if refuse is None:
+                session._get_origin()
+            else:
+                self._refuse(session, refuse)
+            session._process_client_input()
+        except Exception:
+            _log.exception("resuming a transaction queued at per_server.connection.max; closing it")
+            session.close()
+
+    def _free_idle(self, group: ServerGroup) -> bool:
+        """Close an idle pooled connection of the group (to another host name of it) so that a
+        waiting transaction can connect; False when every connection of the group is busy."""
+        for vc in group.vcs:
+            conn = vc.read.cont
+            if isinstance(conn, OriginConnection) and conn.session is None and not vc.closed:
+                self.proc.pool.remove(conn)
+                conn.close()
+                return True
+        return False
+
+
 class OriginPool:
     """Idle keep-alive origin connections per (scheme, host, port)."""
 
@@ -353,6 +519,8 @@ class OriginPool:
             return
         conn.park(self.proc.http.ka_timeout_out)
         conns.append(conn)
+        if self.proc.servers.waiting:
+            self.proc.servers.kick()  # a transaction queued at the cap may take it
 
     def remove(self, conn: OriginConnection) -> None:
         conns = self.idle.get(conn.key)
@@ -447,6 +615,8 @@ class OriginConnection(Continuation):
         if not self.vc.closed:
             self.vc.do_io_close()
             self.proc.counters[M_CUR_SERVER] -= 1
+            if self.proc.servers.waiting:
+                self.proc.servers.kick()  # a slot of its server group is free
         self.session = None
         # Free what refers back to itself (see Continuation): gone at once, not at the next GC.
         self.handler = ignore_event
@@ -834,16 +1004,26 @@ class HttpClientSession(Continuation):
 
     def _connect_origin(self, key: OriginKey) -> None:
         proc = self.proc
-        self.connect_attempts += 1
         try:
             family, addr = proc.resolver.resolve(key[1], key[2])
         except OSError as exc:
+            self.connect_attempts += 1
             self._send_error(502, f"cannot resolve origin {key[1]}: {exc.strerror or exc}", close=False)
             return
+        group: ServerGroup | None = None
+        cap = self.http.ps_max
+        if cap:
+            group = proc.servers.group_of(key, addr)
+            if group.count() >= cap:
+                proc.servers.wait(self, key, group)  # no attempt yet: it is counted when made
+                return
+        self.connect_attempts += 1
         # Plain origins get the VC that delivers VCONN_OUTBOUND_CLOSE (one attribute check per close).
         make_vc = SSLNetVConnection if key[0] == "https" else OutboundPlainNetVConnection
         self.connecting = _Connecting(self, key)
         self.connect_vc = connect(proc.nh, self.connecting, addr, family, make_vc=make_vc)
+        if group is not None and self.connect_vc is not None:
+            group.vcs[self.connect_vc] = None
         if self.connect_vc is not None:
             # Covers the connect and, for https, the TLS handshake (no net activity is counted
             # before the handshake completes).

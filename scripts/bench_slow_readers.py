@@ -24,6 +24,8 @@ is stopped. Requires psutil and cryptography (as scripts/bench.py).
 
   python3 scripts/bench_slow_readers.py                     # 200 TLS + plain readers, nginx beside
   python3 scripts/bench_slow_readers.py --conns 500 --mode tls --runs 3 --no-nginx
+  python3 scripts/bench_slow_readers.py --base-bin /tmp/old/bin   # + a "tsproxy-base" row: the
+      # tsproxy executable in that directory (an older checkout), in the same rounds
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nginx", dest="nginx", action="store_true", default=True)
     ap.add_argument("--no-nginx", dest="nginx", action="store_false")
     ap.add_argument("--records", action="append", default=[], help="extra records.config line for tsproxy")
+    ap.add_argument("--base-bin", help="directory with another tsproxy executable: a 'tsproxy-base' row")
     args = ap.parse_args(argv)
     args.conns = max(1, min(args.conns, MAX_CONNS))
     bench.raise_nofile(args.conns * 2 + 256)
@@ -181,11 +184,26 @@ def main(argv: list[str] | None = None) -> int:
         extra = "".join(line.rstrip("\n") + "\n" for line in args.records)
 
         class TsProxy(bench.TsProxy):
+            bin_dir: str | None = None
+
             def customize(self, d: Path) -> None:
                 with (d / "records.config").open("a") as rec:
                     rec.write(extra)
 
+            def start(self, tmp: Path, certs: dict[str, Path], port: int, instance: int) -> bench.Service:
+                path = os.environ["PATH"]
+                if self.bin_dir:
+                    os.environ["PATH"] = self.bin_dir + os.pathsep + path  # bench.tsproxy_cmd looks there
+                try:
+                    return super().start(tmp, certs, port, instance)
+                finally:
+                    os.environ["PATH"] = path
+
         proxies: list[bench.Proxy] = [TsProxy("tsproxy", bench.free_port(), bench.free_port())]
+        if args.base_bin:
+            base = TsProxy("tsproxy-base", bench.free_port(), bench.free_port())
+            base.bin_dir = args.base_bin
+            proxies.append(base)
         if args.nginx and have_nginx:
             proxies.append(bench.NginxProxy("nginx", bench.free_port(), bench.free_port()))
         elif args.nginx:
@@ -208,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             origin.stop()
     print(f"\n{args.conns} slow readers ({args.mode}), 4 MiB body, origin {kind}; medians of {args.runs}:")
-    print(f"{'proxy':8} {'RSS KiB/conn':>12} {'PSS KiB/conn':>12} {'kernel TCP KiB/conn':>20} complete")
+    print(f"{'proxy':12} {'RSS KiB/conn':>12} {'PSS KiB/conn':>12} {'kernel TCP KiB/conn':>20} complete")
     for proxy in proxies:
         rs = [r for r in results if r["proxy"] == proxy.name]
         if not rs:
             continue
         kern = [r["kernel_kib"] for r in rs if r["kernel_kib"] is not None]
         print(
-            f"{proxy.name:8} {statistics.median(r['rss_kib'] for r in rs):12.1f} "
+            f"{proxy.name:12} {statistics.median(r['rss_kib'] for r in rs):12.1f} "
             f"{statistics.median(r['pss_kib'] for r in rs):12.1f} "
             f"{(statistics.median(kern) if kern else float('nan')):20.1f} "
             f"{min(r['complete'] for r in rs):>5}/{rs[0]['ok']}"
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 def line(r: dict) -> str:
     kern = "n/a" if r["kernel_kib"] is None else f"{r['kernel_kib']:.1f}"
     return (
-        f"run {r['run']} {r['proxy']:8} readers {r['ok']} (failed {r['failed']}): "
+        f"run {r['run']} {r['proxy']:12} readers {r['ok']} (failed {r['failed']}): "
         f"RSS {r['rss_kib']:.1f} KiB/conn, "
         f"PSS {r['pss_kib']:.1f} KiB/conn, kernel TCP {kern} KiB/conn, base RSS {r['base_rss_mib']:.1f} MiB, "
         f"settled in {r['settled_s']:.1f} s, complete bodies {r['complete']}/{r['ok']}, alive {r['alive']}"

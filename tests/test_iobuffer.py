@@ -65,6 +65,25 @@ def test_water_mark_counts_kept_bytes() -> None:
     assert buf.write_avail() == 4
 
 
+def test_downstream_bytes_share_the_water_mark() -> None:
+    """An origin read buffer whose bytes go on into a client write buffer: the producer may add
+    only what keeps the two together under the one water mark."""
+    up = MIOBuffer(water_mark=10)
+    up_reader = up.alloc_reader()
+    down = MIOBuffer(water_mark=10)
+    down_reader = down.alloc_reader()
+    up.downstream = down
+    up.write(b"0123")
+    down.write(up_reader.read())  # moved on, not yet sent: still counts
+    assert up.write_avail() == 6
+    down.write(b"456789")
+    assert up.high_water() and up.write_avail() == 0
+    down_reader.consume(7)
+    assert up.write_avail() == 7 and not up.high_water()
+    up.downstream = None
+    assert up.write_avail() == 10
+
+
 def test_two_readers_each_see_everything() -> None:
     buf = MIOBuffer()
     a = buf.alloc_reader()

@@ -1211,6 +1211,10 @@ class HttpClientSession(Continuation):
         conn.attach(self)
         if self.http.active_out:
             conn.vc.set_active_timeout(self.http.active_out)
+        if conn.read_buf.high_water() and not self.origin_paused:
+            # The client has not taken the end of the previous response yet: the origin read
+            # waits for its WRITE_READY like any pause (else nothing would re-enable it).
+            self._pause_origin()
         conn.requests += 1
         self._run_hooks(_SEND_REQUEST_HDR, self._send_request_head)
 
@@ -1344,10 +1348,13 @@ class HttpClientSession(Continuation):
                 # origin read buffer's downstream): the origin read stays off until the client
                 # drained it (WRITE_READY), so a slow reader costs high_water, not more.
                 if not self.origin_paused:
-                    self.origin_paused = True
-                    self.proc.flow.paused[self] = self.proc.nh.thread.now
+                    self._pause_origin()
             else:
                 origin.vc.read.reenable()
+
+    def _pause_origin(self) -> None:
+        self.origin_paused = True
+        self.proc.flow.paused[self] = self.proc.nh.thread.now
 
     def _resume_origin(self) -> None:
         """The client took the buffered response bytes (or a response hook re-enabled)."""

@@ -1211,10 +1211,6 @@ class HttpClientSession(Continuation):
         conn.attach(self)
         if self.http.active_out:
             conn.vc.set_active_timeout(self.http.active_out)
-        if conn.read_buf.high_water() and not self.origin_paused:
-            # The client has not taken the end of the previous response yet: the origin read
-            # waits for its WRITE_READY like any pause (else nothing would re-enable it).
-            self._pause_origin()
         conn.requests += 1
         self._run_hooks(_SEND_REQUEST_HDR, self._send_request_head)
 
@@ -1333,7 +1329,8 @@ class HttpClientSession(Continuation):
             self.origin_paused = True
             return
         reader = origin.reader
-        if reader.read_avail():
+        got = reader.read_avail()
+        if got:
             data = reader.read()
             self.origin_bytes += len(data)
             try:
@@ -1343,18 +1340,17 @@ class HttpClientSession(Continuation):
                 return
             self._handle_response_events(events)
         if self.origin is origin and not origin.vc.closed:
-            if origin.read_buf.high_water():
-                # What the origin sent waits for the client (the client write buffer is the
-                # origin read buffer's downstream): the origin read stays off until the client
-                # drained it (WRITE_READY), so a slow reader costs high_water, not more.
-                if not self.origin_paused:
-                    self._pause_origin()
-            else:
+            if got or not origin.read_buf.high_water():
                 origin.vc.read.reenable()
-
-    def _pause_origin(self) -> None:
-        self.origin_paused = True
-        self.proc.flow.paused[self] = self.proc.nh.thread.now
+            elif not self.origin_paused:
+                # The origin VC found no room (a READ_READY with nothing new, _read_no_room):
+                # what the origin sent still waits for the client (the client write buffer is
+                # the origin read buffer's downstream), so the origin read stays off until the
+                # client drained it (WRITE_READY) and a slow reader costs high_water, not more.
+                # Right after a read the VC is re-enabled regardless: a fast client takes the
+                # bytes before the next poll, and nothing is paused.
+                self.origin_paused = True
+                self.proc.flow.paused[self] = self.proc.nh.thread.now
 
     def _resume_origin(self) -> None:
         """The client took the buffered response bytes (or a response hook re-enabled)."""

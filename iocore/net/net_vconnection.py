@@ -184,9 +184,9 @@ class NetVConnection(Continuation):
         if self._has_buffered_input():
             self.nh.read_ready_list[self] = None
         # The interest is recomputed only when reading may have to start or stop; the common
-        # case (polling for reads already, room in the buffer) leaves the selector alone.
-        buf = self.read.buffer
-        if not self.read_enabled or buf is None or not self._mask & EVENT_READ or buf.high_water():
+        # case (polling for reads already) leaves the selector alone. A full buffer is noticed
+        # at the next read (_read_no_room): its downstream may drain before the next poll.
+        if not self.read_enabled or self.read.buffer is None or not self._mask & EVENT_READ:
             self._update_interest()
 
     def write_reschedule(self) -> None:
@@ -287,7 +287,7 @@ class NetVConnection(Continuation):
             return
         room = min(buf.write_avail(), vio.nbytes - vio.ndone)
         if room <= 0:
-            self._update_interest()
+            self._read_no_room()
             return
         try:
             data = self.sock.recv(min(room, READ_CHUNK))
@@ -307,6 +307,16 @@ class NetVConnection(Continuation):
             return
         self._deliver(data)
 
+    def _read_no_room(self) -> None:
+        """The socket is readable but the buffer is full: stop polling for reads until the
+        consumer re-enables. When the buffer is full because of its downstream buffer (see
+        MIOBuffer), the consumer may not know the read stopped (it handed the bytes on and
+        re-enabled): it gets a READ_READY with nothing new, to wait for its downstream."""
+        self._update_interest()
+        buf = self.read.buffer
+        if buf is not None and buf.downstream is not None:
+            self._signal(self.read, VC_EVENT_READ_READY)
+
     def _deliver(self, data: bytes) -> None:
         vio = self.read
         buf = vio.buffer
@@ -319,10 +329,10 @@ class NetVConnection(Continuation):
             self._update_interest()
             self._signal(vio, VC_EVENT_READ_COMPLETE)
         else:
-            # A full buffer is noticed at the next read (net_read_io finds no room and drops the
-            # read interest), not here: the consumer usually drains it in this callback, and a
-            # downstream buffer (see MIOBuffer) drains before the next poll; dropping and
-            # restoring the interest around that would cost two system calls per read.
+            # A full buffer is noticed at the next read (_read_no_room), not here: the consumer
+            # usually drains it in this callback, and a downstream buffer (see MIOBuffer)
+            # drains before the next poll; dropping and restoring the interest around that
+            # would cost two system calls per read.
             self._signal(vio, VC_EVENT_READ_READY)
 
     # -- writing -----------------------------------------------------------------------------

@@ -1205,8 +1205,8 @@ class SSLNetVConnection(NetVConnection):
         got_raw = False
         chunks: list[bytes] = []
         room = min(buf.write_avail(), vio.nbytes - vio.ndone)
-        if room <= 0:  # the buffer is full: stop polling until the consumer re-enables
-            self._update_interest()
+        if room <= 0:
+            self._read_no_room()
             return
         eos = False
         error = False
@@ -1394,8 +1394,8 @@ class SSLNetVConnection(NetVConnection):
             self._update_interest()
             return
         room = min(buf.write_avail(), vio.nbytes - vio.ndone)
-        if room <= 0:  # the buffer is full: stop polling until the consumer re-enables
-            self._update_interest()
+        if room <= 0:
+            self._read_no_room()
             return
         rec = self._scratch.rec
         ssl_ptr = ssl._ssl

@@ -13,7 +13,10 @@ Storage: one contiguous ``bytearray``, except that a ``bytes`` object written in
 buffer is kept by reference (as ATS appends an IOBufferBlock) and handed back by reference when
 a single reader reads it all. A socket read that is consumed whole, the common case on both
 sides of a proxied request, is therefore never copied here. The next write turns it into a
-``bytearray``; every path that changes the storage knows it may be ``bytes``. An empty buffer
+``bytearray``; every path that changes the storage knows it may be ``bytes``. A write into a
+non-empty buffer first drops the bytes every reader consumed, so what the buffer stores is what
+its readers still need plus the new bytes, never a consumed prefix on top (a slow reader's
+buffer stays within its water mark in memory too, not only in count). An empty buffer
 holds the shared ``b""``, so the thousands of idle connections' buffers hold no storage object
 (as an ATS MIOBuffer with no blocks).
 
@@ -90,8 +93,21 @@ class MIOBuffer:
         if not buf and type(data) is bytes:
             self._buf = data  # empty, so every reader is at 0: keep the bytes, no copy
             return len(data)
+        low = self._low()
         if isinstance(buf, bytes):
-            buf = self._buf = bytearray(buf)
+            # The copy a kept ``bytes`` needs anyway leaves out what every reader consumed.
+            buf = self._buf = bytearray(memoryview(buf)[low:] if low else buf)
+        elif low:
+            del buf[:low]  # the consumed prefix goes before the buffer grows (at most one memmove)
+        else:
+            buf += data
+            return len(data)
+        if low:
+            first = self._first
+            if first is not None:
+                first.pos -= low
+                for r in self._others:
+                    r.pos -= low
         buf += data
         return len(data)
 

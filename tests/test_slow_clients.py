@@ -246,3 +246,40 @@ def test_per_server_queue_size_0_refuses_at_once(tsproxy_factory: Factory, origi
     assert origin.connections == 1
     a.close()
     c.close()
+
+
+
+def test_pipelined_responses_behind_a_stalled_client_all_arrive(
+    tsproxy_factory: Factory, origin: OriginServer
+) -> None:
+    """Three pipelined GETs (2 MiB, 5 bytes, 1 MiB; the last with Connection: close) from a
+    client that reads nothing for a second: the later transactions start while the client
+    buffer is still full (their origin read finds no room at once), and each is resumed by the
+    client's drain; all three arrive whole, in order. A guard for the pause/resume path of the
+    bounded buffer (the code before had no such pause, and passes it too)."""
+    proxy = start(tsproxy_factory, origin)
+    sizes = [2 * MiB, 5, MiB]
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
+    s.settimeout(20)
+    s.connect(("127.0.0.1", proxy.port()))
+    s.sendall(
+        b"".join(
+            f"GET /bytes?n={n} HTTP/1.1\r\nHost: origin.test\r\n{'Connection: close' if i == 2 else 'X: y'}"
+            f"\r\n\r\n".encode()
+            for i, n in enumerate(sizes)
+        )
+    )
+    time.sleep(1.0)
+    chunks = []
+    while chunk := s.recv(1 << 20):  # until the proxy closes after the third response
+        chunks.append(chunk)
+    s.close()
+    rest = b"".join(chunks)
+    for n in sizes:
+        head, sep, rest = rest.partition(b"\r\n\r\n")
+        assert sep and head.startswith(b"HTTP/1.1 200"), head[:60]
+        assert f"content-length: {n}".encode() in head.lower()
+        assert rest[:n] == pattern(n)
+        rest = rest[n:]
+    assert rest == b""

@@ -99,17 +99,18 @@ class MIOBuffer:
             buf = self._buf = bytearray(memoryview(buf)[low:] if low else buf)
         elif low:
             del buf[:low]  # the consumed prefix goes before the buffer grows (at most one memmove)
-        else:
-            buf += data
-            return len(data)
         if low:
-            first = self._first
-            if first is not None:
-                first.pos -= low
-                for r in self._others:
-                    r.pos -= low
+            self._shift(low)
         buf += data
         return len(data)
+
+    def _shift(self, low: int) -> None:
+        """The first ``low`` bytes left the storage: every reader's position moves back."""
+        first = self._first
+        if first is not None:
+            first.pos -= low
+            for r in self._others:
+                r.pos -= low
 
     def max_read_avail(self) -> int:
         return len(self._buf) - self._low()
@@ -143,11 +144,7 @@ class MIOBuffer:
                 del buf[:low]
         else:
             return
-        first = self._first
-        if first is not None:
-            first.pos -= low
-            for r in self._others:
-                r.pos -= low
+        self._shift(low)
 
 
 class IOBufferReader:

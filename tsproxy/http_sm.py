@@ -14,9 +14,13 @@ When nothing is consumed, the client buffer fills up, the VC stops reading, and 
 on the client: memory stays bounded by the water marks, never by body sizes.
 
 Responses flow the other way through an ``OriginConnection``: its bytes go to a
-``ResponseParser``; the head, then each body piece, is written to the client buffer. Once the
-client buffer is above its water mark the origin is no longer consumed (so the origin VC stops
-reading); the client VC's ``WRITE_READY`` (buffer drained) resumes it.
+``ResponseParser``; the head, then each body piece, is written to the client buffer. The client
+buffer is the origin read buffer's ``downstream``: the two share one water mark
+(``proxy.config.http.flow_control.high_water``), so the origin VC reads only while they hold
+less together; when it finds no room it tells the session (a READ_READY with nothing new),
+which marks the transaction paused, and the client VC's ``WRITE_READY`` (buffer drained)
+resumes it. ``FlowControl`` keeps the worker's budget over the paused transactions, and
+``ServerGroups`` the ``per_server.connection.max`` cap and its queue.
 
 Transactions end with the response's ``MessageEnded``: the origin connection returns to the
 per-worker ``OriginPool`` when both sides allow keep-alive, the client session then reads its

@@ -188,8 +188,14 @@ def _extensions_offset(msg: bytes) -> int:
 
 def _replace_extension(msg: bytes, ext_type: int, data: bytes | None) -> bytes:
     """The message with extension ``ext_type``'s data replaced (added at the end if absent,
-    removed if ``data`` is None)."""
-    ext_at = _extensions_offset(msg)
+    removed if ``data`` is None). A message an earlier mutation made unreadable (a flipped
+    length byte) comes back unchanged."""
+    try:
+        ext_at = _extensions_offset(msg)
+    except IndexError:
+        return msg
+    if ext_at + 2 > len(msg):
+        return msg
     exts = msg[ext_at + 2 :]
     out, found, i = b"", False, 0
     while i + 4 <= len(exts):

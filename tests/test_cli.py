@@ -39,6 +39,9 @@ def test_config_check_ok_prints_warnings_and_starts_nothing(tmp_path: Path) -> N
         ("proxy.config.exec_thread.limit", "many", "proxy.config.exec_thread.limit"),
         ("proxy.config.http.server_ports", "8080:tr-full", "transparent proxy not supported"),
         ("proxy.config.http.server_ports", "8080 8080", "duplicate port"),
+        ("proxy.config.http.server_ports", "8080:pp:ppv2", "unknown keyword 'ppv2'"),
+        ("proxy.config.http.proxy_protocol_allowlist", "10.0.0.0/8,lb.example", "bad entry 'lb.example'"),
+        ("proxy.config.http.proxy_protocol_allowlist", "10.0.0.9-10.0.0.1", "ends before it starts"),
     ],
 )
 def test_config_check_reports_file_and_line(tmp_path: Path, record: str, value: str, needle: str) -> None:

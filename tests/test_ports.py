@@ -87,3 +87,12 @@ def test_describe_round_trips() -> None:
     text = "8443:ssl:tr-pass:proto=http/1.1:ip-in=127.0.0.1 9000:blind 8080:ipv6:ip-in=[::1]"
     ports = parse_server_ports(text)
     assert parse_server_ports(" ".join(p.describe() for p in ports)) == ports
+
+
+def test_pp_keyword_on_plain_and_ssl_ports() -> None:
+    plain, tls = parse_server_ports("8080:pp 8443:pp:ssl")
+    assert plain == PortDescriptor(port=8080, proxy_protocol=True)
+    assert tls == PortDescriptor(port=8443, ssl=True, proxy_protocol=True)
+    assert tls.describe() == "8443:pp:ssl"
+    assert parse_server_ports(tls.describe()) == [tls]
+    assert not parse_server_ports("8080")[0].proxy_protocol

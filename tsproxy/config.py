@@ -21,6 +21,7 @@ from pathlib import Path
 from OpenSSL import SSL
 
 from iocore.net.ports import PortDescriptor, parse_server_ports
+from iocore.net.proxy_protocol import IPAllowlist, parse_allowlist
 from iocore.net.ssl_cert_lookup import SSLCertLookup
 from iocore.net.ssl_config import SSLConfigParams
 from iocore.net.ssl_multicert import load_cert_lookup
@@ -38,6 +39,7 @@ from tsproxy.origin_tls import OriginTLS
 from tsproxy.remap import RemapTable, load_remap
 
 SERVER_PORTS = "proxy.config.http.server_ports"
+PP_ALLOWLIST = "proxy.config.http.proxy_protocol_allowlist"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class ProxyConfig:
     warnings: list[str] = field(default_factory=list)
     fallback_ctx: SSL.Context | None = None  # certificate-less server context (see load_proxy_config)
     session_cache: SharedSessionCache | None = None  # made once, before the workers fork
+    # proxy.config.http.proxy_protocol_allowlist; None: any peer may send a PROXY header.
+    proxy_protocol_allowlist: IPAllowlist | None = None
 
     def state_dir(self) -> Path:
         return _state_dir(self.records)
@@ -153,6 +157,14 @@ def load_proxy_config(
     ports = parse_server_ports(
         records.get_str(SERVER_PORTS), path=str(records.path), line=records.line_of(SERVER_PORTS)
     )
+
+    try:
+        allowlist = parse_allowlist(records.get_str(PP_ALLOWLIST)) or None
+    except ValueError as exc:
+        raise ConfigError(str(records.path), records.line_of(PP_ALLOWLIST), f"{PP_ALLOWLIST}: {exc}") from exc
+    if allowlist is not None and not any(p.proxy_protocol for p in ports):
+        where = f"{records.path}:{records.line_of(PP_ALLOWLIST)}"
+        warnings.append(f"{where}: {PP_ALLOWLIST} is set but no port has 'pp'")
 
     remap_name = records.resolve_path("proxy.config.url_remap.filename")
     if remap_name is None:
@@ -257,6 +269,7 @@ def load_proxy_config(
         warnings=warnings,
         fallback_ctx=fallback_ctx,
         session_cache=session_cache,
+        proxy_protocol_allowlist=allowlist,
     )
 
 

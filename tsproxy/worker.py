@@ -11,6 +11,7 @@ HookRegistry, starts a NetAccept per listener and runs until told to stop.
   (VCONN_START hooks before any byte is read); a finished handshake hands the VC to the HTTP
   processor, a tunnel decision to a BlindTunnel.
 * Plain ports: each accepted socket becomes an HTTP client session; ``blind`` ports tunnel.
+* ``pp`` ports (either kind): the PROXY protocol header is read first (net_accept.read_proxy_header).
 * Control messages (newline-delimited JSON from the master): ``stop`` drains (stop accepting,
   let open transactions finish up to the timeout, close idle keep-alive connections) and exits;
   ``reload`` loads the config files again (the master validated them already) and swaps the
@@ -45,7 +46,7 @@ from iocore.eventsystem.diags import DbgCtl
 from iocore.eventsystem.ethread import EThread
 from iocore.eventsystem.event import EVENT_INTERVAL, Continuation
 from iocore.net.hooks import HookRegistry
-from iocore.net.net_accept import NetAccept
+from iocore.net.net_accept import NetAccept, read_proxy_header
 from iocore.net.net_handler import NetHandler
 from iocore.net.net_vconnection import NetVConnection, PlainNetVConnection
 from iocore.net.ports import PortDescriptor
@@ -210,7 +211,7 @@ class Worker(Continuation):
                 assert isinstance(vc, SSLNetVConnection)
                 vc.start_handshake()
 
-            return NetAccept(self.nh, lst.sock, make_ssl, on_accept_ssl, self.max_connections)
+            return NetAccept(self.nh, lst.sock, make_ssl, self._pp(desc, on_accept_ssl), self.max_connections)
 
         def on_accept_plain(vc: NetVConnection) -> None:
             if desc.blind:
@@ -218,7 +219,27 @@ class Worker(Continuation):
             else:
                 self.http.new_session(vc, "http", port)
 
-        return NetAccept(self.nh, lst.sock, PlainNetVConnection, on_accept_plain, self.max_connections)
+        return NetAccept(
+            self.nh, lst.sock, PlainNetVConnection, self._pp(desc, on_accept_plain), self.max_connections
+        )
+
+    def _pp(
+        self, desc: PortDescriptor, on_accept: Callable[[NetVConnection], None]
+    ) -> Callable[[NetVConnection], None]:
+        """``on_accept`` itself, or on a ``pp`` port: the PROXY header first (net_accept)."""
+        if not desc.proxy_protocol:
+            return on_accept
+
+        def on_accept_pp(vc: NetVConnection) -> None:
+            cfg = self.config  # the snapshot at accept time: a reload applies to new connections
+            # 0 must not mean "wait forever" for a header: the default inactivity timeout then.
+            timeout = float(
+                cfg.records.get_int("proxy.config.http.accept_no_activity_timeout")
+                or cfg.records.get_int("proxy.config.net.default_inactivity_timeout")
+            )
+            read_proxy_header(vc, cfg.proxy_protocol_allowlist, timeout, on_accept)
+
+        return on_accept_pp
 
     def _https_ready(self, vc: SSLNetVConnection, port: int) -> None:
         endpoint = self.protocol_endpoints.get(vc.negotiated_protocol) if vc.negotiated_protocol else None

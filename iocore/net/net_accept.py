@@ -6,6 +6,18 @@ NetAccept watches one listening socket. Each readiness accepts up to ``ACCEPT_BA
 closed at once and counted as throttled), and hands each new VC to the ``on_accept`` callback.
 EMFILE/ENFILE pause accepting for a short back-off instead of spinning on a readable listener.
 
+On a ``pp`` port the acceptor's callback is wrapped by ``read_proxy_header``: a peer outside
+``proxy.config.http.proxy_protocol_allowlist`` is closed before any read; otherwise a
+``ProxyProtocolAccept`` owns the socket until the PROXY header is in. It peeks, feeds the
+sans-IO parser and consumes exactly the header's bytes (what follows stays in the socket for
+the TLS handshake or the HTTP session, which therefore need no replay), so a header that comes
+byte by byte never makes the loop spin and never swallows a byte of the payload. Once the
+header is complete the client address it carries becomes ``vc.remote_addr`` (X-Forwarded-For,
+logs, plugins), the header is kept in ``vc.proxy_protocol``, and the VC goes on to the port's
+own accept callback (VCONN_START hooks and the handshake, or the HTTP session). Anything else
+(other bytes, a malformed header, EOF, no whole header within the accept timeout) closes the
+connection and counts it. Nothing of this runs on ports without ``pp``.
+
 ``connect`` starts a non-blocking connect and calls back ``NET_EVENT_OPEN`` with the VC or
 ``NET_EVENT_OPEN_FAILED`` with the errno (ETIMEDOUT when the VC's inactivity timeout, the
 caller's connect timeout, expires first).
@@ -13,7 +25,9 @@ caller's connect timeout, expires first).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import logging
 import selectors
 import socket
 import sys
@@ -24,12 +38,20 @@ from iocore.eventsystem.diags import DbgCtl
 from iocore.eventsystem.event import EVENT_IMMEDIATE, NET_EVENT_OPEN, NET_EVENT_OPEN_FAILED, Continuation
 from iocore.net.net_handler import NetHandler
 from iocore.net.net_vconnection import NetVConnection, PlainNetVConnection
+from iocore.net.proxy_protocol import IPAllowlist, ProxyProtocolError, ProxyProtocolParser
 from iocore.records.stats import METRIC_ID
 
 ACCEPT_BATCH = 64
 _M_ACCEPTS = METRIC_ID["proxy.process.net.accepts_total"]
 _M_THROTTLED = METRIC_ID["proxy.process.net.connections_throttled_in"]
+_M_PP_V1 = METRIC_ID["proxy.process.net.proxy_protocol_v1_in"]
+_M_PP_V2 = METRIC_ID["proxy.process.net.proxy_protocol_v2_in"]
+_M_PP_UNTRUSTED = METRIC_ID["proxy.process.net.proxy_protocol_untrusted_in"]
+_M_PP_BAD = METRIC_ID["proxy.process.net.proxy_protocol_bad_header_in"]
+_M_PP_TIMEOUT = METRIC_ID["proxy.process.net.proxy_protocol_timeout_in"]
 _dbg = DbgCtl("net_accept")
+_dbg_pp = DbgCtl("proxyprotocol")
+_log = logging.getLogger("tsproxy.net")
 
 
 class NetAccept(Continuation):
@@ -120,6 +142,114 @@ class NetAccept(Continuation):
         if not self.paused:
             self.nh.thread.unregister(self.sock.fileno())
         self.paused = True
+
+
+def read_proxy_header(
+    vc: NetVConnection,
+    allowlist: IPAllowlist | None,
+    timeout: float,
+    then: Callable[[NetVConnection], None],
+) -> None:
+    """The accept callback of a ``pp`` port: check the peer, then read the PROXY header."""
+    if allowlist and vc.remote_ip not in allowlist:
+        vc.nh.counters[_M_PP_UNTRUSTED] += 1
+        _dbg_pp("closing %s: not in proxy_protocol_allowlist", vc.remote_addr)
+        vc.do_io_close()
+        return
+    ProxyProtocolAccept(vc, timeout, then)
+
+
+class ProxyProtocolAccept:
+    """Owns one accepted socket until its PROXY protocol header is in (see the module doc).
+
+    The fd is registered with this object as its handler (the VC itself is not registered
+    yet). The deadline is kept by the NetHandler's once-a-second cop, which holds the readers
+    still waiting in ``nh.proxy_protocol_pending``: no timer object per connection, and a reader
+    is freed the moment its header is in."""
+
+    __slots__ = ("deadline", "parser", "then", "vc")
+
+    def __init__(self, vc: NetVConnection, timeout: float, then: Callable[[NetVConnection], None]) -> None:
+        self.vc: NetVConnection | None = vc
+        self.then: Callable[[NetVConnection], None] | None = then
+        self.parser = ProxyProtocolParser()
+        nh = vc.nh
+        self.deadline = nh.thread.now + timeout
+        nh.proxy_protocol_pending[self] = None
+        nh.thread.register_handler(vc.fd, selectors.EVENT_READ, self)
+
+    def on_io(self, mask: int) -> None:
+        vc = self.vc
+        if vc is None:
+            return
+        if vc.closed:
+            self._finish(vc)
+            return
+        try:
+            self._read(vc)
+        except Exception:  # never the worker: this connection only
+            _log.exception("unexpected error reading the PROXY header of %r; closing it", vc)
+            self._fail(vc, _M_PP_BAD)
+
+    def _read(self, vc: NetVConnection) -> None:
+        parser = self.parser
+        try:
+            data = vc.sock.recv(parser.want, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            _dbg_pp("closing %s: %s before a whole PROXY header", vc.remote_addr, exc.strerror)
+            self._fail(vc, _M_PP_BAD)
+            return
+        if not data:
+            _dbg_pp("closing %s: EOF before a whole PROXY header", vc.remote_addr)
+            self._fail(vc, _M_PP_BAD)
+            return
+        try:
+            header = parser.feed(data)
+        except ProxyProtocolError as exc:
+            _dbg_pp("closing %s: %s", vc.remote_addr, exc.reason)
+            self._fail(vc, _M_PP_BAD)
+            return
+        take = len(data) - len(parser.trailing) if header is not None else len(data)
+        if len(vc.sock.recv(take)) != take:  # bytes already peeked: recv returns them all
+            self._fail(vc, _M_PP_BAD)
+            return
+        if header is None:
+            return
+        vc.nh.counters[_M_PP_V1 if header.version == 1 else _M_PP_V2] += 1
+        peer = vc.remote_addr
+        source = header.source
+        if source is not None:
+            vc.remote_addr = (sys.intern(source[0]), source[1])
+        vc.proxy_protocol = dataclasses.replace(header, peer=(str(peer[0]), int(peer[1])) if peer else None)
+        if _dbg_pp.on:
+            _dbg_pp("PROXY v%d from %s: client %s", header.version, peer, vc.remote_addr)
+        then = self.then
+        self._finish(vc)
+        assert then is not None
+        then(vc)
+
+    def expire(self) -> None:
+        """The deadline passed (the NetHandler's cop): no whole header in time."""
+        vc = self.vc
+        if vc is not None and not vc.closed:
+            _dbg_pp("closing %s: no whole PROXY header in time", vc.remote_addr)
+            self._fail(vc, _M_PP_TIMEOUT)
+        elif vc is not None:
+            self._finish(vc)
+
+    def _fail(self, vc: NetVConnection, metric: int) -> None:
+        vc.nh.counters[metric] += 1
+        self._finish(vc)
+        vc.do_io_close()
+
+    def _finish(self, vc: NetVConnection) -> None:
+        nh = vc.nh
+        nh.proxy_protocol_pending.pop(self, None)
+        if not vc.closed:
+            nh.thread.unregister(vc.fd)
+        self.vc = self.then = None
 
 
 class _Connector:

@@ -8,7 +8,8 @@ list whenever its producer added data (so writes are coalesced into one send per
 The inactivity cop sweeps the open VCs once per second, as ATS does, instead of arming one
 timer per VC: a VC past its inactivity or active deadline gets ``VC_EVENT_INACTIVITY_TIMEOUT``
 / ``VC_EVENT_ACTIVE_TIMEOUT`` on its read (else write) continuation, or is closed when nobody
-listens.
+listens. The same sweep expires the PROXY protocol readers of ``pp`` ports that are still
+waiting for their header (``proxy_protocol_pending``, empty unless such a port is busy).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from iocore.eventsystem.event import (
 from iocore.records.stats import METRIC_ID
 
 if TYPE_CHECKING:
+    from iocore.net.net_accept import ProxyProtocolAccept
     from iocore.net.net_vconnection import NetVConnection
 
 _log = logging.getLogger("tsproxy.net")
@@ -46,6 +48,7 @@ class NetHandler(Continuation):
         self.read_ready_list: dict[NetVConnection, None] = {}
         self.write_ready_list: dict[NetVConnection, None] = {}
         self.ssl_scratch: Any = None  # the TLS data path's scratch memory (ssl_net_vconnection)
+        self.proxy_protocol_pending: dict[ProxyProtocolAccept, None] = {}
         thread.ready_callbacks.append(self._process_read_ready)
         thread.post_io_callbacks.append(self._process_write_ready)
         thread.schedule_every(self, 1.0, EVENT_INTERVAL)
@@ -110,6 +113,9 @@ class NetHandler(Continuation):
                 self.counters[_M_INACTIVITY] += 1
             vc.inactivity_at = vc.active_at = 0.0
             vc.guarded(vc.on_timeout, ev)
+        if self.proxy_protocol_pending:
+            for reader in [r for r in self.proxy_protocol_pending if r.deadline <= now]:
+                reader.expire()
         return 0
 
     def close_all(self) -> None:

@@ -42,6 +42,7 @@ from iocore.eventsystem.iobuffer import VIO, IOBufferReader, MIOBuffer
 
 if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
+    from iocore.net.proxy_protocol import ProxyHeader
 
 _log = logging.getLogger("tsproxy.net")
 EVENT_READ = selectors.EVENT_READ
@@ -67,6 +68,7 @@ class NetVConnection(Continuation):
         "local_addr",
         "nh",
         "outbound",
+        "proxy_protocol",
         "read",
         "read_enabled",
         "remote_addr",
@@ -102,6 +104,9 @@ class NetVConnection(Continuation):
         self.remote_addr: tuple[Any, ...] = ()
         self.local_addr: tuple[Any, ...] = ()
         self.user_data: Any = None
+        # The PROXY protocol header this connection opened with (pp ports only; its ``peer``
+        # is the balancer's address, remote_addr the client's it carried).
+        self.proxy_protocol: ProxyHeader | None = None
         # Who waits for NET_EVENT_OPEN while an outbound connect is in progress (set by connect):
         # a timeout before the connect finished is reported to it as NET_EVENT_OPEN_FAILED.
         self.connect_waiter: Continuation | None = None

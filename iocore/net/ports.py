@@ -6,11 +6,12 @@ is a list of keywords separated by colons, in any order::
     8080  8443:ssl  8443:ssl:ipv6:ip-in=[::1]  9000:blind  4443:ssl:tr-pass:proto=http/1.1
 
 Keywords: a number (the port, 1-65535, exactly one per descriptor), ``ssl``, ``tr-pass``,
-``ipv4``, ``ipv6``, ``blind``, ``proto=NAME[;NAME...]`` (restricts the protocols/ALPN ids
-served on the port) and ``ip-in=ADDR`` (the local address to bind; IPv6 addresses may be
-written in brackets). Without ``ip-in`` the port binds every address of its family, as ATS
-does (``0.0.0.0``, or ``::`` with ``ipv6``). Transparent proxying (``tr-full``, ``tr-in``,
-``tr-out``) is not supported and is reported as such.
+``ipv4``, ``ipv6``, ``blind``, ``pp`` (every connection must open with a PROXY protocol v1
+or v2 header, read before anything else, TLS included), ``proto=NAME[;NAME...]`` (restricts
+the protocols/ALPN ids served on the port) and ``ip-in=ADDR`` (the local address to bind;
+IPv6 addresses may be written in brackets). Without ``ip-in`` the port binds every address
+of its family, as ATS does (``0.0.0.0``, or ``::`` with ``ipv6``). Transparent proxying
+(``tr-full``, ``tr-in``, ``tr-out``) is not supported and is reported as such.
 
 The parser is pure: it returns frozen descriptors and raises ConfigError naming the file
 and line of the record when the caller passes them.
@@ -41,6 +42,7 @@ class PortDescriptor:
     blind: bool = False
     protocols: tuple[str, ...] | None = None
     ip_in: str | None = None
+    proxy_protocol: bool = False
 
     @property
     def family_name(self) -> str:
@@ -56,6 +58,8 @@ class PortDescriptor:
     def describe(self) -> str:
         """ATS-style text of this descriptor, e.g. ``8443:ssl:ip-in=127.0.0.1``."""
         parts = [str(self.port)]
+        if self.proxy_protocol:
+            parts.append("pp")
         if self.ssl:
             parts.append("ssl")
         if self.blind:
@@ -111,7 +115,7 @@ def _split_keywords(text: str) -> list[str]:
 
 def _parse_descriptor(text: str, err: _ErrorFactory) -> PortDescriptor:
     port: int | None = None
-    ssl = tr_pass = blind = False
+    ssl = tr_pass = blind = proxy_protocol = False
     want_v4 = want_v6 = False
     protocols: tuple[str, ...] | None = None
     ip_in: str | None = None
@@ -131,6 +135,8 @@ def _parse_descriptor(text: str, err: _ErrorFactory) -> PortDescriptor:
             tr_pass = True
         elif lowered == "blind":
             blind = True
+        elif lowered == "pp":
+            proxy_protocol = True
         elif lowered == "ipv4":
             want_v4 = True
         elif lowered == "ipv6":
@@ -171,6 +177,7 @@ def _parse_descriptor(text: str, err: _ErrorFactory) -> PortDescriptor:
         blind=blind,
         protocols=protocols,
         ip_in=ip_in,
+        proxy_protocol=proxy_protocol,
     )
 
 

@@ -221,7 +221,8 @@ RECORDS: tuple[RecordSpec, ...] = (
     RecordSpec(
         "proxy.config.http.accept_no_activity_timeout", _I, 120, _R, NON_NEGATIVE,
         "Seconds a new client connection may stay silent before its first request (after the "
-        "TLS handshake); 0 leaves only the default inactivity timeout",
+        "TLS handshake), and a pp port's connection before its whole PROXY header; 0 leaves only "
+        "the default inactivity timeout",
     ),
     RecordSpec(
         "proxy.config.http.connect_attempts_timeout", _I, 30, _R, POSITIVE,
@@ -259,6 +260,11 @@ RECORDS: tuple[RecordSpec, ...] = (
         "proxy.config.http.insert_client_ip", _I, 1, _R, BOOL,
         "Send the client address to the origin in a Client-ip header (one the client sent is "
         "replaced); 0 forwards the client's own Client-ip untouched",
+    ),
+    RecordSpec(
+        "proxy.config.http.proxy_protocol_allowlist", _S, "", _R, None,
+        "Peers trusted to send a PROXY header on pp ports (addresses, ADDR/BITS, ADDR-ADDR, comma "
+        "separated); others are closed at accept. Empty: any peer",
     ),
     RecordSpec("proxy.config.proxy_name", _S, "tsproxy", _R, None, "Name of this proxy in Via headers"),
     RecordSpec(

@@ -94,6 +94,20 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("proxy.process.net.accepts_total", _C, "Client connections accepted"),
     MetricSpec("proxy.process.net.connections_throttled_in", _C, "Accepts closed by max_connections_in"),
     MetricSpec("proxy.process.net.inactivity_timeouts", _C, "Connections closed by an inactivity timeout"),
+    MetricSpec("proxy.process.net.proxy_protocol_v1_in", _C, "pp connections with a valid PROXY v1 header"),
+    MetricSpec("proxy.process.net.proxy_protocol_v2_in", _C, "pp connections with a valid PROXY v2 header"),
+    MetricSpec(
+        "proxy.process.net.proxy_protocol_untrusted_in", _C,
+        "pp connections closed at accept: peer not in proxy.config.http.proxy_protocol_allowlist",
+    ),
+    MetricSpec(
+        "proxy.process.net.proxy_protocol_bad_header_in", _C,
+        "pp connections closed: no valid PROXY header (other bytes, malformed, or EOF first)",
+    ),
+    MetricSpec(
+        "proxy.process.net.proxy_protocol_timeout_in", _C,
+        "pp connections closed: no whole PROXY header within proxy.config.http.accept_no_activity_timeout",
+    ),
     MetricSpec("proxy.process.http.incoming_requests", _C, "Client requests received"),
     MetricSpec("proxy.process.http.outgoing_requests", _C, "Requests sent to origins"),
     MetricSpec("proxy.process.http.completed_requests", _C, "Transactions completed"),

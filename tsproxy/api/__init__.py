@@ -46,6 +46,7 @@ from iocore.eventsystem.event import (
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.hooks import HookID
+from iocore.net.proxy_protocol import ProxyHeader
 from iocore.records.errors import TSError
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ __all__ = [
     "PluginAPI",
     "PluginError",
     "ProtocolStream",
+    "ProxyHeader",
     "Request",
     "Response",
     "ScheduledCall",
@@ -151,6 +153,13 @@ class VConn:
     def local_address(self) -> tuple[str, int] | None:
         addr = self._vc.local_addr
         return (str(addr[0]), int(addr[1])) if addr else None
+
+    @property
+    def proxy_protocol(self) -> ProxyHeader | None:
+        """The PROXY protocol header the connection opened with (``pp`` ports), else None.
+        ``client_address`` is then the client it carried; ``proxy_protocol.peer`` is the
+        balancer that sent it."""
+        return getattr(self._vc, "proxy_protocol", None)
 
     @property
     def sni(self) -> str | None:
@@ -460,6 +469,12 @@ class Txn:
     def client_address(self) -> tuple[str, int] | None:
         addr = self._session.vc.remote_addr
         return (str(addr[0]), int(addr[1])) if addr else None
+
+    @property
+    def proxy_protocol(self) -> ProxyHeader | None:
+        """The client connection's PROXY protocol header (``pp`` ports), else None."""
+        header: ProxyHeader | None = self._session.vc.proxy_protocol
+        return header
 
     @property
     def is_tls(self) -> bool:

@@ -16,6 +16,8 @@ HookRegistry, starts a NetAccept per listener and runs until told to stop.
   let open transactions finish up to the timeout, close idle keep-alive connections) and exits;
   ``reload`` loads the config files again (the master validated them already) and swaps the
   snapshots: new connections see the new config, connections in flight keep theirs.
+* OCSP stapling (proxy.config.ssl.ocsp.enabled): the worker's OCSPUpdater refreshes the
+  responses of its config generation on a small thread pool (iocore/net/ocsp_stapling).
 * Liveness: a heartbeat in the stats slot every 0.5 s; EOF on the control socket means the
   master died, and the worker exits rather than serve a stale config as an orphan.
 * Memory after a burst: every TLS handshake in flight holds ~30 KiB that OpenSSL frees when it
@@ -49,6 +51,7 @@ from iocore.net.hooks import HookRegistry
 from iocore.net.net_accept import NetAccept, read_proxy_header
 from iocore.net.net_handler import NetHandler
 from iocore.net.net_vconnection import NetVConnection, PlainNetVConnection
+from iocore.net.ocsp_stapling import OCSPUpdater
 from iocore.net.ports import PortDescriptor
 from iocore.net.ssl_net_vconnection import SSLAcceptConfig, SSLNetVConnection
 from iocore.records.errors import TSError
@@ -137,6 +140,7 @@ class Worker(Continuation):
         self.protocol_endpoints: dict[bytes, Callable[[SSLNetVConnection], None]] = {}
         self._churn_seen = (0, 0)  # (accepts, open connections) at the last heartbeat
         self._trim_owed = False
+        self.ocsp = OCSPUpdater(self.thread, self.slot.counters)
 
     # -- setup ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,6 +151,7 @@ class Worker(Continuation):
         elif self.config.plugins:
             raise TSError("plugin.config lists plugins but this worker has no plugin loader")
         self._build_ssl_configs()
+        self.ocsp.set_stapling(self.config.cert_lookup.ocsp if self.config.cert_lookup else None)
         # proxy.config.net.max_connections_in is split evenly over the workers of this role,
         # which share the same listeners.
         role_record = (
@@ -308,6 +313,7 @@ class Worker(Continuation):
         apply_diags(config)
         self.http.set_config(config)
         self._build_ssl_configs()
+        self.ocsp.set_stapling(config.cert_lookup.ocsp if config.cert_lookup else None)
         for plugin in self.plugins:
             plugin.notify_reload()
         self.slot.generation = generation
@@ -323,6 +329,7 @@ class Worker(Continuation):
         self.slot.state = int(SlotState.STOPPING)
         for acceptor in self.acceptors:
             acceptor.stop()
+        self.ocsp.stop()
         self.http.drain()
         self._check_stopped()
 

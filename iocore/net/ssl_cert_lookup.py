@@ -23,8 +23,12 @@ import enum
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
+
+if TYPE_CHECKING:
+    from iocore.net.ocsp_stapling import OCSPStapling
 
 __all__ = ["CertOpt", "SSLCertContext", "SSLCertLookup"]
 
@@ -72,6 +76,8 @@ class SSLCertLookup:
     )
     _contexts: list[SSLCertContext] = field(default_factory=list)
     _warnings: list[str] = field(default_factory=list)
+    # The OCSP stapling state of these contexts (proxy.config.ssl.ocsp.enabled), else None.
+    ocsp: OCSPStapling | None = None
 
     # -- building --------------------------------------------------------------------
 

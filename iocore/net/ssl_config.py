@@ -69,6 +69,12 @@ RECORD_DEFAULTS: Mapping[str, object] = {
     "proxy.config.ssl.allow_client_renegotiation": 0,
     "proxy.config.ssl.keylog_file": "",
     "proxy.config.tunnel.route": "",
+    "proxy.config.ssl.ocsp.enabled": 0,
+    "proxy.config.ssl.ocsp.cache_timeout": 3600,
+    "proxy.config.ssl.ocsp.request_timeout": 10,
+    "proxy.config.ssl.ocsp.update_period": 60,
+    "proxy.config.ssl.ocsp.response.path": "",
+    "proxy.config.ssl.ocsp.request_mode": 0,
     "proxy.config.ssl.client.verify.server.policy": "ENFORCED",
     "proxy.config.ssl.client.verify.server.properties": "ALL",
     "proxy.config.ssl.client.verify.server": -1,
@@ -212,6 +218,13 @@ class SSLConfigParams:
     allow_client_renegotiation: bool
     keylog_file: Path | None
     tunnel_route: str
+    # -- OCSP stapling (proxy.config.ssl.ocsp.*) --
+    ocsp_enabled: bool
+    ocsp_cache_timeout: int
+    ocsp_request_timeout: int
+    ocsp_update_period: int
+    ocsp_response_path: Path
+    ocsp_request_mode_get: bool
     # -- client side (origin TLS) --
     client_verify_policy: VerifyServerPolicy
     client_verify_properties: VerifyServerProperties
@@ -310,6 +323,12 @@ class SSLConfigParams:
             allow_client_renegotiation=_bool(rec, "proxy.config.ssl.allow_client_renegotiation"),
             keylog_file=_path(rec, "proxy.config.ssl.keylog_file", config_dir),
             tunnel_route=_tunnel_route(rec, "proxy.config.tunnel.route"),
+            ocsp_enabled=_bool(rec, "proxy.config.ssl.ocsp.enabled"),
+            ocsp_cache_timeout=_int(rec, "proxy.config.ssl.ocsp.cache_timeout"),
+            ocsp_request_timeout=_int(rec, "proxy.config.ssl.ocsp.request_timeout"),
+            ocsp_update_period=_int(rec, "proxy.config.ssl.ocsp.update_period"),
+            ocsp_response_path=_dir(rec, "proxy.config.ssl.ocsp.response.path", config_dir),
+            ocsp_request_mode_get=_bool(rec, "proxy.config.ssl.ocsp.request_mode"),
             client_verify_policy=policy,
             client_verify_properties=_enum(
                 rec, "proxy.config.ssl.client.verify.server.properties", VerifyServerProperties

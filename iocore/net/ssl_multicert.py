@@ -9,6 +9,10 @@
 #                                  reads the certificate files, builds one server context per
 #                                  line (build_server_context) and indexes it by every
 #                                  subject CN and DNS SAN of its certificates and by dest_ip.
+#                                  With proxy.config.ssl.ocsp.enabled, each certificate also
+#                                  gets its OCSP stapling entry (iocore/net/ocsp_stapling):
+#                                  the ssl_ocsp_name file, read and verified here, or the AIA
+#                                  responder the workers fetch from.
 #
 # Invariants: every problem is a ConfigError carrying FILE:LINE of the offending line and,
 # for file problems, the file's name; the loader either returns a complete table or raises,
@@ -21,16 +25,19 @@ import enum
 import ipaddress
 import shlex
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from iocore.net.ocsp_stapling import OCSPSettings, OCSPStapling, StapledCert
 from iocore.net.ssl_cert_lookup import CertOpt, SSLCertContext, SSLCertLookup
 from iocore.net.ssl_config import SSLConfigParams
 from iocore.net.tls.context import CertKeyPair, build_server_context
 from iocore.net.tls.errors import TLSError
+from iocore.net.tls.ocsp import OCSPError, OCSPExpired, find_issuer, responder_url
 from iocore.records.errors import ConfigError
 
 __all__ = ["DestIP", "KeyDialog", "MulticertLine", "load_cert_lookup", "parse_multicert"]
@@ -46,6 +53,7 @@ _KEYS = frozenset(
         "action",
         "tunnel_route",
         "ssl_key_dialog",
+        "ssl_ocsp_name",
     }
 )
 
@@ -85,6 +93,7 @@ class MulticertLine:
     tunnel: bool
     tunnel_route: str | None
     key_dialog: KeyDialog | None
+    ocsp_names: tuple[str, ...] = ()  # ssl_ocsp_name: prefetched responses, one per certificate
 
     @property
     def source(self) -> str:
@@ -193,7 +202,7 @@ def _parse_line(pairs: list[tuple[str, str]], path: str, lineno: int) -> Multice
             raise ConfigError(path, lineno, f"empty file name in {key}={seen[key]!r}")
         return items
 
-    certs, keys = names("ssl_cert_name"), names("ssl_key_name")
+    certs, keys, ocsp_names = names("ssl_cert_name"), names("ssl_key_name"), names("ssl_ocsp_name")
     action = seen.get("action")
     if action is not None and action.lower() != "tunnel":
         raise ConfigError(path, lineno, f"unknown action {action!r} (only action=tunnel exists)")
@@ -203,6 +212,10 @@ def _parse_line(pairs: list[tuple[str, str]], path: str, lineno: int) -> Multice
     if keys and len(keys) != len(certs):
         raise ConfigError(
             path, lineno, f"ssl_key_name lists {len(keys)} files but ssl_cert_name lists {len(certs)}"
+        )
+    if ocsp_names and len(ocsp_names) != len(certs):
+        raise ConfigError(
+            path, lineno, f"ssl_ocsp_name lists {len(ocsp_names)} files but ssl_cert_name lists {len(certs)}"
         )
     route = seen.get("tunnel_route")
     if route is not None:
@@ -237,6 +250,7 @@ def _parse_line(pairs: list[tuple[str, str]], path: str, lineno: int) -> Multice
         tunnel=tunnel,
         tunnel_route=route,
         key_dialog=dialog,
+        ocsp_names=ocsp_names,
     )
 
 
@@ -359,6 +373,56 @@ def _key_permission_warnings(entry: MulticertLine, params: SSLConfigParams) -> l
     return warnings
 
 
+def _pem_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return []  # build_server_context has already reported unreadable files
+
+
+def _stapled_certs(
+    entry: MulticertLine, params: SSLConfigParams, warnings: list[str]
+) -> list[StapledCert]:
+    """The OCSP stapling entries of one line: a prefetched file (read and verified now, so a
+    bad one is a FILE:LINE error) or the AIA responder URL; what cannot be stapled is a warning."""
+    ca_certs = _pem_certs(params.server_cert_path / entry.ca_name) if entry.ca_name else []
+    out: list[StapledCert] = []
+    for i, name in enumerate(entry.cert_names):
+        chain = _pem_certs(params.server_cert_path / name)
+        if not chain:
+            continue
+        leaf = chain[0]
+        issuer = find_issuer(leaf, chain[1:] + ca_certs)
+        if issuer is None:
+            warnings.append(
+                f"{entry.source}: OCSP: no issuer certificate for {name} (put it in the chain file "
+                "or ssl_ca_name); not stapled"
+            )
+            continue
+        url = responder_url(leaf)
+        prefetched = params.ocsp_response_path / entry.ocsp_names[i] if entry.ocsp_names else None
+        if prefetched is None and url is None:
+            warnings.append(
+                f"{entry.source}: OCSP: {name} names no OCSP responder (AIA) and the line has no "
+                "ssl_ocsp_name; not stapled"
+            )
+            continue
+        staple = StapledCert(leaf, issuer, url, prefetched, entry.source)
+        if prefetched is not None:
+            try:
+                staple.response, staple.file_mtime = staple.load_prefetched(time.time())
+            except OSError as exc:
+                reason = exc.strerror
+                raise ConfigError(entry.path, entry.line, f"ssl_ocsp_name {prefetched}: {reason}") from None
+            except OCSPExpired as exc:
+                warnings.append(f"{entry.source}: ssl_ocsp_name {prefetched}: {exc.reason}; not stapled")
+            except OCSPError as exc:
+                reason = exc.reason
+                raise ConfigError(entry.path, entry.line, f"ssl_ocsp_name {prefetched}: {reason}") from None
+        out.append(staple)
+    return out
+
+
 def load_cert_lookup(params: SSLConfigParams, ticket_keys: bytes | None) -> SSLCertLookup:
     """Read params.multicert_filename and build the whole lookup table.
 
@@ -375,10 +439,31 @@ def load_cert_lookup(params: SSLConfigParams, ticket_keys: bytes | None) -> SSLC
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), None, f"cannot read: {exc}") from exc
     lookup = SSLCertLookup()
+    if params.ocsp_enabled:
+        lookup.ocsp = OCSPStapling(
+            OCSPSettings(
+                enabled=True,
+                cache_timeout=params.ocsp_cache_timeout,
+                request_timeout=params.ocsp_request_timeout,
+                update_period=params.ocsp_update_period,
+                response_path=params.ocsp_response_path,
+                request_mode_get=params.ocsp_request_mode_get,
+            )
+        )
     for entry in parse_multicert(text, str(path)):
         cc, names = _build_line(entry, params, ticket_keys)
         for warning in _key_permission_warnings(entry, params):
             lookup.add_warning(warning)
+        if cc.ctx is not None and entry.cert_names:
+            if lookup.ocsp is not None:
+                ocsp_warnings: list[str] = []
+                lookup.ocsp.add_context(cc.ctx, _stapled_certs(entry, params, ocsp_warnings))
+                for warning in ocsp_warnings:
+                    lookup.add_warning(warning)
+            elif entry.ocsp_names:
+                lookup.add_warning(
+                    f"{entry.source}: ssl_ocsp_name is ignored: proxy.config.ssl.ocsp.enabled is 0"
+                )
         lookup.add_context(cc)
         dest = entry.dest_ip
         if dest is not None and dest.ip is None:

@@ -488,6 +488,30 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Write TLS secrets in NSS key log format to this file (debugging only); empty: off",
     ),
     RecordSpec(
+        "proxy.config.ssl.ocsp.enabled", _I, 0, _R, BOOL,
+        "Staple OCSP responses (ssl_ocsp_name files, or fetched from each certificate's AIA responder)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.ocsp.cache_timeout", _I, 3600, _R, POSITIVE,
+        "Seconds a fetched OCSP response is used before it is fetched again (sooner near its nextUpdate)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.ocsp.request_timeout", _I, 10, _R, POSITIVE,
+        "Seconds an OCSP responder has to answer",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.ocsp.update_period", _I, 60, _R, POSITIVE,
+        "Seconds between checks for OCSP responses that are due (and changed ssl_ocsp_name files)",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.ocsp.response.path", _S, "", _R, None,
+        "Directory ssl_ocsp_name files are relative to; empty: the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.ocsp.request_mode", _I, 0, _R, BOOL,
+        "How OCSP requests are sent: 0 HTTP POST, 1 HTTP GET (RFC 6960 appendix A)",
+    ),
+    RecordSpec(
         "proxy.config.tunnel.route", _S, "", _R, _host_port,
         "host:port that tr-pass ports blind-tunnel to (tsproxy; after sni.yaml tunnel_route)",
     ),

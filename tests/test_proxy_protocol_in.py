@@ -309,6 +309,20 @@ def test_header_that_does_not_arrive_in_time_is_closed(
     assert _metric(proxy, "proxy.process.net.connections_currently_open") == 0
 
 
+def test_graceful_stop_closes_connections_still_waiting_for_their_header(
+    tsproxy_factory: Factory, tmp_path: Path, ca: trustme.CA, origin: OriginServer
+) -> None:
+    # Nothing is in flight on them: like idle keep-alive connections, they do not hold the
+    # stop for shutdown_timeout (60 s here, longer than the stop command waits).
+    proxy = start(tsproxy_factory, tmp_path, ca, origin, records={"proxy.config.stop.shutdown_timeout": 60})
+    with connect(proxy.port(0)) as waiting, connect(proxy.port(1)) as partial:
+        partial.sendall(b"PROXY TCP4 ")
+        wait_for(lambda: _metric(proxy, "proxy.process.net.connections_currently_open") == 2, "both accepted")
+        result = proxy.ctl("stop", "--timeout", "20")
+        assert result.returncode == 0, result.stderr
+        assert closed_without_answer(waiting) and closed_without_answer(partial)
+
+
 # -- real senders: curl and haproxy ----------------------------------------------------------------
 
 

@@ -329,6 +329,8 @@ class Worker(Continuation):
         self.slot.state = int(SlotState.STOPPING)
         for acceptor in self.acceptors:
             acceptor.stop()
+        for reader in list(self.nh.proxy_protocol_pending):
+            reader.abort()  # still waiting for a PROXY header: nothing in flight, like an idle client
         self.ocsp.stop()
         self.http.drain()
         self._check_stopped()

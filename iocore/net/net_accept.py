@@ -239,6 +239,13 @@ class ProxyProtocolAccept:
         elif vc is not None:
             self._finish(vc)
 
+    def abort(self) -> None:
+        """Close the connection uncounted (a graceful stop: no request has started on it)."""
+        vc = self.vc
+        if vc is not None:
+            self._finish(vc)
+            vc.do_io_close()
+
     def _fail(self, vc: NetVConnection, metric: int) -> None:
         vc.nh.counters[metric] += 1
         self._finish(vc)

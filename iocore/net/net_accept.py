@@ -8,7 +8,8 @@ EMFILE/ENFILE pause accepting for a short back-off instead of spinning on a read
 
 On a ``pp`` port the acceptor's callback is wrapped by ``read_proxy_header``: a peer outside
 ``proxy.config.http.proxy_protocol_allowlist`` is closed before any read; otherwise a
-``ProxyProtocolAccept`` owns the socket until the PROXY header is in. It peeks, feeds the
+``ProxyProtocolAccept`` owns the socket until the PROXY header is in (a header already in the
+socket at accept is read at once, without polling). It peeks, feeds the
 sans-IO parser and consumes exactly the header's bytes (what follows stays in the socket for
 the TLS handshake or the HTTP session, which therefore need no replay), so a header that comes
 byte by byte never makes the loop spin and never swallows a byte of the payload. Once the
@@ -25,7 +26,6 @@ caller's connect timeout, expires first).
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import selectors
@@ -156,27 +156,39 @@ def read_proxy_header(
         _dbg_pp("closing %s: not in proxy_protocol_allowlist", vc.remote_addr)
         vc.do_io_close()
         return
-    ProxyProtocolAccept(vc, timeout, then)
+    reader = ProxyProtocolAccept(vc, timeout, then)
+    # A balancer sends the header with the first segment: it is usually in the socket already,
+    # and then the connection goes on without ever being polled for it.
+    reader.on_io(selectors.EVENT_READ)
+    if reader.vc is not None:
+        reader.wait()
 
 
 class ProxyProtocolAccept:
     """Owns one accepted socket until its PROXY protocol header is in (see the module doc).
 
-    The fd is registered with this object as its handler (the VC itself is not registered
-    yet). The deadline is kept by the NetHandler's once-a-second cop, which holds the readers
-    still waiting in ``nh.proxy_protocol_pending``: no timer object per connection, and a reader
-    is freed the moment its header is in."""
+    While it waits, the fd is registered with this object as its handler (the VC itself is not
+    registered yet), and the NetHandler's once-a-second cop holds it in
+    ``nh.proxy_protocol_pending`` to enforce the deadline: no timer object per connection, and
+    a reader is freed the moment its header is in."""
 
-    __slots__ = ("deadline", "parser", "then", "vc")
+    __slots__ = ("deadline", "parser", "then", "vc", "waiting")
 
     def __init__(self, vc: NetVConnection, timeout: float, then: Callable[[NetVConnection], None]) -> None:
         self.vc: NetVConnection | None = vc
         self.then: Callable[[NetVConnection], None] | None = then
         self.parser = ProxyProtocolParser()
+        self.deadline = vc.nh.thread.now + timeout
+        self.waiting = False
+
+    def wait(self) -> None:
+        """Not all of the header is in: poll for the rest, under the deadline."""
+        vc = self.vc
+        assert vc is not None
         nh = vc.nh
-        self.deadline = nh.thread.now + timeout
         nh.proxy_protocol_pending[self] = None
         nh.thread.register_handler(vc.fd, selectors.EVENT_READ, self)
+        self.waiting = True
 
     def on_io(self, mask: int) -> None:
         vc = self.vc
@@ -222,7 +234,7 @@ class ProxyProtocolAccept:
         source = header.source
         if source is not None:
             vc.remote_addr = (sys.intern(source[0]), source[1])
-        vc.proxy_protocol = dataclasses.replace(header, peer=(str(peer[0]), int(peer[1])) if peer else None)
+        vc.proxy_protocol = header.with_peer((str(peer[0]), int(peer[1])) if peer else None)
         if _dbg_pp.on:
             _dbg_pp("PROXY v%d from %s: client %s", header.version, peer, vc.remote_addr)
         then = self.then
@@ -252,10 +264,12 @@ class ProxyProtocolAccept:
         vc.do_io_close()
 
     def _finish(self, vc: NetVConnection) -> None:
-        nh = vc.nh
-        nh.proxy_protocol_pending.pop(self, None)
-        if not vc.closed:
-            nh.thread.unregister(vc.fd)
+        if self.waiting:
+            self.waiting = False
+            nh = vc.nh
+            nh.proxy_protocol_pending.pop(self, None)
+            if not vc.closed:
+                nh.thread.unregister(vc.fd)
         self.vc = self.then = None
 
 

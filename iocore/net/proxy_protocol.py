@@ -93,6 +93,12 @@ class ProxyHeader:
     tlvs: tuple[tuple[int, bytes], ...] = ()
     peer: tuple[str, int] | None = None  # who sent it (the balancer); set by the accept side
 
+    def with_peer(self, peer: tuple[str, int] | None) -> ProxyHeader:
+        """This header, as received from ``peer`` (dataclasses.replace, without its cost)."""
+        return ProxyHeader(
+            self.version, self.local, self.source, self.destination, self.length, self.tlvs, peer
+        )
+
     def tlv(self, kind: int) -> bytes | None:
         """The value of the first TLV of type ``kind`` (PP2_TYPE_AUTHORITY, ...), or None."""
         for t, value in self.tlvs:

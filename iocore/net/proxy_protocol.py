@@ -157,15 +157,32 @@ def _parse_v1(line: bytes) -> ProxyHeader:
         return ProxyHeader(1, False, None, None, length)
     if len(fields) != 6:
         raise ProxyProtocolError("v1: expected PROXY PROTO SRC DST SPORT DPORT, single spaces")
-    addr_type = ipaddress.IPv4Address if fields[1] == b"TCP4" else ipaddress.IPv6Address
-    if b"%" in fields[2] or b"%" in fields[3]:  # ipaddress would take a scope id
-        raise ProxyProtocolError(f"v1: bad {fields[1].decode()} address")
+    parse = _ipv4_text if fields[1] == b"TCP4" else _ipv6_text
+    src, dst = parse(fields[2]), parse(fields[3])
+    return ProxyHeader(1, False, (src, _port(fields[4])), (dst, _port(fields[5])), length)
+
+
+def _ipv4_text(field: bytes) -> str:
+    """A dotted quad, strictly (no leading zeros), as text; ipaddress costs 5 us a call."""
+    parts = field.split(b".")
+    if len(parts) != 4:
+        raise ProxyProtocolError("v1: bad TCP4 address")
+    for part in parts:
+        if not 1 <= len(part) <= 3 or not part.isdigit() or (part[0] == 0x30 and len(part) > 1):
+            raise ProxyProtocolError("v1: bad TCP4 address")
+        if int(part) > 255:
+            raise ProxyProtocolError("v1: bad TCP4 address")
+    return field.decode("ascii")
+
+
+def _ipv6_text(field: bytes) -> str:
+    """An IPv6 address in its canonical text form (no scope id)."""
+    if b"%" in field:  # ipaddress would take a scope id
+        raise ProxyProtocolError("v1: bad TCP6 address")
     try:
-        src = addr_type(fields[2].decode("ascii"))
-        dst = addr_type(fields[3].decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
-        raise ProxyProtocolError(f"v1: bad {fields[1].decode()} address") from None
-    return ProxyHeader(1, False, (str(src), _port(fields[4])), (str(dst), _port(fields[5])), length)
+        return str(ipaddress.IPv6Address(field.decode("ascii")))
+    except ValueError:
+        raise ProxyProtocolError("v1: bad TCP6 address") from None
 
 
 def _parse_v2(header: bytes) -> ProxyHeader:
@@ -190,7 +207,7 @@ def _parse_v2(header: bytes) -> ProxyHeader:
     source = destination = None
     if fam == _AF_INET_STREAM:
         s, d, sp, dp = struct.unpack_from("!4s4sHH", body)
-        source, destination = (str(ipaddress.IPv4Address(s)), sp), (str(ipaddress.IPv4Address(d)), dp)
+        source, destination = (".".join(map(str, s)), sp), (".".join(map(str, d)), dp)
     elif fam == _AF_INET6_STREAM:
         s, d, sp, dp = struct.unpack_from("!16s16sHH", body)
         source, destination = (str(ipaddress.IPv6Address(s)), sp), (str(ipaddress.IPv6Address(d)), dp)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -31,7 +31,10 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -44,7 +47,7 @@ def pem(cert: x509.Certificate) -> bytes:
 @dataclass
 class Issued:
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKey
 
     @property
     def cert_pem(self) -> bytes:
@@ -92,8 +95,12 @@ class PKI:
         )
         self.ca = Issued(cert, key)
 
-    def issue(self, cn: str, *, ocsp_url: str | None = None, ocsp_signing: bool = False) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
+    def issue(
+        self, cn: str, *, ocsp_url: str | None = None, ocsp_signing: bool = False, rsa_key: bool = False
+    ) -> Issued:
+        key: PrivateKey = (
+            rsa.generate_private_key(65537, 2048) if rsa_key else ec.generate_private_key(ec.SECP256R1())
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(cn))

@@ -79,7 +79,7 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> 
         time.sleep(0.1)
 
 
-def s_client(proxy: Any, version: str = "-tls1_3") -> str:
+def s_client(proxy: Any, version: str = "-tls1_3", *extra: str) -> str:
     """``openssl s_client -status``: its whole output (the handshake must succeed)."""
     done = subprocess.run(
         [
@@ -94,6 +94,7 @@ def s_client(proxy: Any, version: str = "-tls1_3") -> str:
             str(proxy.config_dir / "ca.pem"),
             "-verify_return_error",
             version,
+            *extra,
         ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -179,6 +180,27 @@ def test_refreshed_before_next_update(tsproxy_factory: Factory, pki: PKI, tmp_pa
         wait_for(lambda: metric(proxy, "ssl_ocsp_refreshed_cert") >= 2, "the refresh before nextUpdate")
         assert stapled_status(s_client(proxy)) == "revoked"
         assert metric(proxy, "ssl_ocsp_refresh_cert_failure") == 0
+
+
+def test_rsa_and_ecdsa_certificates_of_one_line_each_staple_their_own(
+    tsproxy_factory: Factory, pki: PKI, responder: OCSPResponder
+) -> None:
+    ecdsa = pki.issue(HOST, ocsp_url=responder.url)
+    rsa = pki.issue(HOST, ocsp_url=responder.url, rsa_key=True)
+    responder.index[ecdsa.cert] = False
+    responder.index[rsa.cert] = True  # tell them apart by status
+    files = files_for(ecdsa, pki)
+    files.update({"rsa.pem": rsa.cert_pem + pki.ca.cert_pem, "rsa.key": rsa.key_pem})
+    files["ssl_multicert.config"] = "dest_ip=* ssl_cert_name=leaf.pem,rsa.pem ssl_key_name=leaf.key,rsa.key\n"
+    proxy = tsproxy_factory(records=records(), files=files)
+    wait_for(lambda: metric(proxy, "ssl_ocsp_refreshed_cert") >= 2, "both responses")
+    for version, sigalgs, status in (
+        ("-tls1_3", "ecdsa_secp256r1_sha256", "good"),
+        ("-tls1_3", "rsa_pss_rsae_sha256", "revoked"),
+        ("-tls1_2", "ECDSA+SHA256", "good"),
+        ("-tls1_2", "RSA+SHA256", "revoked"),
+    ):
+        assert stapled_status(s_client(proxy, version, "-sigalgs", sigalgs)) == status, (version, sigalgs)
 
 
 # -- failures never fail a handshake ----------------------------------------------------------------

@@ -74,9 +74,8 @@ POOL_SIZE = 2
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class OCSPSettings:
-    """The proxy.config.ssl.ocsp.* records."""
+    """The proxy.config.ssl.ocsp.* records (made only when proxy.config.ssl.ocsp.enabled is 1)."""
 
-    enabled: bool = False
     cache_timeout: int = 3600
     request_timeout: int = 10
     update_period: int = 60

@@ -442,7 +442,6 @@ def load_cert_lookup(params: SSLConfigParams, ticket_keys: bytes | None) -> SSLC
     if params.ocsp_enabled:
         lookup.ocsp = OCSPStapling(
             OCSPSettings(
-                enabled=True,
                 cache_timeout=params.ocsp_cache_timeout,
                 request_timeout=params.ocsp_request_timeout,
                 update_period=params.ocsp_update_period,

@@ -333,3 +333,12 @@ def test_config_check_validates_ssl_ocsp_name_with_file_and_line(pki: PKI, tmp_p
     )
     result = _check(tmp_path, files_for(leaf, pki))
     assert result.returncode == 0 and "names no OCSP responder (AIA)" in result.stderr, result.stderr
+    # The issuer from ssl_ca_name serves as well as one in the chain file.
+    with_aia = pki.issue(HOST, ocsp_url="http://127.0.0.1:9/")
+    via_ca = files_for(with_aia, pki)
+    via_ca["leaf.pem"] = pem(with_aia.cert)
+    via_ca["ssl_multicert.config"] = (
+        "dest_ip=* ssl_cert_name=leaf.pem ssl_key_name=leaf.key ssl_ca_name=ca.pem\n"
+    )
+    result = _check(tmp_path, via_ca)
+    assert result.returncode == 0 and "OCSP" not in result.stderr, result.stderr

@@ -339,3 +339,38 @@ def test_allowlist_addresses_cidr_and_ranges() -> None:
 def test_allowlist_errors_name_the_entry(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         parse_allowlist(text)
+
+
+def test_mutated_headers_raise_only_proxy_protocol_error() -> None:
+    """Any input: a header, None (need more) or ProxyProtocolError; never anything else.
+    Seeded, bounded: every valid header above, with bytes flipped, cut, repeated or inserted."""
+    import random
+
+    rng = random.Random(18)
+    seeds = [*FRAGMENTED, b"PROXY TCP6 2001:db8::7 2001:db8::1 1 65535\r\n"]
+    outcomes = {"header": 0, "more": 0, "error": 0}
+    for _ in range(20000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            op, at = rng.randrange(4), rng.randrange(len(data) + 1)
+            if op == 0 and at < len(data):
+                data[at] = rng.randrange(256)
+            elif op == 1:
+                del data[at:]
+            elif op == 2:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            elif data:
+                data[at:at] = data[: rng.randint(1, len(data))]
+        parser = ProxyProtocolParser()
+        try:
+            cut = fed = rng.randint(0, len(data))
+            got = parser.feed(bytes(data[:cut]))
+            if got is None:
+                got, fed = parser.feed(bytes(data[cut:])), len(data)
+        except ProxyProtocolError:
+            outcomes["error"] += 1
+            continue
+        outcomes["header" if got is not None else "more"] += 1
+        if got is not None:
+            assert got.length + len(parser.trailing) == fed
+    assert all(outcomes.values()), outcomes  # the mutations reach every outcome

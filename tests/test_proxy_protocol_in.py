@@ -236,6 +236,32 @@ def test_non_pp_port_is_untouched(
     assert exchange(proxy.port(2), v1_header, None).startswith(b"HTTP/1.1 400")
 
 
+def test_blind_pp_port_tunnels_what_follows_the_header(tsproxy_factory: Factory) -> None:
+    """On ``pp:blind`` the header is consumed and only the bytes after it reach the tunnel."""
+    seen: list[bytes] = []
+    with socket.socket() as backend:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen(1)
+        backend.settimeout(10)
+        proxy = tsproxy_factory(
+            records={
+                "proxy.config.http.server_ports": "{0}:pp:blind:ip-in=127.0.0.1",
+                "proxy.config.tunnel.route": f"127.0.0.1:{backend.getsockname()[1]}",
+            }
+        )
+        with connect(proxy.port(0)) as client:
+            client.sendall(v2_header(client) + b"not http at all\n")
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(10)
+                while sum(map(len, seen)) < len(b"not http at all\n"):
+                    seen.append(conn.recv(4096))
+                conn.sendall(b"pong")
+            assert client.recv(4) == b"pong"
+    assert b"".join(seen) == b"not http at all\n"
+    assert _metric(proxy, "proxy.process.net.proxy_protocol_v2_in") == 1
+
+
 # -- refused connections -------------------------------------------------------------------------
 
 

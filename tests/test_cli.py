@@ -56,6 +56,14 @@ def test_config_check_reports_file_and_line(tmp_path: Path, record: str, value: 
     assert "Traceback" not in result.stderr
 
 
+def test_config_check_warns_of_an_allowlist_without_pp_ports(tmp_path: Path) -> None:
+    records = {"proxy.config.http.proxy_protocol_allowlist": "10.0.0.1"}
+    config_dir = write_config_dir(tmp_path / "etc", records)
+    result = run_tsproxy("config", "check", "--config-dir", str(config_dir))
+    assert result.returncode == 0, result.stderr
+    assert "proxy.config.http.proxy_protocol_allowlist is set but no port has 'pp'" in result.stderr
+
+
 def test_missing_config_dir_is_a_config_error(tmp_path: Path) -> None:
     result = run_tsproxy("config", "check", "--config-dir", str(tmp_path / "nowhere"))
     assert result.returncode == EX_CONFIG

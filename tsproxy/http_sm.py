@@ -42,6 +42,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from iocore.eventsystem.diags import DbgCtl
@@ -86,6 +87,7 @@ from tsproxy.http.parser import (
     ResponseParser,
     ResponseReceived,
 )
+from tsproxy.http.path import TargetRefused, normalize_target
 from tsproxy.origin_health import OriginHealth
 from tsproxy.origin_tls import M_VERIFY_FAILED, OriginTLS
 from tsproxy.remap import OriginKey, describe_miss, forward_result
@@ -933,6 +935,14 @@ class HttpClientSession(Continuation):
         if req.method == b"CONNECT":
             self._send_error(501, "CONNECT is not supported", close=True)
             return
+        # Dot segments go before anything looks at the path (hooks, the remap prefix match).
+        try:
+            target = normalize_target(req.target)
+        except TargetRefused as exc:
+            self._send_error(400, f"request-target refused: {exc.reason}", close=True)
+            return
+        if target is not req.target:
+            req = self.request = replace(req, target=target)
         self._run_hooks(_READ_REQUEST_HDR, self._pre_remap)
 
     def _pre_remap(self) -> None:

@@ -48,6 +48,7 @@ from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.hooks import HookID
 from iocore.net.proxy_protocol import ProxyHeader
 from iocore.records.errors import TSError
+from tsproxy.http.path import TargetRefused, normalize_target
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -387,8 +388,14 @@ class Request:
 
     @target.setter
     def target(self, value: str) -> None:
+        """Rewrite the target; its dot segments are removed as for a client's (PluginError for a
+        target that climbs above "/" or hides a dot segment, see tsproxy/http/path.py)."""
         session = self._txn._live_session()
-        session.request = replace(session.request, target=_b(value))
+        try:
+            target = normalize_target(_b(value))
+        except TargetRefused as exc:
+            raise PluginError(f"request-target {value!r} refused: {exc.reason}") from None
+        session.request = replace(session.request, target=target)
 
     @property
     def http_version(self) -> str:

@@ -178,6 +178,7 @@ def test_error_response() -> None:
     assert b"Connection: close" in lines
     assert body == b"400 Bad Request: bad??thing\n"
     assert b"Connection" not in error_response(502, "x", close=False)
+    assert error_response(502, "", close=False).endswith(b"\r\n\r\n502 Bad Gateway\n")
     # the client-side parser accepts what tsproxy generates
     p = ResponseParser()
     p.start(b"GET")

@@ -203,6 +203,43 @@ def test_malformed_and_smuggling_shapes(data: bytes, status: int) -> None:
     assert request_error(data).status == status
 
 
+@pytest.mark.parametrize("te", [b"chunked", b"identity", b"gzip, chunked"])
+def test_http10_request_with_transfer_encoding_is_400(te: bytes) -> None:
+    # RFC 9112 6.1: faulty framing. Nothing after it is parsed, not even with keep-alive.
+    p = RequestParser()
+    data = (
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\nTransfer-Encoding: %s\r\n\r\n"
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n" % te
+    )
+    with pytest.raises(HTTPProtocolError) as info:
+        p.feed(data)
+    assert info.value.status == 400
+    assert [e.target for e in info.value.events_before if isinstance(e, RequestReceived)] == [b"/first"]
+    with pytest.raises(HTTPProtocolError):
+        p.feed(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+
+
+def test_header_names_with_underscore_dropped_and_counted() -> None:
+    head = (
+        b"GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 6.6.6.6\r\nX-Ok: 1\r\n"
+        b"Content_Length: 5\r\nTransfer_Encoding: chunked\r\n\r\n"
+    )
+    p = RequestParser()
+    events = p.feed(head)
+    req = events[0]
+    assert isinstance(req, RequestReceived)
+    assert req.headers == [(b"Host", b"a"), (b"X-Ok", b"1")]
+    assert (req.body, events[-1]) == (BodyMode.NONE, MessageEnded())  # no framing from them
+    assert p.underscores_dropped == 3
+    allowed = RequestParser(allow_underscores=True).feed(head)[0]
+    assert isinstance(allowed, RequestReceived) and len(allowed.headers) == 5
+    # Dropped headers still count against the header section size.
+    with pytest.raises(HTTPProtocolError) as info:
+        RequestParser(max_header_size=1024).feed(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"A_B: x\r\n" * 200)
+    assert info.value.status == 431
+
+
 def test_target_too_long_414() -> None:
     assert request_error(b"GET /" + b"a" * 8192 + b" HTTP/1.1\r\nHost: a\r\n\r\n").status == 414
     ok = RequestParser().feed(b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -382,6 +419,17 @@ def test_connection_close_response() -> None:
 def test_http10_keep_alive_response() -> None:
     _, events = response(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
     assert isinstance(events[0], ResponseReceived) and events[0].keep_alive
+
+
+def test_http10_response_with_transfer_encoding_is_read_then_not_reused() -> None:
+    p, events = response(
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    head = events[0]
+    assert isinstance(head, ResponseReceived) and not head.keep_alive
+    assert (body_of(events), events[-1]) == (b"hello", MessageEnded())
+    assert not p.reusable
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,11 @@ def get(proxy: ProxyProcess, host: str, c: http.client.HTTPConnection | None = N
             conn.close()
 
 
+def last_502_log_line(proxy: ProxyProcess) -> str:
+    """The log line with the reason of the latest 502 (the client's body has none)."""
+    return [ln for ln in proxy.output().splitlines() if "answered 502" in ln][-1]
+
+
 def metric(proxy: ProxyProcess, name: str) -> int:
     return int(proxy.call("metric.get", {"names": [name]})["metrics"][0][1])
 
@@ -245,10 +250,10 @@ def test_outbound_start_error_and_raise_give_502(
         tsproxy_factory, pki, origins, log, f"fail_start_port={plain.port} raise_start_port={good.port}"
     )
     seen, handshakes = len(plain.requests), good.handshakes
-    status, body = get(proxy, "plain.test")
-    assert status == 502 and b"VCONN_OUTBOUND_START" in body, body
-    status, body = get(proxy, "good.test")
-    assert status == 502 and b"VCONN_OUTBOUND_START" in body, body
+    for host in ("plain.test", "good.test"):
+        status, body = get(proxy, host)
+        assert (status, body) == (502, b"502 Bad Gateway\n")  # the hook's name goes to the log only
+        assert "VCONN_OUTBOUND_START" in last_502_log_line(proxy)
     assert get(proxy, "plain2.test") == (200, bytes(range(100)))  # other origins are untouched
     assert len(plain.requests) == seen and good.handshakes == handshakes  # nothing was sent
     assert metric(proxy, M_PLUGIN_ERRORS) == 1
@@ -272,7 +277,8 @@ def test_verify_server_sees_the_certificate_and_may_reject_it(
     good, blocked = origins["good"], origins["blocked"]
     blocked_seen = len(blocked.requests)
     status, body = get(proxy, "blocked.test")
-    assert status == 502 and b"SSL_VERIFY_SERVER" in body, body
+    assert (status, body) == (502, b"502 Bad Gateway\n")
+    assert "SSL_VERIFY_SERVER" in last_502_log_line(proxy)
     assert metric(proxy, M_VERIFY_FAILED) == 1
     assert len(blocked.requests) == blocked_seen  # the request never went to the refused origin
     assert get(proxy, "good.test") == (200, bytes(range(100)))

@@ -144,6 +144,7 @@ M_QUEUED = _m("origin_connections_queued")
 M_FC_PAUSED = _m("flow_control.paused_bytes")
 M_FC_THROTTLED = _m("flow_control.throttled")
 M_FC_CLOSED = _m("flow_control.closed")
+M_UNDERSCORE_DROPPED = _m("underscore_headers_dropped")
 M_STATUS = {2: _m("2xx_responses"), 3: _m("3xx_responses"), 4: _m("4xx_responses"), 5: _m("5xx_responses")}
 
 
@@ -177,6 +178,7 @@ class HttpConfig:
         "response_via",
         "txn_timeout_in",
         "txn_timeout_out",
+        "underscores_in_headers",
         "unmapped_clients",
         "worker_budget",
         "xff",
@@ -217,6 +219,7 @@ class HttpConfig:
         self.ps_match = rec.get_str("proxy.config.http.per_server.connection.match")
         self.ps_queue_size = g("proxy.config.http.per_server.connection.queue_size")
         self.ps_queue_delay = g("proxy.config.http.per_server.connection.queue_delay") / 1000.0
+        self.underscores_in_headers = bool(g("proxy.config.http.underscores_in_headers"))
 
 
 class Resolver:
@@ -834,8 +837,13 @@ class HttpClientSession(Continuation):
                 proc = self.proc
                 if parser is None:
                     parser = proc.spare_parser
-                    if parser is None or parser.max_header_size != self.http.max_header_size:
-                        parser = RequestParser(self.http.max_header_size)
+                    http = self.http
+                    if (
+                        parser is None
+                        or parser.max_header_size != http.max_header_size
+                        or parser.allow_underscores is not http.underscores_in_headers
+                    ):
+                        parser = RequestParser(http.max_header_size, http.underscores_in_headers)
                     else:
                         proc.spare_parser = None
                 pending = self.pending
@@ -846,6 +854,9 @@ class HttpClientSession(Continuation):
                 except HTTPProtocolError as exc:
                     pending.extend(exc.events_before)
                     pending.append(exc.with_traceback(None))  # kept: its frames hold us
+                if parser.underscores_dropped:
+                    proc.counters[M_UNDERSCORE_DROPPED] += parser.underscores_dropped
+                    parser.underscores_dropped = 0
                 if parser.between_messages:
                     # Nothing of a next request read yet: the next one may start on any parser,
                     # so this one serves every connection of the worker (one llhttp, not one each).
@@ -970,8 +981,8 @@ class HttpClientSession(Continuation):
             remap = self._forward_target(req, host, target)
         if remap is None:
             _dbg("no remap rule for %s://%s%s", self.scheme, host, target)
-            miss = describe_miss(self.scheme, host, self.port)
-            self._send_error(404, miss, close=not self.client_keep_alive)
+            miss = describe_miss(self.scheme, host, self.port)  # the client's own Host: public
+            self._send_error(404, miss, close=not self.client_keep_alive, public=True)
             return
         self.remap = remap
         self._run_hooks(_POST_REMAP, self._get_origin)
@@ -1417,7 +1428,8 @@ class HttpClientSession(Continuation):
         req = self.request
         assert req is not None
         if ev.status < 200:
-            if ev.status == 100 or ev.status == 103:
+            # RFC 9110 15.2: no 1xx to an HTTP/1.0 client (it would take it for the response).
+            if (ev.status == 100 or ev.status == 103) and req.http_version == b"1.1":
                 self.write_buf.write(build_client_response_head(ev, via=None, keep_alive=True))
             return
         self.response = ev
@@ -1490,6 +1502,7 @@ class HttpClientSession(Continuation):
             return
         # The head already went out: send what is buffered, then cut the connection, so the
         # client sees the head and a short body rather than nothing at all.
+        self._log_failure(0, reason)
         self.client_keep_alive = False
         self.close_after_write = True
         if self.pending is not None:
@@ -1555,8 +1568,15 @@ class HttpClientSession(Continuation):
         if self.pending or self.reader.read_avail():
             self._process_client_input()
 
-    def _send_error(self, status: int, reason: str, *, close: bool) -> None:
-        _dbg("answering %d: %s", status, reason)
+    def _send_error(self, status: int, reason: str, *, close: bool, public: bool = False) -> None:
+        """Answer the current transaction with a ``status`` tsproxy makes itself. ``reason`` is
+        for the log (a warning for a 5xx, the ``http`` debug tag for the rest); the client gets
+        a generic body, with ``reason`` in it only when ``public`` (the text names nothing but
+        the client's own input)."""
+        if status >= 500:
+            self._log_failure(status, reason)
+        else:
+            _dbg("answering %d to %s: %s", status, self.vc.remote_ip, reason)
         metric = M_STATUS.get(status // 100)
         if metric is not None:
             self.proc.counters[metric] += 1
@@ -1567,7 +1587,7 @@ class HttpClientSession(Continuation):
         self._hook_then = None
         self._hook_queue = None
         self.status_sent = status
-        self.write_buf.write(error_response(status, reason, close=not keep))
+        self.write_buf.write(error_response(status, reason if public else "", close=not keep))
         self.vc.write.reenable()
         self._drop_origin()
         if self.connecting is not None:
@@ -1579,6 +1599,13 @@ class HttpClientSession(Continuation):
             self.pending.clear()
         self.proc.counters[M_COMPLETED] += 1
         self._end_transaction()
+
+    def _log_failure(self, status: int, reason: str) -> None:
+        """The detail of a failure the client is not told (status 0: the response was cut)."""
+        remap = self.remap
+        rule = f" (rule {remap.rule.path}:{remap.rule.line})" if remap is not None else ""
+        what = f"answered {status}" if status else "response cut"
+        _log.warning("%s to client %s%s: %s", what, self.vc.remote_ip, rule, reason)
 
     # -- HTTP transaction hooks ----------------------------------------------------------------
     def _run_hooks(self, hook: HookID, then: Callable[[], None]) -> None:

@@ -276,6 +276,11 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Largest origin response header block in bytes; larger responses get 502",
     ),
     RecordSpec(
+        "proxy.config.http.underscores_in_headers", _I, 0, _R, BOOL,
+        "1: forward request header names containing '_'; 0: drop them (counted in "
+        "proxy.process.http.underscore_headers_dropped), as nginx's underscores_in_headers off",
+    ),
+    RecordSpec(
         "proxy.config.http.per_server.connection.max", _I, 0, _R, NON_NEGATIVE,
         "Most connections (open or opening) to one upstream server group per worker; beyond it a"
         " transaction waits for one to free, up to connect_attempts_timeout, then gets 503;"

@@ -147,6 +147,7 @@ METRICS: tuple[MetricSpec, ...] = (
         "proxy.process.http.flow_control.closed", _C,
         "Longest-stalled slow-reader connections closed because the worker passed its buffer budget",
     ),
+    MetricSpec("proxy.process.http.underscore_headers_dropped", _C, "Request headers dropped: '_' in name"),
     MetricSpec("proxy.process.tunnel.total_client_connections_blind_tcp", _C, "Blind tunnels opened"),
     MetricSpec("proxy.process.tunnel.current_client_connections_blind_tcp", _G, "Open blind tunnels"),
 )

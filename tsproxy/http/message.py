@@ -214,16 +214,20 @@ def _printable(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
-def error_response(status: int, reason: str, *, close: bool) -> bytes:
+def error_response(status: int, note: str, *, close: bool) -> bytes:
     """A complete small text/plain response tsproxy generates itself (400, 502, ...).
 
-    No Server header (nothing to fingerprint); Cache-Control: no-store so no cache keeps it.
+    The body is the status and its phrase, then ``note`` when it is not empty. Callers keep the
+    detail of a failure (origin address, errno, resolver or TLS text) out of ``note``: it goes to
+    the log, the client learns nothing about the inside. No Server header (nothing to
+    fingerprint); Cache-Control: no-store so no cache keeps it.
     """
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Unknown"
-    body = f"{status} {phrase}: {_printable(reason)}\n".encode("ascii")
+    text = f"{status} {phrase}: {_printable(note)}\n" if note else f"{status} {phrase}\n"
+    body = text.encode("ascii")
     head = (
         b"HTTP/1.1 %d %s\r\n"
         b"Content-Type: text/plain; charset=utf-8\r\n"

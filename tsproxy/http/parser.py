@@ -169,6 +169,7 @@ class RequestParser:
     """Parses the requests a client sends on one connection (see the module comment)."""
 
     __slots__ = (
+        "_allow_underscores",
         "_body_mode",
         "_cl",
         "_error",
@@ -184,10 +185,15 @@ class RequestParser:
         "_te",
         "_url",
         "_version_hint",
+        "underscores_dropped",
     )
 
-    def __init__(self, max_header_size: int = 131072) -> None:
+    def __init__(self, max_header_size: int = 131072, allow_underscores: bool = False) -> None:
         self._max_header_size = max_header_size
+        self._allow_underscores = allow_underscores
+        # Header fields dropped because their name has a "_" (see on_header); the caller counts
+        # them and sets this back to 0.
+        self.underscores_dropped = 0
         self._p: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._events: list[Event] = []
         self._state = _IDLE
@@ -222,6 +228,10 @@ class RequestParser:
     @property
     def max_header_size(self) -> int:
         return self._max_header_size
+
+    @property
+    def allow_underscores(self) -> bool:
+        return self._allow_underscores
 
     def close(self) -> None:
         """Done with this parser: later feeds return nothing. llhttp holds this object's
@@ -298,15 +308,20 @@ class RequestParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._state is not _HEAD:
             return  # a chunked trailer: not forwarded
-        headers = self._headers
-        headers.append((name, value))
         n = len(name)
         size = self._head_size + n + len(value) + _HEADER_OVERHEAD
         self._head_size = size
-        if len(headers) > MAX_HEADERS:
-            self._abort(431, "too many request headers")
         if size > self._max_header_size:
             self._abort(431, "request header section too large")
+        if b"_" in name and not self._allow_underscores:
+            # CGI-style origins read X_Forwarded_For as X-Forwarded-For: a client could forge
+            # the header the proxy sets. Dropped, as nginx does (underscores_in_headers off).
+            self.underscores_dropped += 1
+            return
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > MAX_HEADERS:
+            self._abort(431, "too many request headers")
         # Only three names matter here; their lengths tell them apart before any lower().
         if n == 4:
             if name.lower() == b"host":
@@ -344,6 +359,10 @@ class RequestParser:
         cl: int | None = None
         te = self._te
         if te is not None:
+            if version == b"1.0":
+                # RFC 9112 6.1: the framing of an HTTP/1.0 message with Transfer-Encoding is
+                # faulty; nothing after it on this connection can be trusted either.
+                self._abort(400, "Transfer-Encoding in an HTTP/1.0 request")
             if te.strip().lower() != b"chunked":
                 self._abort(400, "unsupported Transfer-Encoding")
             body = _CHUNKED
@@ -609,6 +628,9 @@ class ResponseParser:
             keep_alive = b"close" not in tokens if version == b"1.1" else b"keep-alive" in tokens
         else:
             keep_alive = p.should_keep_alive()
+        if te is not None and version == b"1.0":
+            # RFC 9112 6.1: faulty framing; read it as chunked, then close (never pool it).
+            keep_alive = False
         self._keep_alive = keep_alive
         self._body_mode = body
         self._events.append(

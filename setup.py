@@ -28,6 +28,7 @@ COMPILED = [
     "iocore/net/ssl_net_vconnection.py",
     "iocore/net/tls/client_hello.py",
     "tsproxy/http/message.py",
+    "tsproxy/http/path.py",
     "tsproxy/http/parser.py",
     "tsproxy/http_sm.py",
 ]

@@ -234,6 +234,17 @@ def test_header_names_with_underscore_dropped_and_counted() -> None:
     assert p.underscores_dropped == 3
     allowed = RequestParser(allow_underscores=True).feed(head)[0]
     assert isinstance(allowed, RequestReceived) and len(allowed.headers) == 5
+    # However the head is split: byte by byte, or the "_" in an earlier feed than the name's end.
+    p = RequestParser()
+    events = feed_bytewise(p, head + GET)
+    first = next(e for e in events if isinstance(e, RequestReceived))
+    assert first.headers == [(b"Host", b"a"), (b"X-Ok", b"1")]
+    assert p.underscores_dropped == 3
+    p = RequestParser()
+    assert p.feed(b"GET /a_b HTTP/1.1\r\nHost: a\r\nX_Forw") == []
+    req = p.feed(b"arded-For: 1\r\nUser-Agent: x86_64\r\n\r\n")[0]
+    assert isinstance(req, RequestReceived) and req.headers == [(b"Host", b"a"), (b"User-Agent", b"x86_64")]
+    assert (p.underscores_dropped, req.target) == (1, b"/a_b")
     # Dropped headers still count against the header section size.
     with pytest.raises(HTTPProtocolError) as info:
         RequestParser(max_header_size=1024).feed(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"A_B: x\r\n" * 200)

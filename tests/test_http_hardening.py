@@ -121,27 +121,18 @@ ESCAPES = [
 ]
 
 
-@pytest.mark.parametrize("target", ESCAPES, ids=lambda t: t.decode())
-def test_dot_segments_cannot_leave_the_remap_prefix(
-    proxy: Any, origin: ScriptedOrigin, target: bytes
-) -> None:
-    resp = get(proxy, target, PFX)
-    assert resp.status == 400, (target, resp.status, resp.body)
-    assert resp.body == b"400 Bad Request\n"
-    # The probe went nowhere; the next request on a fresh connection is served.
-    ok = get(proxy, b"/pub/ok", PFX)
-    assert ok.status == 200
-    assert [r.target for r in origin.requests] == ["/backend/pub/ok"]
+ROOT_ESCAPES = [b"/../secret/", b"/%2e%2e/secret/", b"/.%2E/secret/", b"/..%2fsecret/", b"/a/../../secret"]
 
 
-@pytest.mark.parametrize(
-    "target", [b"/../secret/", b"/%2e%2e/secret/", b"/.%2E/secret/", b"/..%2fsecret/", b"/a/../../secret"]
-)
-def test_dot_segments_refused_on_the_root_rule(proxy: Any, origin: ScriptedOrigin, target: bytes) -> None:
-    resp = get(proxy, target, ROOT)
-    assert resp.status == 400, (target, resp.status)
+def test_dot_segments_cannot_leave_the_remap_prefix(proxy: Any, origin: ScriptedOrigin) -> None:
+    # One proxy for every shape (a proxy per case would cost ~0.8 s each).
+    for host, target in [(PFX, t) for t in ESCAPES] + [(ROOT, t) for t in ROOT_ESCAPES]:
+        resp = get(proxy, target, host)
+        assert (resp.status, resp.body) == (400, b"400 Bad Request\n"), (host, target, resp.status, resp.body)
+    # None went anywhere; the next requests are served.
+    assert get(proxy, b"/pub/ok", PFX).status == 200
     assert get(proxy, b"/ok", ROOT).status == 200
-    assert [r.target for r in origin.requests] == ["/backend/ok"]
+    assert [r.target for r in origin.wait_requests(2)] == ["/backend/pub/ok", "/backend/ok"]
 
 
 def test_dot_segments_are_resolved_before_the_remap_lookup(proxy: Any, origin: ScriptedOrigin) -> None:

@@ -200,6 +200,26 @@ def test_header_edits_reach_origin_and_client_and_per_txn_hooks(
     assert not any(line.startswith("TXN:") for line in wait_log(log, "t2", "TXN_CLOSE"))
 
 
+def test_hooks_see_the_target_with_dot_segments_resolved(
+    tsproxy_factory: Factory, origin: OriginServer, tmp_path: Path
+) -> None:
+    # Issue 14 item 2: a plugin's path check at READ_REQUEST_HDR sees what the remap and the
+    # origin will see, and a target a plugin sets is resolved the same way.
+    log = tmp_path / "txn.log"
+    proxy = start(tsproxy_factory, origin, log)
+    status, _, _ = request(proxy, "seen", "READ_REQUEST_HDR=target", path="/x/%2e%2e/echo?q=/../")
+    assert status == 200 and origin.wait_requests(1)[-1].target == "/echo?q=/../"
+    assert "READ_REQUEST_HDR target=/echo?q=/../" in wait_log(log, "seen", "TXN_CLOSE")
+    status, _, _ = request(proxy, "set", "PRE_REMAP=retarget", headers={"X-New-Target": "/echo/./b/../x"})
+    assert status == 200 and origin.wait_requests(2)[-1].target == "/echo/x"
+    assert "PRE_REMAP target=/echo/x" in wait_log(log, "set", "TXN_CLOSE")
+    climb = {"X-New-Target": "/../etc/passwd"}
+    status, _, _ = request(proxy, "climb", "PRE_REMAP=retarget", headers=climb)
+    assert status == 200 and origin.wait_requests(3)[-1].target == "/echo"  # left as it was
+    refused = [line for line in wait_log(log, "climb", "TXN_CLOSE") if "refused" in line]
+    assert refused and "climbs above the root" in refused[0], refused
+
+
 @pytest.mark.parametrize("hook", ["READ_REQUEST_HDR", "POST_REMAP", "READ_RESPONSE_HDR", "SEND_RESPONSE_HDR"])
 def test_stalled_hook_blocks_nobody_and_is_ended_by_the_inactivity_timeout(
     tsproxy_factory: Factory, origin: OriginServer, tmp_path: Path, hook: str

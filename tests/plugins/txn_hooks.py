@@ -13,6 +13,9 @@ does (default: re-enable at once):
             the first sets ``X-Txn-Hook: yes`` on the response)
   reqhdr    set ``X-Plugin-Saw: HOOK`` and remove ``X-Remove-Me`` on the client request
   resphdr   set ``X-Plugin-Resp: HOOK`` and remove ``Content-Type`` on the response
+  target    log ``target=TARGET`` (the client request's target as the hook sees it)
+  retarget  set the target to the X-New-Target header's value; log ``target=TARGET`` read back,
+            or ``refused: ERROR`` when the API refuses it
 TXN_CLOSE logs ``status=STATUS``.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from tsproxy.api import HookID, PluginAPI, Txn
+from tsproxy.api import HookID, PluginAPI, PluginError, Txn
 
 HOOKS = (
     HookID.READ_REQUEST_HDR,
@@ -87,6 +90,14 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
         elif action == "reqhdr":
             headers.set("X-Plugin-Saw", hook.name)
             headers.remove("X-Remove-Me")
+        elif action == "target":
+            log(f"{tid} {hook.name} target={txn.client_request.target}")
+        elif action == "retarget":
+            try:
+                txn.client_request.target = headers.get("X-New-Target") or ""
+                log(f"{tid} {hook.name} target={txn.client_request.target}")
+            except PluginError as exc:
+                log(f"{tid} {hook.name} refused: {exc}")
         elif action == "resphdr":
             response = txn.server_response
             assert response is not None

@@ -241,7 +241,13 @@ def test_header_names_with_underscore_forwarded_when_allowed(start: Callable[...
 
 # -- item 3: error bodies carry no internal detail -------------------------------------------------
 def test_error_bodies_are_generic_and_the_detail_is_logged(start: Callable[..., Any]) -> None:
-    proxy = start({"proxy.config.http.transaction_no_activity_timeout_out": 1})
+    proxy = start(
+        {
+            "proxy.config.http.transaction_no_activity_timeout_out": 1,
+            "proxy.config.diags.debug.enabled": 1,
+            "proxy.config.diags.debug.tags": "http",
+        }
+    )
     cases = [
         (b"dead.test", b"/x", 502, "unreachable (Connection refused)"),
         (b"nx.test", b"/x", 502, "cannot resolve origin nonexistent.invalid"),
@@ -260,5 +266,8 @@ def test_error_bodies_are_generic_and_the_detail_is_logged(start: Callable[..., 
         resp = client.response()
         assert (resp.status, resp.body) == (400, b"400 Bad Request\n")
         assert client.at_eof()
+    # A 4xx's reason is under the "http" debug tag (here enabled), not a warning.
+    wait_for(lambda: "answering 400 to 127.0.0.1: Invalid header" in proxy.output(), what="the 400's reason")
+    assert "answered 400" not in proxy.output()
     line = next(ln for ln in proxy.output().splitlines() if "Connection refused" in ln)
     assert "WARNING" in line and "remap.config:4" in line, line

@@ -1570,10 +1570,11 @@ class HttpClientSession(Continuation):
 
     def _send_error(self, status: int, reason: str, *, close: bool, public: bool = False) -> None:
         """Answer the current transaction with a ``status`` tsproxy makes itself. ``reason`` is
-        for the log (a warning for a 5xx, the ``http`` debug tag for the rest); the client gets
-        a generic body, with ``reason`` in it only when ``public`` (the text names nothing but
-        the client's own input)."""
-        if status >= 500:
+        for the log (a warning for a 502/504, an origin failure the operator must see; the
+        ``http`` debug tag for the rest, which a client or a plugin chose and could repeat at
+        will); the client gets a generic body, with ``reason`` in it only when ``public`` (the
+        text names nothing but the client's own input)."""
+        if status == 502 or status == 504:
             self._log_failure(status, reason)
         else:
             _dbg("answering %d to %s: %s", status, self.vc.remote_ip, reason)

@@ -251,6 +251,15 @@ def test_header_names_with_underscore_dropped_and_counted() -> None:
     assert info.value.status == 431
 
 
+@pytest.mark.parametrize("line", [b"GET /", b"\x00" * 6, b"GET / HTTP/1.1x"[:8]])
+def test_short_first_line_is_a_protocol_error(line: bytes) -> None:
+    # A first line shorter than " HTTP/1.1" followed by more bytes: the compiled parser raised
+    # SystemError here (a negative slice start), which closed the connection without an answer
+    # and logged a traceback per request.
+    error = request_error(line + b"\r\nHost: a\r\nX: y\r\n\r\n")
+    assert 400 <= error.status < 600
+
+
 def test_target_too_long_414() -> None:
     assert request_error(b"GET /" + b"a" * 8192 + b" HTTP/1.1\r\nHost: a\r\n\r\n").status == 414
     ok = RequestParser().feed(b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")

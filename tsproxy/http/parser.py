@@ -256,7 +256,9 @@ class RequestParser:
         eol = 0
         if state is _IDLE and type(data) is bytes:
             eol = data.find(b"\r\n")
-            if eol > 0 and data[eol - 9 : eol] == _REQUEST_LINE_11:
+            # eol >= 9, not > 0: a negative slice start is wrong in CPython (it counts from the
+            # end) and, compiled by mypyc, raises SystemError when it lands after eol.
+            if eol >= 9 and data[eol - 9 : eol] == _REQUEST_LINE_11:
                 self._version_hint = b"1.1"  # see _REQUEST_LINE_11
         if not self._allow_underscores:
             # One scan per feed instead of one per header name: a name with "_" lies in this

@@ -26,7 +26,9 @@ Transactions end with the response's ``MessageEnded``: the origin connection ret
 per-worker ``OriginPool`` when both sides allow keep-alive, the client session then reads its
 next request or closes. Errors map to answers: no remap rule 404, malformed request 400/413/414/431
 (then close), origin unreachable 502, origin silent past
-``proxy.config.http.transaction_no_activity_timeout_out`` 504.
+``proxy.config.http.transaction_no_activity_timeout_out`` 504. Their bodies say only the status;
+the reason goes to the log (``_send_error``). A request-target's dot segments are resolved
+(tsproxy/http/path.py) before the first hook and the remap lookup see it.
 
 An inactivity timeout counts against the side that keeps the transaction waiting: an origin
 idle only because backpressure from a slow client stopped its reads (or because it waits for

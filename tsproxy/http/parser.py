@@ -29,7 +29,10 @@
 #
 # Invariants: the parser never raises anything but HTTPProtocolError; an error kills the parser;
 # smuggling shapes (CL+TE, differing duplicate CL, a transfer-coding other than exactly "chunked",
-# obs-fold, bare CR, bad chunk sizes) are errors, never guessed at.
+# Transfer-Encoding in an HTTP/1.0 request, obs-fold, bare CR, bad chunk sizes) are errors, never
+# guessed at. An HTTP/1.0 response with Transfer-Encoding is read as chunked but never keep-alive.
+# Request header names with "_" are dropped (counted in underscores_dropped) unless the parser
+# was made with allow_underscores.
 
 from __future__ import annotations
 
@@ -192,8 +195,8 @@ class RequestParser:
     def __init__(self, max_header_size: int = 131072, allow_underscores: bool = False) -> None:
         self._max_header_size = max_header_size
         self._allow_underscores = allow_underscores
-        # Header fields dropped because their name has a "_" (see on_header); the caller counts
-        # them and sets this back to 0.
+        # Header fields dropped because their name has a "_" (see on_headers_complete); the
+        # caller counts them and sets this back to 0.
         self.underscores_dropped = 0
         # The bytes of the head being parsed may hold a "_" (see feed): only then does
         # on_headers_complete look for one in the names.

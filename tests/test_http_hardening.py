@@ -230,13 +230,30 @@ def test_header_names_with_underscore_are_dropped_and_counted(proxy: Any) -> Non
     assert metric(proxy, M_UNDERSCORE) == 3
 
 
-def test_header_names_with_underscore_forwarded_when_allowed(start: Callable[..., Any]) -> None:
+def test_header_names_with_underscore_forwarded_when_allowed_and_reloadable(
+    start: Callable[..., Any],
+) -> None:
     proxy = start({"proxy.config.http.underscores_in_headers": 1})
     resp = exchange(proxy, UNDERSCORE_REQUEST)
     assert resp.status == 200
     names = [name for name, _ in json.loads(resp.body)["headers"]]
     assert {"X_Forwarded_For", "X_Real_IP", "Content_Length", "X-Normal"} <= set(names)
     assert metric(proxy, M_UNDERSCORE) == 0
+    # The record is reloadable: back to 0, and the next connection's headers are dropped.
+    records = proxy.config_dir / "records.config"
+    text = records.read_text()
+    line = "CONFIG proxy.config.http.underscores_in_headers INT "
+    assert line + "1" in text
+    records.write_text(text.replace(line + "1", line + "0"))
+    result = proxy.ctl("reload")
+    assert result.returncode == 0, result.stderr + result.stdout
+
+    def dropped() -> bool:
+        names = [name for name, _ in json.loads(exchange(proxy, UNDERSCORE_REQUEST).body)["headers"]]
+        return not [n for n in names if "_" in n]
+
+    wait_for(dropped, what="'_' headers dropped after the reload")
+    assert metric(proxy, M_UNDERSCORE) >= 3
 
 
 # -- item 3: error bodies carry no internal detail -------------------------------------------------

@@ -286,5 +286,5 @@ def test_error_bodies_are_generic_and_the_detail_is_logged(start: Callable[..., 
     # A 4xx's reason is under the "http" debug tag (here enabled), not a warning.
     wait_for(lambda: "answering 400 to 127.0.0.1: Invalid header" in proxy.output(), what="the 400's reason")
     assert "answered 400" not in proxy.output()
-    line = next(ln for ln in proxy.output().splitlines() if "Connection refused" in ln)
+    line = next(ln for ln in proxy.output().splitlines() if "answered 502" in ln and "refused" in ln)
     assert "WARNING" in line and "remap.config:4" in line, line

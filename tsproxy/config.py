@@ -26,6 +26,7 @@ from iocore.net.ssl_cert_lookup import SSLCertLookup
 from iocore.net.ssl_config import SSLConfigParams
 from iocore.net.ssl_multicert import load_cert_lookup
 from iocore.net.ssl_net_vconnection import alpn_select
+from iocore.net.ssl_sni_config import SNIConfigParams, load_sni_config
 from iocore.net.tls.context import (
     CertKeyPair,
     build_server_context,
@@ -62,6 +63,7 @@ class ProxyConfig:
     plugins: list[PluginSpec]
     ticket_keys: bytes
     origin_tls: OriginTLS
+    sni: SNIConfigParams | None = None  # sni.yaml; None when it lists no item
     generation: int = 1
     dev_ca: Path | None = None
     warnings: list[str] = field(default_factory=list)
@@ -210,6 +212,12 @@ def load_proxy_config(
     origin_tls = OriginTLS(ssl_params, config_dir)
     for rule_result in remap.https_targets():
         origin_tls.settings_for(rule_result)
+    # sni.yaml, loaded with ssl_multicert.config into the same snapshot: a reload switches both
+    # at once, and a bad item (FILE:LINE) keeps the old pair serving.
+    sni = load_sni_config(ssl_params, records.get_int("proxy.config.http.host_sni_policy"))
+    warnings.extend(sni.warnings)
+    for policy in sni.items:
+        origin_tls.check_sni_item(policy.item)
     if any(p.ssl for p in ports):
         lookup = load_cert_lookup(ssl_params, ticket_keys)
         warnings.extend(lookup.warnings)
@@ -264,6 +272,7 @@ def load_proxy_config(
         plugins=plugins,
         ticket_keys=ticket_keys,
         origin_tls=origin_tls,
+        sni=sni if sni.items else None,
         generation=generation,
         dev_ca=dev_ca,
         warnings=warnings,

@@ -97,6 +97,7 @@ from tsproxy.remap import OriginKey, describe_miss, forward_result
 if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
     from iocore.net.net_vconnection import NetVConnection
+    from iocore.net.ssl_sni_config import SNIConfigParams, SNIItem
     from tsproxy.config import ProxyConfig
     from tsproxy.origin_tls import OriginTLSSettings
     from tsproxy.remap import RemapResult
@@ -178,6 +179,7 @@ class HttpConfig:
         "remap_required",
         "request_via",
         "response_via",
+        "sni",
         "txn_timeout_in",
         "txn_timeout_out",
         "underscores_in_headers",
@@ -222,6 +224,9 @@ class HttpConfig:
         self.ps_queue_size = g("proxy.config.http.per_server.connection.queue_size")
         self.ps_queue_delay = g("proxy.config.http.per_server.connection.queue_delay") / 1000.0
         self.underscores_in_headers = bool(g("proxy.config.http.underscores_in_headers"))
+        # sni.yaml, when host_sni_policy has something to protect (an item with an inbound policy)
+        sni = config.sni
+        self.sni = sni if sni is not None and sni.has_host_policy else None
 
 
 class Resolver:
@@ -978,6 +983,10 @@ class HttpClientSession(Continuation):
                 slash = rest.find(b"/")
                 host = rest if slash < 0 else rest[:slash]
                 target = b"/" if slash < 0 else rest[slash:]
+        sni = self.http.sni
+        if sni is not None and host and self._host_sni_mismatch(sni, host):
+            self._send_error(403, "Access Denied", close=not self.client_keep_alive)
+            return
         remap = self.http.remap.lookup(self.scheme, host, self.port, target)
         if remap is None and not self.http.remap_required:
             remap = self._forward_target(req, host, target)
@@ -1013,11 +1022,47 @@ class HttpClientSession(Continuation):
             if addr.is_loopback or addr.is_unspecified or str(addr) in self.proc.listen_ips:
                 return None
         return result
+    def _host_sni_mismatch(self, sni: SNIConfigParams, host: bytes) -> bool:
+        """host_sni_policy (ATS HttpSM): a TLS request whose Host names an sni.yaml item with a
+        stricter inbound policy than the SNI it came in with is logged (1) or refused (2)."""
+        vc = self.vc
+        if not isinstance(vc, SSLNetVConnection):
+            return False
+        name = host.decode("latin-1").strip().lower()
+        if name.startswith("["):
+            name = name[1 : name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        name = name.rstrip(".")
+        server_name = vc.server_name
+        if server_name is not None and server_name.lower() == name:
+            return False
+        level = sni.host_check(name, vc.sni_policy)
+        if level == 0:
+            return False
+        action = "terminate" if level == 2 else "continue"
+        if server_name is None:
+            _log.warning("No SNI for TLS request with hostname %s action=%s", name, action)
+        else:
+            _log.warning("SNI/hostname mismatch sni=%s host=%s action=%s", server_name, name, action)
+        return level == 2
+
+    def _sni_outbound(self) -> SNIItem | None:
+        """The sni.yaml item of this client connection, when it sets origin-side keys."""
+        vc = self.vc
+        policy = vc.sni_policy if isinstance(vc, SSLNetVConnection) else None
+        return policy.outbound if policy is not None else None
 
     def _origin_key(self) -> OriginKey:
         r = self.remap
         assert r is not None
-        return r.rule.origin_key  # computed once per remap rule (it includes the rule's TLS options)
+        key = r.rule.origin_key  # computed once per remap rule (it includes the rule's TLS options)
+        if key[0] == "https":
+            item = self._sni_outbound()
+            if item is not None:
+                # Another client certificate or verification policy: another pool.
+                key = (key[0], key[1], key[2], (*key[3], ("sni.yaml", item.source)))
+        return key
 
     def _get_origin(self) -> None:
         key = self._origin_key()
@@ -1089,7 +1134,7 @@ class HttpClientSession(Continuation):
         if key[0] == "https":
             assert self.remap is not None
             try:
-                settings = self.proc.origin_tls.settings_for(self.remap)
+                settings = self.proc.origin_tls.settings_for(self.remap, self._sni_outbound())
             except TSError as exc:
                 vc.do_io_close()
                 self._send_error(502, f"origin TLS configuration: {exc}", close=False)

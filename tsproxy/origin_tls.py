@@ -36,10 +36,11 @@ from OpenSSL import SSL
 from iocore.eventsystem.diags import DbgCtl
 from iocore.net.ssl_config import SSLConfigParams, VerifyServerPolicy, VerifyServerProperties
 from iocore.net.tls.context import build_client_context, verify_hostname, verify_ip, verify_result
-from iocore.records.errors import ConfigError
+from iocore.records.errors import ConfigError, TSError
 from iocore.records.stats import METRIC_ID
 
 if TYPE_CHECKING:
+    from iocore.net.ssl_sni_config import SNIItem
     from tsproxy.remap import RemapResult
 
 _dbg = DbgCtl("ssl.verify")
@@ -85,50 +86,85 @@ class OriginTLS:
     def __init__(self, params: SSLConfigParams, config_dir: Path) -> None:
         self.params = params
         self.config_dir = config_dir
-        self._contexts: dict[tuple[VerifyServerPolicy, str | None], SSL.Context] = {}
+        self._contexts: dict[tuple[VerifyServerPolicy, Path | None, Path | None], SSL.Context] = {}
         # Built now, https:// rule or not: a client key that does not match its certificate (or a
         # bad CA file) stops start-up and reloads, as ATS's SSLInitClientContext does.
-        self._context(params.client_verify_policy, None)
+        self._context(params.client_verify_policy, None, None)
 
-    def _context(self, policy: VerifyServerPolicy, client_cert: str | None) -> SSL.Context:
-        key = (policy, client_cert)
-        ctx = self._contexts.get(key)
+    def _context(self, policy: VerifyServerPolicy, cert: Path | None, key: Path | None) -> SSL.Context:
+        """The client context for a policy and a client certificate (None: the records')."""
+        ck = (policy, cert, key)
+        ctx = self._contexts.get(ck)
         if ctx is None:
             params = replace(self.params, client_verify_policy=policy)
-            if client_cert is not None:
-                cert = Path(client_cert)
-                if not cert.is_absolute():
-                    cert = self.config_dir / cert
-                params = replace(params, client_cert_filename=cert, client_private_key_filename=None)
-            ctx = self._contexts[key] = build_client_context(params)
+            if cert is not None:
+                params = replace(params, client_cert_filename=cert, client_private_key_filename=key)
+            ctx = self._contexts[ck] = build_client_context(params)
         return ctx
 
-    def settings_for(self, remap: RemapResult) -> OriginTLSSettings:
+    def _sni_client_cert(self, item: SNIItem) -> tuple[Path | None, Path | None]:
+        """sni.yaml client_cert / client_key, relative to proxy.config.ssl.client.cert.path and
+        .private_key.path (the key defaults to the certificate file)."""
+        if item.client_cert is None:
+            return None, None
+        cert = self.params.client_cert_path / item.client_cert
+        key = self.params.client_private_key_path / item.client_key if item.client_key else None
+        return cert, key
+
+    def check_sni_item(self, item: SNIItem) -> None:
+        """Build now the client context an sni.yaml item asks for: a bad client_cert stops the
+        load with the item's FILE:LINE."""
+        if item.client_cert is None and item.verify_server_policy is None:
+            return
+        try:
+            policy = item.verify_server_policy or self.params.client_verify_policy
+            self._context(policy, *self._sni_client_cert(item))
+        except TSError as exc:
+            raise ConfigError(item.path, item.line, str(exc)) from exc
+
+    def settings_for(self, remap: RemapResult, sni: SNIItem | None = None) -> OriginTLSSettings:
+        """The context, SNI and policy for one origin connection. ``sni`` is the sni.yaml item
+        the client connection matched: its verify_server_* and client_cert override the
+        records; remap.config options (@ssl_verify, @client_cert) override both, as in ATS."""
         opts = remap.options
         policy = self.params.client_verify_policy
+        properties = self.params.client_verify_properties
+        cert: Path | None = None
+        key: Path | None = None
+        if sni is not None:
+            policy = sni.verify_server_policy or policy
+            properties = sni.verify_server_properties or properties
+            cert, key = self._sni_client_cert(sni)
         verify = opts.get("ssl_verify")
         if verify is not None:
             policy = VerifyServerPolicy[verify.upper()]
-        sni = opts.get("sni")
-        if sni is None:
-            # sni_policy "host" and "remap" name the same host here: the remap target's. Even with
-            # url_remap.pristine_host_hdr (the origin gets the client's Host) the SNI and the name
-            # check stay the target's, so pooled connections (one pool per rule) stay right for
-            # every Host; a rule's @sni= names another.
-            sni = remap.origin_host
-        if _is_ip(sni):
-            sni = None
-        if sni is not None:
+        remap_cert = opts.get("client_cert")
+        if remap_cert is not None:
+            cert = Path(remap_cert)
+            if not cert.is_absolute():
+                cert = self.config_dir / cert
+            key = None
+        sni_name = opts.get("sni")
+        if sni_name is None:
+            # sni_policy (and sni.yaml client_sni_policy) "host" and "remap" name the same host
+            # here: the remap target's. Even with url_remap.pristine_host_hdr (the origin gets the
+            # client's Host) the SNI and the name check stay the target's, so pooled connections
+            # (one pool per rule) stay right for every Host; a rule's @sni= names another.
+            sni_name = remap.origin_host
+        if _is_ip(sni_name):
+            sni_name = None
+        if sni_name is not None:
             try:
-                sni.encode("idna")
+                sni_name.encode("idna")
             except UnicodeError:
                 rule = remap.rule
-                raise ConfigError(rule.path, rule.line, f"SNI {sni!r} is not a valid host name") from None
+                message = f"SNI {sni_name!r} is not a valid host name"
+                raise ConfigError(rule.path, rule.line, message) from None
         return OriginTLSSettings(
-            ctx=self._context(policy, opts.get("client_cert")),
-            sni=sni,
+            ctx=self._context(policy, cert, key),
+            sni=sni_name,
             policy=policy,
-            properties=self.params.client_verify_properties,
+            properties=properties,
         )
 
     def check(self, conn: SSL.Connection, settings: OriginTLSSettings, origin_ip: str) -> VerifyOutcome:

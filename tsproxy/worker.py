@@ -201,6 +201,7 @@ class Worker(Continuation):
                 alpn_no_overlap_alert=cfg.ssl_params.alpn_no_overlap_alert,
                 wire_trace=cfg.ssl_params.wire_trace,
                 fallback_ctx=cfg.fallback_ctx,
+                sni=cfg.sni,
             )
         self.ssl_configs = configs
 

@@ -51,6 +51,7 @@ RECORD_DEFAULTS: Mapping[str, object] = {
     "proxy.config.ssl.server.cert.path": "",
     "proxy.config.ssl.server.private_key.path": "",
     "proxy.config.ssl.server.multicert.filename": "ssl_multicert.config",
+    "proxy.config.ssl.servername.filename": "sni.yaml",
     "proxy.config.ssl.TLSv1": 0,
     "proxy.config.ssl.TLSv1_1": 0,
     "proxy.config.ssl.TLSv1_2": 1,
@@ -200,6 +201,7 @@ class SSLConfigParams:
     server_cert_path: Path
     server_private_key_path: Path
     multicert_filename: Path
+    servername_filename: Path  # sni.yaml
     tls_v1: bool
     tls_v1_1: bool
     tls_v1_2: bool
@@ -232,6 +234,8 @@ class SSLConfigParams:
     client_ca_cert_path: Path | None
     client_cert_filename: Path | None
     client_private_key_filename: Path | None
+    client_cert_path: Path  # the directories sni.yaml's client_cert / client_key are relative to
+    client_private_key_path: Path
     client_cipher_suite: str
     client_tls13_cipher_suites: str
     client_groups_list: str
@@ -258,6 +262,9 @@ class SSLConfigParams:
         multicert = _path(rec, "proxy.config.ssl.server.multicert.filename", config_dir)
         if multicert is None:
             multicert = config_dir / "ssl_multicert.config"
+        servername = _path(rec, "proxy.config.ssl.servername.filename", config_dir)
+        if servername is None:
+            servername = config_dir / "sni.yaml"
 
         level = _int(rec, "proxy.config.ssl.client.certification_level")
         if level not in (0, 1, 2):
@@ -305,6 +312,7 @@ class SSLConfigParams:
             server_cert_path=cert_path,
             server_private_key_path=key_path,
             multicert_filename=multicert,
+            servername_filename=servername,
             tls_v1=_bool(rec, "proxy.config.ssl.TLSv1"),
             tls_v1_1=_bool(rec, "proxy.config.ssl.TLSv1_1"),
             tls_v1_2=_bool(rec, "proxy.config.ssl.TLSv1_2"),
@@ -341,6 +349,8 @@ class SSLConfigParams:
             client_private_key_filename=_path(
                 rec, "proxy.config.ssl.client.private_key.filename", client_key_dir
             ),
+            client_cert_path=client_cert_dir,
+            client_private_key_path=client_key_dir,
             client_cipher_suite=_str(rec, "proxy.config.ssl.client.cipher_suite"),
             client_tls13_cipher_suites=_str(rec, "proxy.config.ssl.client.TLSv1_3.cipher_suites"),
             client_groups_list=_str(rec, "proxy.config.ssl.client.groups_list"),

@@ -93,6 +93,7 @@ if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
     from iocore.net.ssl_cert_lookup import SSLCertContext, SSLCertLookup
     from iocore.net.ssl_config import WireTrace
+    from iocore.net.ssl_sni_config import SNIConfigParams, SNIPolicy
 
 SSL_EVENT_SERVER = 0
 SSL_EVENT_CLIENT = 1
@@ -162,10 +163,12 @@ M_UA_VERIFY = _m("user_agent_cert_verify_failed")
 M_TLSV12 = _m("ssl_total_tlsv12")
 M_TLSV13 = _m("ssl_total_tlsv13")
 M_TICKETS_VERIFIED = _m("total_tickets_verified")
+M_SNI_IP_DENIED = _m("ssl_sni_ip_allow_denied")
 
 # A fatal TLS alert record, sent raw when we refuse a hello before any SSL object exists:
 # content type 21 (alert), TLS 1.2 record version, length 2, level fatal (2), description.
 ALERT_HANDSHAKE_FAILURE = 40
+ALERT_ACCESS_DENIED = 49
 ALERT_UNRECOGNIZED_NAME = 112
 
 
@@ -247,6 +250,7 @@ class SSLAcceptConfig:
         "on_ready",
         "on_tunnel",
         "protocols",
+        "sni",
         "tr_pass",
         "tunnel_route",
         "wire_trace",
@@ -267,8 +271,10 @@ class SSLAcceptConfig:
         alpn_no_overlap_alert: bool = True,
         wire_trace: WireTrace | None = None,
         fallback_ctx: SSL.Context | None = None,
+        sni: SNIConfigParams | None = None,
     ) -> None:
         self.lookup = lookup
+        self.sni = sni  # sni.yaml of the same generation as lookup (None: no item)
         self.max_client_hello = max_client_hello
         self.alpn_no_overlap_alert = alpn_no_overlap_alert
         self.wire_trace = wire_trace
@@ -408,6 +414,7 @@ class SSLNetVConnection(NetVConnection):
         "outbound_hooks",
         "plugin_data",
         "server_name",
+        "sni_policy",
         "ssl",
         "ssl_context",
         "ssl_handshake_begin_time",
@@ -430,6 +437,7 @@ class SSLNetVConnection(NetVConnection):
         self._hello_parser: ClientHelloParser | None = None
         self.client_hello: ClientHello | None = None
         self.server_name: str | None = None
+        self.sni_policy: SNIPolicy | None = None  # the sni.yaml item the SNI matched
         self.ssl_pre_accept_hook_state = SSLHookState.INIT
         self.ssl_handshake_hook_state = HandshakeHookState.PRE
         self._hook_index = 0
@@ -851,6 +859,9 @@ class SSLNetVConnection(NetVConnection):
         ssl.set_app_data(self)
         ssl.set_accept_state()
         _set_read_ahead(ssl)
+        policy = self.sni_policy
+        if policy is not None and policy.inbound is not None:
+            policy.inbound.apply(ssl)  # verify_client, valid_tls_versions_in
         if self.handshake_buffer:
             ssl.bio_write(bytes(self.handshake_buffer))
         self._ssl_bio_has_data = True
@@ -879,9 +890,13 @@ class SSLNetVConnection(NetVConnection):
         """
         cfg = self.config
         assert cfg is not None
+        name = self.server_name
+        if cfg.sni is not None and name:
+            ret = self.perform_sni_action(cfg.sni, name)
+            if ret is not None:
+                return ret
         lookup = cfg.lookup
         cc = None
-        name = self.server_name
         if name:
             cc = lookup.find(name)
             if cc is not None and cc.ctx is None and cc.opt.name != "TUNNEL":
@@ -910,6 +925,28 @@ class SSLNetVConnection(NetVConnection):
                 cc and cc.source,
                 name,
             )
+        return None
+
+    def perform_sni_action(self, sni: SNIConfigParams, name: str) -> int | None:
+        """sni.yaml (ATS SNIAction at the servername callback): match the item, refuse a client
+        ip_allow does not list, start a tunnel_route. The item's TLS settings are applied once
+        the SSL object exists; forward_route acts after the handshake."""
+        policy = sni.get(name)
+        if policy is None:
+            return None
+        self.sni_policy = policy
+        if policy.ip_allow and not policy.allows(self.remote_ip):
+            _dbg("sni.yaml %s: %s is not allowed - denying connection", policy.item.source, self.remote_ip)
+            self.counters_incr(M_SNI_IP_DENIED)
+            self._send_raw_alert(ALERT_ACCESS_DENIED)
+            return EVENT_ERROR
+        if policy.route_type is not None and policy.route_type.name == "BLIND":
+            dest = policy.route_for(name, int(self.local_addr[1]) if self.local_addr else 0)
+            _dbg("sni.yaml %s: tunnel_route for sni=%s to %s", policy.item.source, name, dest)
+            self.hook_op_requested = HookOp.TUNNEL
+            self.tunnel_destination = dest
+            self.attributes = Transport.BLIND_TUNNEL
+            return EVENT_CONT
         return None
 
     def read_raw_data(self) -> int:
@@ -1102,6 +1139,13 @@ class SSLNetVConnection(NetVConnection):
         # The hooks that may read the parsed hello have run: do not keep it for the life of an
         # idle keep-alive connection (a few KiB each; the SNI stays in server_name).
         self.client_hello = None
+        policy = self.sni_policy
+        if policy is not None and policy.route_type is not None and policy.route_type.name == "FORWARD":
+            # sni.yaml forward_route: the decrypted bytes go to the route, uninterpreted.
+            dest = policy.route_for(self.server_name or "", int(self.local_addr[1]) if self.local_addr else 0)
+            _dbg("sni.yaml %s: forward_route for sni=%s to %s", policy.item.source, self.server_name, dest)
+            self.config.on_tunnel(self, b"", dest)
+            return
         self.config.on_ready(self)
 
     def _handshake_failed(self) -> None:
@@ -1493,6 +1537,7 @@ class OutboundHooks(Continuation):
     """
 
     client_hello: ClientHello | None = None
+    sni_policy: SNIPolicy | None = None  # sni.yaml items match client connections only
     ssl_context: SSL.Context | None = None  # set_ssl_context has no meaning on origin VCs
     npn_set: tuple[bytes, ...] = ()
     outbound = True

@@ -266,6 +266,10 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Peers trusted to send a PROXY header on pp ports (addresses, ADDR/BITS, ADDR-ADDR, comma "
         "separated); others are closed at accept. Empty: any peer",
     ),
+    RecordSpec(
+        "proxy.config.http.host_sni_policy", _I, 2, _R, int_range(0, 2),
+        "A TLS request whose Host has a stricter sni.yaml policy than its SNI: 0 allow, 1 log, 2 log and 403",
+    ),
     RecordSpec("proxy.config.proxy_name", _S, "tsproxy", _R, None, "Name of this proxy in Via headers"),
     RecordSpec(
         "proxy.config.http.request_header_max_size", _I, 131072, _R, POSITIVE,
@@ -385,6 +389,10 @@ RECORDS: tuple[RecordSpec, ...] = (
     RecordSpec(
         "proxy.config.ssl.server.multicert.filename", _S, "ssl_multicert.config", _R, None,
         "Certificate table file; relative to the config directory",
+    ),
+    RecordSpec(
+        "proxy.config.ssl.servername.filename", _S, "sni.yaml", _R, None,
+        "Per-name TLS policy file (sni.yaml, ATS 9.2 format); relative to the config directory",
     ),
     RecordSpec(
         "proxy.config.ssl.server.cert.path", _S, ".", _R, None,

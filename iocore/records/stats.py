@@ -84,6 +84,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_SSL + "ssl_handshake_timeout_in", _C, "Client handshakes closed by handshake_timeout_in"),
     MetricSpec(_SSL + "ssl_no_cert_context", _C, "Client handshakes for which no certificate matched"),
     MetricSpec(_SSL + "ssl_alpn_no_endpoint", _C, "Negotiated ALPN protocols with no endpoint; closed"),
+    MetricSpec(_SSL + "ssl_sni_ip_allow_denied", _C, "Client handshakes refused by an sni.yaml ip_allow"),
     MetricSpec(_SSL + "total_tickets_created", _C, "TLS session tickets issued"),
     MetricSpec(_SSL + "total_tickets_verified", _C, "TLS session tickets accepted for resumption"),
     MetricSpec(_SSL + "ssl_total_tlsv1", _C, "Client handshakes completed with TLS 1.0"),

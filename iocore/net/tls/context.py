@@ -63,8 +63,10 @@ __all__ = [
     "SESSION_ID_CONTEXT",
     "TICKET_KEY_LEN",
     "CertKeyPair",
+    "InboundTLSPolicy",
     "NoApplicationProtocol",
     "build_client_context",
+    "build_inbound_policy",
     "build_server_context",
     "load_or_create_ticket_keys",
     "num_tickets_supported",
@@ -168,6 +170,10 @@ _RUST_FUNCTIONS = frozenset(
         "SSL_CTX_sess_set_remove_cb",
         "SSL_SESSION_get_id",
         "SSL_get_SSL_CTX",
+        # per-connection policy (sni.yaml, InboundTLSPolicy)
+        "SSL_clear_options",
+        "SSL_set_client_CA_list",
+        "SSL_set_session_id_context",
     }
 )
 
@@ -605,6 +611,154 @@ def _keylog_writer(path: Path) -> Callable[[SSL.Connection, bytes], None]:
             _log.debug("keylog %s: %s", path, exc)
 
     return write
+
+
+# --------------------------------------------------------------------------------------
+# per-connection server policy (sni.yaml items)
+# --------------------------------------------------------------------------------------
+
+_SSL_CTRL_SET_VERIFY_CERT_STORE = 106
+_SSL_CTRL_SET_MIN_PROTO_VERSION = 123
+_SSL_CTRL_SET_MAX_PROTO_VERSION = 124
+_ALL_NO_TLS = SSL.OP_NO_TLSv1 | SSL.OP_NO_TLSv1_1 | SSL.OP_NO_TLSv1_2 | SSL.OP_NO_TLSv1_3
+TLS_VERSION_NAMES = tuple(name for name, _version, _no in _PROTOCOLS)
+
+
+class _PerConnectionFunctions(NamedTuple):
+    ctrl: Any  # long SSL_ctrl(SSL *, int, long, void *)
+    clear_options: Any  # uint64_t SSL_clear_options(SSL *, uint64_t)
+    set_client_ca_list: Any  # void SSL_set_client_CA_list(SSL *, STACK_OF(X509_NAME) *)
+    set_session_id_context: Any  # int SSL_set_session_id_context(SSL *, const unsigned char *, unsigned int)
+
+
+@functools.cache
+def _per_connection_functions() -> _PerConnectionFunctions | None:
+    addrs = _rust_symbols(
+        frozenset({"SSL_ctrl", "SSL_clear_options", "SSL_set_client_CA_list", "SSL_set_session_id_context"})
+    )
+    if addrs is None:
+        return None
+    from OpenSSL._util import ffi
+
+    return _PerConnectionFunctions(
+        ctrl=ffi.cast("long (*)(SSL *, int, long, void *)", addrs["SSL_ctrl"]),
+        clear_options=ffi.cast("uint64_t (*)(SSL *, uint64_t)", addrs["SSL_clear_options"]),
+        set_client_ca_list=ffi.cast("void (*)(SSL *, void *)", addrs["SSL_set_client_CA_list"]),
+        set_session_id_context=ffi.cast(
+            "int (*)(SSL *, const unsigned char *, unsigned int)", addrs["SSL_set_session_id_context"]
+        ),
+    )
+
+
+class InboundTLSPolicy:
+    """What one sni.yaml item changes on the server side of a handshake, made ready at load.
+
+    ``apply`` runs on the new SSL object before OpenSSL has seen a byte of the ClientHello (the
+    handshake parses the hello first, so the SNI is known): it costs a handful of C calls, and
+    only connections whose name matched such an item pay them. This is ATS's approach
+    (TLSValidProtocols, VerifyClient: SSL_set_min/max_proto_version, SSL_set_verify,
+    SSL_set1_verify_cert_store, SSL_set_client_CA_list on the connection) rather than one
+    context per name and certificate. A policy that asks for client certificates also gets its
+    own session id context, so a session resumed from another name (which never asked for a
+    certificate) cannot skip the check.
+    """
+
+    __slots__ = ("_ca_names", "_fns", "_holes", "_max", "_min", "_sid_ctx", "_store", "_verify_mode")
+
+    def __init__(
+        self,
+        fns: _PerConnectionFunctions,
+        verify_mode: int | None,
+        store: crypto.X509Store | None,
+        ca_names: list[crypto.X509Name],
+        versions: tuple[int, int, int] | None,
+        sid_ctx: bytes,
+    ) -> None:
+        self._fns = fns
+        self._verify_mode = verify_mode
+        self._store = store
+        self._ca_names = ca_names
+        self._min, self._max, self._holes = versions if versions is not None else (0, 0, 0)
+        self._sid_ctx = sid_ctx
+
+    def apply(self, conn: SSL.Connection) -> None:
+        from OpenSSL._util import ffi
+
+        ssl = conn._ssl
+        fns = self._fns
+        if self._min:
+            fns.clear_options(ssl, _ALL_NO_TLS)
+            fns.ctrl(ssl, _SSL_CTRL_SET_MIN_PROTO_VERSION, self._min, ffi.NULL)
+            fns.ctrl(ssl, _SSL_CTRL_SET_MAX_PROTO_VERSION, self._max, ffi.NULL)
+            if self._holes:
+                _ssl_lib.SSL_set_options(ssl, self._holes)
+        mode = self._verify_mode
+        if mode is not None:
+            _ssl_lib.SSL_set_verify(ssl, mode, ffi.NULL)
+            store = self._store
+            if store is not None:
+                fns.ctrl(ssl, _SSL_CTRL_SET_VERIFY_CERT_STORE, 1, store._store)  # set1: up-ref
+            if self._ca_names:
+                stack = _ssl_lib.sk_X509_NAME_new_null()
+                for name in self._ca_names:
+                    _ssl_lib.sk_X509_NAME_push(stack, _ssl_lib.X509_NAME_dup(name._name))
+                fns.set_client_ca_list(ssl, stack)  # takes the stack
+            sid = self._sid_ctx
+            fns.set_session_id_context(ssl, sid, len(sid))
+
+
+def build_inbound_policy(
+    *,
+    certification_level: int | None,
+    ca_file: Path | None,
+    ca_dir: Path | None,
+    versions: Sequence[str] | None,
+    sid_ctx: bytes,
+) -> InboundTLSPolicy:
+    """An InboundTLSPolicy: ``certification_level`` 0/1/2 (None: keep the context's),
+    the CAs client certificates must chain to (required for level 1 and 2), ``versions`` the TLS
+    versions allowed (names as in TLS_VERSION_NAMES; None: keep the context's). Raises
+    ConfigError naming a CA file that cannot be read, TLSError when this OpenSSL binding lacks
+    the per-connection functions."""
+    fns = _per_connection_functions()
+    if fns is None:
+        raise TLSError("per-name TLS policy needs SSL_ctrl, which this OpenSSL binding does not expose")
+    verify_mode: int | None = None
+    store: crypto.X509Store | None = None
+    ca_names: list[crypto.X509Name] = []
+    if certification_level is not None:
+        verify_mode = SSL.VERIFY_NONE
+        if certification_level > 0:
+            if ca_file is None and ca_dir is None:
+                raise ConfigError("", None, "client certificates need CA certificates to verify them")
+            verify_mode = SSL.VERIFY_PEER
+            if certification_level == 2:
+                verify_mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            if ca_file is not None:
+                _check_readable(ca_file, "CA certificate file")
+            store = crypto.X509Store()
+            try:
+                store.load_locations(ca_file, ca_dir)
+            except crypto.Error as exc:
+                raise ConfigError(
+                    str(ca_file or ca_dir), None, f"bad CA certificates: {_openssl_reason(exc)}"
+                ) from exc
+            certs = _read_pem_certs(ca_file) if ca_file is not None else []
+            if ca_dir is not None:
+                certs += _ca_dir_certs(ca_dir)
+            ca_names = [crypto.X509.from_cryptography(c).get_subject() for c in certs]
+    span: tuple[int, int, int] | None = None
+    if versions is not None:
+        enabled = [(v, no) for name, v, no in _PROTOCOLS if name in versions]
+        if not enabled:
+            raise ConfigError("", None, "no TLS version left")
+        lo, hi = enabled[0][0], enabled[-1][0]
+        holes = 0
+        for name, version, no in _PROTOCOLS:
+            if lo < version < hi and name not in versions:
+                holes |= no
+        span = (lo, hi, holes)
+    return InboundTLSPolicy(fns, verify_mode, store, ca_names, span, sid_ctx[:32])
 
 
 # --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -167,6 +167,14 @@ class VConn:
         """TSVConnSslSniGet: the server name the client asked for (lower case), if any; on an
         origin connection the SNI tsproxy sends."""
         return self._vc.server_name
+
+    @property
+    def sni_policy(self) -> Mapping[str, Any] | None:
+        """The sni.yaml item the client's SNI matched (from SSL_SERVERNAME on): its keys and
+        values as written (``fqdn`` included; read-only), or None when no item matched (and on
+        origin connections)."""
+        policy = self._vc.sni_policy
+        return policy.item.values if policy is not None else None
 
     @property
     def protocol(self) -> bytes | None:
@@ -494,6 +502,12 @@ class Txn:
     @property
     def tls_version(self) -> str | None:
         return getattr(self._session.vc, "ssl_version", None) if self.is_tls else None
+
+    @property
+    def sni_policy(self) -> Mapping[str, Any] | None:
+        """The sni.yaml item the connection's SNI matched (see VConn.sni_policy), or None."""
+        policy = getattr(self._session.vc, "sni_policy", None)
+        return policy.item.values if policy is not None else None
 
     def reenable(self, *, error: bool = False) -> None:
         """TSHttpTxnReenable: continue (or fail with 500 when ``error``)."""

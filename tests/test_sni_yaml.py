@@ -102,14 +102,14 @@ def test_unknown_and_ignored_keys_warn_with_their_line() -> None:
         "sni.yaml:3: unknown key 'verify_clinet' ignored",
         "sni.yaml:4: tunnel_prewarm has no effect in tsproxy; ignored",
         "sni.yaml:5: http2: on has no effect (tsproxy has no HTTP/2; ALPN never offers h2)",
-        "sni.yaml:6: fqdn 'a.test' never matches: line 2 has it already (first match wins)",
+        "sni.yaml:6: fqdn 'a.test' never matches: the item on line 2 matches it first (first match wins)",
     )
 
 
 def test_first_match_wins_one_label_wildcards_case_insensitive() -> None:
     from iocore.net.ssl_sni_config import SNIConfigParams, SNIPolicy
 
-    items = parse_sni_yaml(
+    parsed = parse_sni_yaml(
         "sni:\n"
         "- fqdn: '*.example.com'\n"  # 0: listed first, so it wins over the exact name below
         "  verify_client: NONE\n"
@@ -118,7 +118,13 @@ def test_first_match_wins_one_label_wildcards_case_insensitive() -> None:
         "- fqdn: '*'\n"  # 3: everything not matched above
         "- fqdn: late.test\n",  # 4: shadowed by '*'
         "sni.yaml",
-    ).items
+    )
+    items = parsed.items
+    assert parsed.warnings == (
+        "sni.yaml:4: fqdn 'www.example.com' never matches: the item on line 2 matches it first "
+        "(first match wins)",
+        "sni.yaml:7: fqdn 'late.test' never matches: the item on line 6 matches it first (first match wins)",
+    )
     table = SNIConfigParams(items=tuple(SNIPolicy(i, item, None) for i, item in enumerate(items)))
 
     def line(name: str) -> int | None:
@@ -149,6 +155,23 @@ def test_ip_allow_ranges_and_route_substitution() -> None:
     assert policy.allows("::ffff:10.1.1.1")  # an IPv4 client on a dual-stack socket
     assert not policy.allows("192.168.10.5") and not policy.allows("127.0.0.1")
     assert SNIPolicy(1, wild, None).route_for("shop.tun.test", 4443) == "shop.internal:4443"
+
+
+def test_ip_allow_from_a_file_and_version_bounds(tmp_path: Path) -> None:
+    (tmp_path / "ips").mkdir()
+    (tmp_path / "ips" / "office.txt").write_text("# the office\n10.1.0.0/16\n10.2.0.1, 10.2.0.2\n")
+    (item,) = parse_sni_yaml(
+        "sni:\n"
+        "- fqdn: a.test\n"
+        '  ip_allow: "@ips/office.txt"\n'
+        "  valid_tls_version_min_in: TLSv1_2\n",
+        "sni.yaml",
+        tmp_path,
+    ).items
+    assert [(r.first & 0xFF, r.last & 0xFF) for r in item.ip_allow or ()] == [(0, 255), (1, 1), (2, 2)]
+    assert item.tls_versions == ("TLSv1_2", "TLSv1_3")
+    with pytest.raises(ConfigError, match=r"sni.yaml:3: ip_allow: cannot read .*missing.txt"):
+        parse_sni_yaml("sni:\n- fqdn: a.test\n  ip_allow: '@missing.txt'\n", "sni.yaml", tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,7 +626,9 @@ def test_config_check_validates_sni_yaml(certs: Certs, tmp_path: Path) -> None:
         # STRICT without any CA to check the certificates against
         ("sni:\n- fqdn: a.test\n  verify_client: STRICT\n", 78, "sni.yaml:2: verify_client STRICT needs"),
         ("sni:\n- fqdn: a.test\n  verify_client_ca_certs: {file: nope.pem}\n  verify_client: MODERATE\n",
-         78, "nope.pem"),
+         78, "sni.yaml:2: /"),  # then the CA file's path and why it cannot be read
+        ("sni:\n- fqdn: a.test\n  verify_client_ca_certs: nope.pem\n  verify_client: MODERATE\n",
+         78, "/nope.pem: cannot read CA certificate file: No such file"),
         ("sni:\n- fqdn: a.test\n  client_cert: missing.pem\n", 78, "sni.yaml:2:"),
         ("sni:\n- fqdn: a.test\n  tunel_route: b:1\n", 0, "sni.yaml:3: unknown key 'tunel_route' ignored"),
     ]  # fmt: skip

@@ -457,16 +457,20 @@ def parse_sni_yaml(text: str, path: str, config_dir: Path | None = None) -> SNIP
     if not isinstance(sni_node, yaml.SequenceNode):
         raise ConfigError(path, _line(sni_node), "sni: expected a list of items")
     items: list[SNIItem] = []
-    first_line: dict[str, int] = {}
+    first_line: dict[str, int] = {}  # fqdn -> line of its first item (wildcards as "*.domain")
     for node in sni_node.value:
         item = _parse_item(node, path, config_dir, warnings)
-        if item.fqdn in first_line:
+        fqdn = item.fqdn
+        parent = fqdn.partition(".")[2]
+        covering = first_line.get(fqdn) or first_line.get("*")
+        if covering is None and not fqdn.startswith("*") and parent:
+            covering = first_line.get("*." + parent)
+        if covering is not None:
             warnings.append(
-                f"{item.source}: fqdn {item.fqdn!r} never matches: line {first_line[item.fqdn]} "
-                "has it already (first match wins)"
+                f"{item.source}: fqdn {fqdn!r} never matches: the item on line {covering} matches "
+                "it first (first match wins)"
             )
-        else:
-            first_line[item.fqdn] = item.line
+        first_line.setdefault(fqdn, item.line)
         items.append(item)
     return SNIParseResult(tuple(items), tuple(warnings))
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,6 +504,12 @@ class SNIPolicy:
         """ip_allow: is this client address in one of the ranges (True without ip_allow)?"""
         if self.item.ip_allow is None:
             return True
+        if ":" not in ip:  # IPv4, the common case: inet_aton is ~10x faster than ipaddress
+            try:
+                value = int.from_bytes(socket.inet_aton(ip), "big")
+            except OSError:
+                return False
+            return any(lo <= value <= hi for lo, hi in self._ip4)
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ssl_ffi
 from OpenSSL._util import lib as _ssl_lib
 
 from iocore.net.ssl_config import SSLConfigParams, VerifyServerPolicy, VerifyServerProperties
@@ -172,6 +173,7 @@ _RUST_FUNCTIONS = frozenset(
         "SSL_get_SSL_CTX",
         # per-connection policy (sni.yaml, InboundTLSPolicy)
         "SSL_clear_options",
+        "SSL_dup_CA_list",
         "SSL_set_client_CA_list",
         "SSL_set_session_id_context",
     }
@@ -628,13 +630,22 @@ class _PerConnectionFunctions(NamedTuple):
     ctrl: Any  # long SSL_ctrl(SSL *, int, long, void *)
     clear_options: Any  # uint64_t SSL_clear_options(SSL *, uint64_t)
     set_client_ca_list: Any  # void SSL_set_client_CA_list(SSL *, STACK_OF(X509_NAME) *)
+    dup_ca_list: Any  # STACK_OF(X509_NAME) *SSL_dup_CA_list(const STACK_OF(X509_NAME) *)
     set_session_id_context: Any  # int SSL_set_session_id_context(SSL *, const unsigned char *, unsigned int)
 
 
 @functools.cache
 def _per_connection_functions() -> _PerConnectionFunctions | None:
     addrs = _rust_symbols(
-        frozenset({"SSL_ctrl", "SSL_clear_options", "SSL_set_client_CA_list", "SSL_set_session_id_context"})
+        frozenset(
+            {
+                "SSL_ctrl",
+                "SSL_clear_options",
+                "SSL_dup_CA_list",
+                "SSL_set_client_CA_list",
+                "SSL_set_session_id_context",
+            }
+        )
     )
     if addrs is None:
         return None
@@ -644,6 +655,7 @@ def _per_connection_functions() -> _PerConnectionFunctions | None:
         ctrl=ffi.cast("long (*)(SSL *, int, long, void *)", addrs["SSL_ctrl"]),
         clear_options=ffi.cast("uint64_t (*)(SSL *, uint64_t)", addrs["SSL_clear_options"]),
         set_client_ca_list=ffi.cast("void (*)(SSL *, void *)", addrs["SSL_set_client_CA_list"]),
+        dup_ca_list=ffi.cast("void *(*)(void *)", addrs["SSL_dup_CA_list"]),
         set_session_id_context=ffi.cast(
             "int (*)(SSL *, const unsigned char *, unsigned int)", addrs["SSL_set_session_id_context"]
         ),
@@ -663,46 +675,58 @@ class InboundTLSPolicy:
     certificate) cannot skip the check.
     """
 
-    __slots__ = ("_ca_names", "_fns", "_holes", "_max", "_min", "_sid_ctx", "_store", "_verify_mode")
+    __slots__ = (
+        "_ca_certs",
+        "_ca_stack",
+        "_fns",
+        "_holes",
+        "_max",
+        "_min",
+        "_sid_ctx",
+        "_store",
+        "_verify_mode",
+    )
 
     def __init__(
         self,
         fns: _PerConnectionFunctions,
         verify_mode: int | None,
         store: crypto.X509Store | None,
-        ca_names: list[crypto.X509Name],
+        ca_certs: list[crypto.X509],
         versions: tuple[int, int, int] | None,
         sid_ctx: bytes,
     ) -> None:
         self._fns = fns
         self._verify_mode = verify_mode
         self._store = store
-        self._ca_names = ca_names
+        self._ca_certs = ca_certs  # own the subject names _ca_stack points to
+        self._ca_stack: Any = None
+        if ca_certs:
+            # One stack made here; each connection gets SSL_dup_CA_list of it (one call).
+            stack = _ssl_ffi.gc(_ssl_lib.sk_X509_NAME_new_null(), _ssl_lib.sk_X509_NAME_free)
+            for cert in ca_certs:
+                _ssl_lib.sk_X509_NAME_push(stack, _ssl_lib.X509_get_subject_name(cert._x509))
+            self._ca_stack = stack
         self._min, self._max, self._holes = versions if versions is not None else (0, 0, 0)
         self._sid_ctx = sid_ctx
 
     def apply(self, conn: SSL.Connection) -> None:
-        from OpenSSL._util import ffi
-
         ssl = conn._ssl
         fns = self._fns
         if self._min:
             fns.clear_options(ssl, _ALL_NO_TLS)
-            fns.ctrl(ssl, _SSL_CTRL_SET_MIN_PROTO_VERSION, self._min, ffi.NULL)
-            fns.ctrl(ssl, _SSL_CTRL_SET_MAX_PROTO_VERSION, self._max, ffi.NULL)
+            fns.ctrl(ssl, _SSL_CTRL_SET_MIN_PROTO_VERSION, self._min, _ssl_ffi.NULL)
+            fns.ctrl(ssl, _SSL_CTRL_SET_MAX_PROTO_VERSION, self._max, _ssl_ffi.NULL)
             if self._holes:
                 _ssl_lib.SSL_set_options(ssl, self._holes)
         mode = self._verify_mode
         if mode is not None:
-            _ssl_lib.SSL_set_verify(ssl, mode, ffi.NULL)
+            _ssl_lib.SSL_set_verify(ssl, mode, _ssl_ffi.NULL)
             store = self._store
             if store is not None:
                 fns.ctrl(ssl, _SSL_CTRL_SET_VERIFY_CERT_STORE, 1, store._store)  # set1: up-ref
-            if self._ca_names:
-                stack = _ssl_lib.sk_X509_NAME_new_null()
-                for name in self._ca_names:
-                    _ssl_lib.sk_X509_NAME_push(stack, _ssl_lib.X509_NAME_dup(name._name))
-                fns.set_client_ca_list(ssl, stack)  # takes the stack
+            if self._ca_stack is not None:
+                fns.set_client_ca_list(ssl, fns.dup_ca_list(self._ca_stack))  # takes the copy
             sid = self._sid_ctx
             fns.set_session_id_context(ssl, sid, len(sid))
 
@@ -725,7 +749,7 @@ def build_inbound_policy(
         raise TLSError("per-name TLS policy needs SSL_ctrl, which this OpenSSL binding does not expose")
     verify_mode: int | None = None
     store: crypto.X509Store | None = None
-    ca_names: list[crypto.X509Name] = []
+    ca_certs: list[crypto.X509] = []
     if certification_level is not None:
         verify_mode = SSL.VERIFY_NONE
         if certification_level > 0:
@@ -746,7 +770,7 @@ def build_inbound_policy(
             certs = _read_pem_certs(ca_file) if ca_file is not None else []
             if ca_dir is not None:
                 certs += _ca_dir_certs(ca_dir)
-            ca_names = [crypto.X509.from_cryptography(c).get_subject() for c in certs]
+            ca_certs = [crypto.X509.from_cryptography(c) for c in certs]
     span: tuple[int, int, int] | None = None
     if versions is not None:
         enabled = [(v, no) for name, v, no in _PROTOCOLS if name in versions]
@@ -758,7 +782,7 @@ def build_inbound_policy(
             if lo < version < hi and name not in versions:
                 holes |= no
         span = (lo, hi, holes)
-    return InboundTLSPolicy(fns, verify_mode, store, ca_names, span, sid_ctx[:32])
+    return InboundTLSPolicy(fns, verify_mode, store, ca_certs, span, sid_ctx[:32])
 
 
 # --------------------------------------------------------------------------------------

@@ -1023,8 +1023,9 @@ class HttpClientSession(Continuation):
                 return None
         return result
     def _host_sni_mismatch(self, sni: SNIConfigParams, host: bytes) -> bool:
-        """host_sni_policy (ATS HttpSM): a TLS request whose Host names an sni.yaml item with a
-        stricter inbound policy than the SNI it came in with is logged (1) or refused (2)."""
+        """host_sni_policy (ATS HttpSM): a TLS request whose Host names an sni.yaml item with an
+        inbound policy that the item of its SNI (or, without SNI, nothing) does not share is
+        logged (1) or refused (2): the policy of the Host was never applied to this connection."""
         vc = self.vc
         if not isinstance(vc, SSLNetVConnection):
             return False

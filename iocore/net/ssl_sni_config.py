@@ -233,6 +233,15 @@ def _string_list(node: yaml.Node, path: str, key: str) -> list[tuple[str, int]]:
     return [(part.strip(), _line(node)) for part in _string(node, path, key).split(",")]
 
 
+def _frozen(value: Any) -> Any:
+    """A YAML value plugins may read but not change: lists become tuples, maps read-only."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    return value
+
+
 def _parse_fqdn(node: yaml.Node, path: str) -> str:
     name = _string(node, path, "fqdn").rstrip(".").lower()
     if name == "*":
@@ -340,7 +349,7 @@ def _parse_item(node: yaml.Node, path: str, config_dir: Path | None, warnings: l
         if isinstance(value_node, yaml.ScalarNode):
             values[key] = _scalar(value_node, path, key)
         else:
-            values[key] = yaml.safe_load(yaml.serialize(value_node))
+            values[key] = _frozen(yaml.safe_load(yaml.serialize(value_node)))
 
     if "verify_client" in fields:
         kw["verify_client"] = _choice(

@@ -154,7 +154,11 @@ def test_ip_allow_ranges_and_route_substitution() -> None:
     assert policy.allows("10.200.0.1") and policy.allows("192.168.10.4") and policy.allows("2001:db8::1")
     assert policy.allows("::ffff:10.1.1.1")  # an IPv4 client on a dual-stack socket
     assert not policy.allows("192.168.10.5") and not policy.allows("127.0.0.1")
-    assert SNIPolicy(1, wild, None).route_for("shop.tun.test", 4443) == "shop.internal:4443"
+    tunnel = SNIPolicy(1, wild, None)
+    assert tunnel.route_for("Shop.tun.test", 4443) == "shop.internal:4443"
+    # the client chose the label: anything but a host name label never reaches the resolver
+    for label in ("a_b", "-a", "x" * 64, "%41", "a b"):
+        assert tunnel.route_for(f"{label}.tun.test", 4443) is None, label
 
 
 def test_ip_allow_from_a_file_and_version_bounds(tmp_path: Path) -> None:

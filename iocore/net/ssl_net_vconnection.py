@@ -943,6 +943,9 @@ class SSLNetVConnection(NetVConnection):
         if policy.route_type is not None and policy.route_type.name == "BLIND":
             dest = policy.route_for(name, int(self.local_addr[1]) if self.local_addr else 0)
             _dbg("sni.yaml %s: tunnel_route for sni=%s to %s", policy.item.source, name, dest)
+            if dest is None:  # $1 captured something that is no host name
+                self._send_raw_alert(ALERT_UNRECOGNIZED_NAME)
+                return EVENT_ERROR
             self.hook_op_requested = HookOp.TUNNEL
             self.tunnel_destination = dest
             self.attributes = Transport.BLIND_TUNNEL
@@ -1144,7 +1147,10 @@ class SSLNetVConnection(NetVConnection):
             # sni.yaml forward_route: the decrypted bytes go to the route, uninterpreted.
             dest = policy.route_for(self.server_name or "", int(self.local_addr[1]) if self.local_addr else 0)
             _dbg("sni.yaml %s: forward_route for sni=%s to %s", policy.item.source, self.server_name, dest)
-            self.config.on_tunnel(self, b"", dest)
+            if dest is None:  # $1 captured something that is no host name
+                self.do_io_close()
+            else:
+                self.config.on_tunnel(self, b"", dest)
             return
         self.config.on_ready(self)
 

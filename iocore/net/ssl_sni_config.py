@@ -33,6 +33,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import ipaddress
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class RouteType(enum.Enum):
 
 HOST_SNI_POLICY_NAMES = {"DISABLED": 0, "PERMISSIVE": 1, "ENFORCED": 2}
 _CLIENT_SNI_POLICIES = ("host", "remap")
+_HOST_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 # ATS keys tsproxy accepts but that change nothing here (tuning for features it lacks).
 _IGNORED_KEYS = frozenset(
@@ -531,13 +533,17 @@ class SNIPolicy:
 
     def route_for(self, servername: str, local_port: int) -> str | None:
         """tunnel_route / forward_route with ``$1`` (the label the wildcard matched) and
-        ``{inbound_local_port}`` filled in."""
+        ``{inbound_local_port}`` filled in; None when what ``$1`` captured is not a host name
+        (the client chose it: it must not reach the resolver as anything else)."""
         route = self.item.route
         if route is None:
             return None
         if "$1" in route:
             fqdn = self.item.fqdn
-            captured = servername if fqdn == "*" else servername[: len(servername) - len(fqdn) + 1]
+            name = servername.rstrip(".").lower()
+            captured = name if fqdn == "*" else name[: len(name) - len(fqdn) + 1]
+            if not all(_HOST_LABEL.fullmatch(label) for label in captured.split(".")):
+                return None
             route = route.replace("$1", captured)
         if "{inbound_local_port}" in route:
             route = route.replace("{inbound_local_port}", str(local_port))

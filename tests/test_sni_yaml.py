@@ -12,6 +12,7 @@ import json
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -364,6 +365,49 @@ def test_valid_tls_versions_in_per_name(tsproxy_factory: Factory, certs: Certs, 
     assert tp.wait_metric("user_agent_wrong_version", 2) == 2
 
 
+def negotiated_group(certs: Certs, port: int, sni: str, offer: bytes) -> str | None:
+    """Handshake with a pyOpenSSL client offering the groups ``offer``; the group agreed on."""
+    from OpenSSL import SSL
+    from OpenSSL._util import lib
+
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.load_verify_locations(str(certs.ca_file))
+    assert lib.SSL_CTX_set1_curves_list(ctx._context, offer) == 1
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.setblocking(True)  # pyOpenSSL wants a blocking socket; the kernel bounds the wait
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+        conn = SSL.Connection(ctx, raw)
+        conn.set_tlsext_host_name(sni.encode())
+        conn.set_connect_state()
+        conn.do_handshake()
+        group = conn.get_group_name()
+        conn.shutdown()
+    return group
+
+
+def test_ciphers_and_groups_per_name(tsproxy_factory: Factory, certs: Certs, origin: int) -> None:
+    tp = start_sni(
+        tsproxy_factory,
+        certs,
+        "sni:\n"
+        "- fqdn: aes256.wild.test\n"
+        "  server_cipher_suite: ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES256-GCM-SHA384\n"
+        "  server_TLSv1_3_cipher_suites: TLS_AES_256_GCM_SHA384\n"
+        "  server_groups_list: P-384\n",
+        origin=origin,
+        hosts=("aes256.wild.test", "open.wild.test"),
+    )
+    port = tp.ports[0]
+    for version, cipher in (("1.2", "ECDHE-ECDSA-AES256-GCM-SHA384"), ("1.3", "TLS_AES_256_GCM_SHA384")):
+        with tls_connect(client_context(certs, version), port, "aes256.wild.test") as s:
+            assert s.cipher()[0] == cipher
+            assert ok(http_get(s, "aes256.wild.test"))
+        with tls_connect(client_context(certs, version), port, "open.wild.test") as s:
+            assert "AES128" in s.cipher()[0] or "AES_128" in s.cipher()[0]  # the records' first choice
+    assert negotiated_group(certs, port, "aes256.wild.test", b"X25519:P-384") == "secp384r1"
+    assert negotiated_group(certs, port, "open.wild.test", b"X25519:P-384") == "x25519"
+
+
 # --------------------------------------------------------------------------------------------
 # ip_allow
 # --------------------------------------------------------------------------------------------
@@ -643,6 +687,10 @@ def test_config_check_validates_sni_yaml(certs: Certs, tmp_path: Path) -> None:
         ("sni:\n- fqdn: a.test\n  verify_client_ca_certs: nope.pem\n  verify_client: MODERATE\n",
          78, "/nope.pem: cannot read CA certificate file: No such file"),
         ("sni:\n- fqdn: a.test\n  client_cert: missing.pem\n", 78, "sni.yaml:2:"),
+        ("sni:\n- fqdn: a.test\n  server_groups_list: X25519:no-such-group\n", 78,
+         "sni.yaml:2: server_groups_list: OpenSSL does not accept 'X25519:no-such-group'"),
+        ("sni:\n- fqdn: a.test\n  server_cipher_suite: NO-SUCH-CIPHER\n", 78,
+         "sni.yaml:2: server_cipher_suite: OpenSSL does not accept"),
         ("sni:\n- fqdn: a.test\n  tunel_route: b:1\n", 0, "sni.yaml:3: unknown key 'tunel_route' ignored"),
     ]  # fmt: skip
     for i, (text, code, message) in enumerate(cases):

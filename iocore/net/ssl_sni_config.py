@@ -17,7 +17,7 @@
 # the ClientHello before OpenSSL exists, so the same point is ``set_context_cert``):
 #   ip_allow, tunnel_route          the handshake, before the certificate is chosen
 #   verify_client(+_ca_certs),      the new SSL object, before OpenSSL reads the ClientHello
-#   valid_tls_versions_in
+#   valid_tls_versions_in, server_cipher_suite, server_TLSv1_3_cipher_suites, server_groups_list
 #   forward_route                   after the handshake: the decrypted bytes go to the route
 #   host_sni_policy                 the HTTP state machine, per request (Host vs SNI)
 #   verify_server_*, client_cert,   the origin side of transactions on such connections
@@ -104,9 +104,6 @@ _UNSUPPORTED_KEYS = {
     "partial_blind_route": "partial_blind_route (re-encrypting tunnel) is not supported",
     "tunnel_alpn": "tunnel_alpn only applies to partial_blind_route, which is not supported",
     "inbound_port_ranges": "inbound_port_ranges (ATS 10) is not supported",
-    "server_cipher_suite": "per-name server_cipher_suite is not supported; use the records",
-    "server_TLSv1_3_cipher_suites": "per-name server_TLSv1_3_cipher_suites is not supported; use the records",
-    "server_groups_list": "per-name server_groups_list is not supported; use the records",
 }
 _KEYS = frozenset(
     {
@@ -126,6 +123,9 @@ _KEYS = frozenset(
         "client_key",
         "client_sni_policy",
         "http2",
+        "server_cipher_suite",
+        "server_TLSv1_3_cipher_suites",
+        "server_groups_list",
     }
 )
 
@@ -161,6 +161,9 @@ class SNIItem:
     client_key: str | None = None
     client_sni_policy: str | None = None
     http2: bool | None = None
+    server_cipher_suite: str | None = None  # replace proxy.config.ssl.server.cipher_suite etc.
+    server_tls13_cipher_suites: str | None = None
+    server_groups_list: str | None = None
 
     @property
     def source(self) -> str:
@@ -429,6 +432,13 @@ def _parse_item(node: yaml.Node, path: str, config_dir: Path | None, warnings: l
         kw["client_sni_policy"] = _choice(
             fields["client_sni_policy"], path, "client_sni_policy", {p: p for p in _CLIENT_SNI_POLICIES}
         )
+    for key, attr in (
+        ("server_cipher_suite", "server_cipher_suite"),
+        ("server_TLSv1_3_cipher_suites", "server_tls13_cipher_suites"),
+        ("server_groups_list", "server_groups_list"),
+    ):
+        if key in fields:
+            kw[attr] = _string(fields[key], path, key)
     if "http2" in fields:
         kw["http2"] = _parse_http2(fields["http2"], path)
         if kw["http2"]:
@@ -622,7 +632,13 @@ def _sid_ctx(item: SNIItem) -> bytes:
 
 def _build(index: int, item: SNIItem, params: SSLConfigParams) -> SNIPolicy:
     inbound: InboundTLSPolicy | None = None
-    if item.verify_client is not None or item.tls_versions is not None:
+    if (
+        item.verify_client is not None
+        or item.tls_versions is not None
+        or item.server_cipher_suite is not None
+        or item.server_tls13_cipher_suites is not None
+        or item.server_groups_list is not None
+    ):
         ca_file = _resolve(params.config_dir, item.verify_client_ca_file)
         ca_dir = _resolve(params.config_dir, item.verify_client_ca_dir)
         if ca_file is None and ca_dir is None:
@@ -642,8 +658,13 @@ def _build(index: int, item: SNIItem, params: SSLConfigParams) -> SNIPolicy:
                 ca_dir=ca_dir,
                 versions=item.tls_versions,
                 sid_ctx=_sid_ctx(item),
+                cipher_suite=item.server_cipher_suite,
+                tls13_cipher_suites=item.server_tls13_cipher_suites,
+                groups_list=item.server_groups_list,
             )
-        except (ConfigError, TLSError) as exc:
+        except ConfigError as exc:
+            raise ConfigError(item.path, item.line, str(exc) if exc.path else exc.message) from exc
+        except TLSError as exc:
             raise ConfigError(item.path, item.line, str(exc)) from exc
     return SNIPolicy(index, item, inbound)
 

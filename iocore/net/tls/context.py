@@ -174,6 +174,8 @@ _RUST_FUNCTIONS = frozenset(
         # per-connection policy (sni.yaml, InboundTLSPolicy)
         "SSL_clear_options",
         "SSL_dup_CA_list",
+        "SSL_set_cipher_list",
+        "SSL_set_ciphersuites",
         "SSL_set_client_CA_list",
         "SSL_set_session_id_context",
     }
@@ -619,6 +621,7 @@ def _keylog_writer(path: Path) -> Callable[[SSL.Connection, bytes], None]:
 # per-connection server policy (sni.yaml items)
 # --------------------------------------------------------------------------------------
 
+_SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_CTRL_SET_VERIFY_CERT_STORE = 106
 _SSL_CTRL_SET_MIN_PROTO_VERSION = 123
 _SSL_CTRL_SET_MAX_PROTO_VERSION = 124
@@ -632,6 +635,8 @@ class _PerConnectionFunctions(NamedTuple):
     set_client_ca_list: Any  # void SSL_set_client_CA_list(SSL *, STACK_OF(X509_NAME) *)
     dup_ca_list: Any  # STACK_OF(X509_NAME) *SSL_dup_CA_list(const STACK_OF(X509_NAME) *)
     set_session_id_context: Any  # int SSL_set_session_id_context(SSL *, const unsigned char *, unsigned int)
+    set_cipher_list: Any  # int SSL_set_cipher_list(SSL *, const char *)
+    set_ciphersuites: Any  # int SSL_set_ciphersuites(SSL *, const char *)
 
 
 @functools.cache
@@ -642,6 +647,8 @@ def _per_connection_functions() -> _PerConnectionFunctions | None:
                 "SSL_ctrl",
                 "SSL_clear_options",
                 "SSL_dup_CA_list",
+                "SSL_set_cipher_list",
+                "SSL_set_ciphersuites",
                 "SSL_set_client_CA_list",
                 "SSL_set_session_id_context",
             }
@@ -659,6 +666,8 @@ def _per_connection_functions() -> _PerConnectionFunctions | None:
         set_session_id_context=ffi.cast(
             "int (*)(SSL *, const unsigned char *, unsigned int)", addrs["SSL_set_session_id_context"]
         ),
+        set_cipher_list=ffi.cast("int (*)(SSL *, const char *)", addrs["SSL_set_cipher_list"]),
+        set_ciphersuites=ffi.cast("int (*)(SSL *, const char *)", addrs["SSL_set_ciphersuites"]),
     )
 
 
@@ -678,12 +687,15 @@ class InboundTLSPolicy:
     __slots__ = (
         "_ca_certs",
         "_ca_stack",
+        "_ciphers",
         "_fns",
+        "_groups",
         "_holes",
         "_max",
         "_min",
         "_sid_ctx",
         "_store",
+        "_tls13_ciphers",
         "_verify_mode",
     )
 
@@ -695,8 +707,10 @@ class InboundTLSPolicy:
         ca_certs: list[crypto.X509],
         versions: tuple[int, int, int] | None,
         sid_ctx: bytes,
+        ciphers: tuple[bytes | None, bytes | None, bytes | None] = (None, None, None),
     ) -> None:
         self._fns = fns
+        self._ciphers, self._tls13_ciphers, self._groups = ciphers
         self._verify_mode = verify_mode
         self._store = store
         self._ca_certs = ca_certs  # own the subject names _ca_stack points to
@@ -719,6 +733,12 @@ class InboundTLSPolicy:
             fns.ctrl(ssl, _SSL_CTRL_SET_MAX_PROTO_VERSION, self._max, _ssl_ffi.NULL)
             if self._holes:
                 _ssl_lib.SSL_set_options(ssl, self._holes)
+        if self._ciphers is not None:
+            fns.set_cipher_list(ssl, self._ciphers)
+        if self._tls13_ciphers is not None:
+            fns.set_ciphersuites(ssl, self._tls13_ciphers)
+        if self._groups is not None:
+            fns.ctrl(ssl, _SSL_CTRL_SET_GROUPS_LIST, 0, self._groups)
         mode = self._verify_mode
         if mode is not None:
             _ssl_lib.SSL_set_verify(ssl, mode, _ssl_ffi.NULL)
@@ -738,15 +758,40 @@ def build_inbound_policy(
     ca_dir: Path | None,
     versions: Sequence[str] | None,
     sid_ctx: bytes,
+    cipher_suite: str | None = None,
+    tls13_cipher_suites: str | None = None,
+    groups_list: str | None = None,
 ) -> InboundTLSPolicy:
     """An InboundTLSPolicy: ``certification_level`` 0/1/2 (None: keep the context's),
     the CAs client certificates must chain to (required for level 1 and 2), ``versions`` the TLS
     versions allowed (names as in TLS_VERSION_NAMES; None: keep the context's). Raises
     ConfigError naming a CA file that cannot be read, TLSError when this OpenSSL binding lacks
-    the per-connection functions."""
+    the per-connection functions. ``cipher_suite`` / ``tls13_cipher_suites`` / ``groups_list``
+    replace the records' lists (checked here on a scratch connection: ConfigError when OpenSSL
+    refuses one)."""
     fns = _per_connection_functions()
     if fns is None:
         raise TLSError("per-name TLS policy needs SSL_ctrl, which this OpenSSL binding does not expose")
+    ciphers = (
+        cipher_suite.encode() if cipher_suite else None,
+        tls13_cipher_suites.encode() if tls13_cipher_suites else None,
+        groups_list.encode() if groups_list else None,
+    )
+    scratch = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)._ssl
+    for key, value in zip(
+        ("server_cipher_suite", "server_TLSv1_3_cipher_suites", "server_groups_list"), ciphers, strict=True
+    ):
+        if value is None:
+            continue
+        if key == "server_cipher_suite":
+            accepted = fns.set_cipher_list(scratch, value)
+        elif key == "server_TLSv1_3_cipher_suites":
+            accepted = fns.set_ciphersuites(scratch, value)
+        else:
+            accepted = fns.ctrl(scratch, _SSL_CTRL_SET_GROUPS_LIST, 0, value)
+        if accepted != 1:
+            _ssl_lib.ERR_clear_error()
+            raise ConfigError("", None, f"{key}: OpenSSL does not accept {value.decode()!r}")
     verify_mode: int | None = None
     store: crypto.X509Store | None = None
     ca_certs: list[crypto.X509] = []
@@ -782,7 +827,7 @@ def build_inbound_policy(
             if lo < version < hi and name not in versions:
                 holes |= no
         span = (lo, hi, holes)
-    return InboundTLSPolicy(fns, verify_mode, store, ca_certs, span, sid_ctx[:32])
+    return InboundTLSPolicy(fns, verify_mode, store, ca_certs, span, sid_ctx[:32], ciphers)
 
 
 # --------------------------------------------------------------------------------------

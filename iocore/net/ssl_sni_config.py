@@ -8,10 +8,11 @@
 #
 #   parse_sni_yaml(text, path) -> SNIParseResult   pure: text in, validated SNIItems and
 #                                                  warnings out; every error names FILE:LINE
-#   load_sni_config(params, host_sni_policy) -> SNIConfigParams | None
+#   load_sni_config(params, host_sni_policy) -> SNIConfigParams
 #                                                  reads the file, prepares each item's OpenSSL
 #                                                  state (InboundTLSPolicy: verify_client, CA
-#                                                  certs, TLS versions) and indexes the items
+#                                                  certs, TLS versions, ciphers) and indexes the
+#                                                  items
 #
 # Where each key acts (ATS applies its SNI actions at the servername callback; tsproxy parses
 # the ClientHello before OpenSSL exists, so the same point is ``set_context_cert``):

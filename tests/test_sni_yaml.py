@@ -665,6 +665,7 @@ def test_reload_is_atomic_with_ssl_multicert_and_a_bad_file_keeps_the_old_pair(
     (tp.config_dir / "sni.yaml").write_text("sni:\n- fqdn: strict.wild.test\n  verify_client: NONE\n")
     good = tp.proxy.ctl("reload")
     assert good.returncode == 0, good.stdout + good.stderr
+    assert "file changed: sni.yaml" in good.stdout and "file changed: ssl_multicert.config" in good.stdout
     with tls_connect(client_context(certs), port, "strict.wild.test") as s:
         assert peer_dns_names(s) == ["exact.test"]
         http_get(s, "strict.wild.test")  # no certificate asked for

@@ -266,6 +266,27 @@ def test_verify_client_per_name(tsproxy_factory: Factory, certs: Certs, origin: 
     assert tp.wait_metric("user_agent_cert_verify_failed", 2) == 2
 
 
+def test_verify_client_none_relaxes_the_records_for_one_name(
+    tsproxy_factory: Factory, certs: Certs, origin: int
+) -> None:
+    tp = start_sni(
+        tsproxy_factory,
+        certs,
+        "sni:\n- fqdn: public.wild.test\n  verify_client: NONE\n",
+        origin=origin,
+        hosts=("public.wild.test", "private.wild.test"),
+        records={
+            "proxy.config.ssl.client.certification_level": 2,
+            "proxy.config.ssl.CA.cert.filename": "certs/ca.pem",
+        },
+    )
+    port = tp.ports[0]
+    assert ok(served(certs, port, "public.wild.test"))
+    reason = failure_reason(client_context(certs), port, "private.wild.test")
+    assert reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    assert ok(served(certs, port, "private.wild.test", cert=certs.client))
+
+
 @needs_openssl
 def test_verify_client_strict_with_openssl_s_client(
     tsproxy_factory: Factory, certs: Certs, origin: int, tmp_path: Path

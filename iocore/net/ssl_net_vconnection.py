@@ -108,6 +108,7 @@ RAW_READ = 65536
 
 _dbg = DbgCtl("ssl")
 _dbg_err = DbgCtl("ssl.error")
+_dbg_sni = DbgCtl("ssl_sni")  # sni.yaml actions (ATS's tag)
 _trace_log = logging.getLogger("tsproxy.ssl.trace")  # wire trace lines (INFO, any debug setting)
 _log = logging.getLogger("tsproxy.ssl")
 
@@ -936,13 +937,15 @@ class SSLNetVConnection(NetVConnection):
             return None
         self.sni_policy = policy
         if policy.ip_allow and not policy.allows(self.remote_ip):
-            _dbg("sni.yaml %s: %s is not allowed - denying connection", policy.item.source, self.remote_ip)
+            if _dbg_sni.on:
+                _dbg_sni("%s: %s is not allowed - denying connection", policy.item.source, self.remote_ip)
             self.counters_incr(M_SNI_IP_DENIED)
             self._send_raw_alert(ALERT_ACCESS_DENIED)
             return EVENT_ERROR
         if policy.route_type is not None and policy.route_type.name == "BLIND":
             dest = policy.route_for(name, int(self.local_addr[1]) if self.local_addr else 0)
-            _dbg("sni.yaml %s: tunnel_route for sni=%s to %s", policy.item.source, name, dest)
+            if _dbg_sni.on:
+                _dbg_sni("%s: tunnel_route for sni=%s to %s", policy.item.source, name, dest)
             if dest is None:  # $1 captured something that is no host name
                 self._send_raw_alert(ALERT_UNRECOGNIZED_NAME)
                 return EVENT_ERROR
@@ -1146,7 +1149,8 @@ class SSLNetVConnection(NetVConnection):
         if policy is not None and policy.route_type is not None and policy.route_type.name == "FORWARD":
             # sni.yaml forward_route: the decrypted bytes go to the route, uninterpreted.
             dest = policy.route_for(self.server_name or "", int(self.local_addr[1]) if self.local_addr else 0)
-            _dbg("sni.yaml %s: forward_route for sni=%s to %s", policy.item.source, self.server_name, dest)
+            if _dbg_sni.on:
+                _dbg_sni("%s: forward_route for sni=%s to %s", policy.item.source, self.server_name, dest)
             if dest is None:  # $1 captured something that is no host name
                 self.do_io_close()
             else:

@@ -936,6 +936,8 @@ class SSLNetVConnection(NetVConnection):
         if policy is None:
             return None
         self.sni_policy = policy
+        if _dbg_sni.on:
+            _dbg_sni("sni=%s matched %s (fqdn %s)", name, policy.item.source, policy.item.fqdn)
         if policy.ip_allow and not policy.allows(self.remote_ip):
             if _dbg_sni.on:
                 _dbg_sni("%s: %s is not allowed - denying connection", policy.item.source, self.remote_ip)

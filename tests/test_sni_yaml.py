@@ -456,6 +456,7 @@ def test_ip_allow_refuses_other_clients_at_the_handshake(
         "- fqdn: range.wild.test\n  ip_allow: 127.0.0.2-127.0.0.9\n",
         origin=origin,
         hosts=("lan.wild.test", "range.wild.test", "open.wild.test"),
+        records={"proxy.config.diags.debug.enabled": 1, "proxy.config.diags.debug.tags": "ssl_sni"},
     )
     port = tp.ports[0]
     ctx = client_context(certs)
@@ -465,6 +466,9 @@ def test_ip_allow_refuses_other_clients_at_the_handshake(
         assert ok(http_get(s, "range.wild.test"))
     assert ok(served(certs, port, "open.wild.test"))
     assert tp.wait_metric("ssl_sni_ip_allow_denied", 2) == 2
+    log = tp.proxy.output()
+    assert "<ssl_sni> sni=lan.wild.test matched sni.yaml:2 (fqdn lan.wild.test)" in log, log[-2000:]
+    assert "<ssl_sni> sni.yaml:2: 127.0.0.1 is not allowed - denying connection" in log
 
 
 # --------------------------------------------------------------------------------------------

@@ -351,6 +351,13 @@ def test_resuming_a_session_of_another_name_does_not_skip_verify_client(
     assert resumed(ctx, port, "open.wild.test", session) is True  # good for its own name
     missing = "SSLV3_ALERT_HANDSHAKE_FAILURE" if version == "1.2" else "TLSV13_ALERT_CERTIFICATE_REQUIRED"
     assert resumed(ctx, port, "strict.wild.test", session) == missing
+    # a session of the STRICT name itself (certificate checked) resumes there as usual
+    with_cert = client_context(certs, version, cert=certs.client)
+    with tls_connect(with_cert, port, "strict.wild.test") as s:
+        assert ok(http_get(s, "strict.wild.test"))
+        strict_session = s.session
+    assert strict_session is not None
+    assert resumed(with_cert, port, "strict.wild.test", strict_session) is True
 
 
 # --------------------------------------------------------------------------------------------

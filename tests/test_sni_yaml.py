@@ -752,3 +752,13 @@ def test_plugins_see_the_matched_item(tsproxy_factory: Factory, certs: Certs, tm
         time.sleep(0.02)
     lines = log.read_text().splitlines()
     assert lines == [f"api.wild.test {json.dumps(expected)}", "other.test null"]
+
+
+def test_an_ats_directory_s_sni_yaml_is_read_not_reported_as_ignored(tmp_path: Path) -> None:
+    from tsproxy.config import unread_ats_file_warning
+
+    (tmp_path / "sni.yaml").write_text("sni:\n- fqdn: a.test\n  verify_client: NONE\n")
+    (tmp_path / "ip_allow.yaml").write_text("ip_allow:\n- apply: in\n  ip_addrs: 0/0\n  action: allow\n")
+    warning = unread_ats_file_warning(tmp_path)
+    assert warning is not None and "ip_allow.yaml" in warning
+    assert "sni.yaml" not in warning

@@ -283,7 +283,7 @@ def load_proxy_config(
 
 
 # ATS configuration files tsproxy does not read (it reads records.config, ssl_multicert.config,
-# remap.config and plugin.config). One with settings in it is named by config check, so an ATS
+# sni.yaml, remap.config and plugin.config). One with settings in it is named by config check, so an ATS
 # operator is not left believing, say, ip_allow.yaml's rules apply.
 ATS_FILES_NOT_READ = (
     "cache.config",
@@ -291,7 +291,6 @@ ATS_FILES_NOT_READ = (
     "ip_allow.yaml",
     "logging.yaml",
     "parent.config",
-    "sni.yaml",
     "socks.config",
     "splitdns.config",
     "storage.config",

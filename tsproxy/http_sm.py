@@ -985,7 +985,7 @@ class HttpClientSession(Continuation):
                 target = b"/" if slash < 0 else rest[slash:]
         sni = self.http.sni
         if sni is not None and host and self._host_sni_mismatch(sni, host):
-            self._send_error(403, "Access Denied", close=not self.client_keep_alive)
+            self._send_error(403, "Access Denied", close=not self.client_keep_alive, public=True)
             return
         remap = self.http.remap.lookup(self.scheme, host, self.port, target)
         if remap is None and not self.http.remap_required:

@@ -77,6 +77,19 @@ def free_port() -> int:
     raise RuntimeError("no fresh free port after 100 tries")
 
 
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """``predicate()``'s first true value, polled every 50 ms; AssertionError naming ``what``
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment for tsproxy subprocesses: the repo importable, no stray config dir."""
     env = dict(os.environ)

@@ -9,17 +9,18 @@ its status in s_client's output, handshakes that succeed with nothing stapled, t
 from __future__ import annotations
 
 import datetime
+import functools
 import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import free_port, run_tsproxy, write_config_dir
+from conftest import wait_for as conftest_wait_for
 from ocsp_pki import NOW, PKI, Issued, OCSPResponder, crafted_response, openssl_response, pem
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
@@ -68,15 +69,7 @@ def metric(proxy: Any, name: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+wait_for = functools.partial(conftest_wait_for, timeout=20.0)  # OCSP fetches run on a thread pool
 
 
 def s_client(proxy: Any, version: str = "-tls1_3", *extra: str) -> str:

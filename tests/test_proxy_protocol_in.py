@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import free_port
+from conftest import free_port, wait_for
 from origin import OriginServer
 
 from iocore.net.proxy_protocol import PP2_SIGNATURE
@@ -81,15 +81,6 @@ def _metric(proxy: Any, name: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def connect(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:

@@ -159,9 +159,6 @@ class IOBufferReader:
     def read_avail(self) -> int:
         return len(self.mbuf._buf) - self.pos
 
-    def is_read_avail_more_than(self, n: int) -> bool:
-        return self.read_avail() > n
-
     def peek(self, n: int = -1) -> memoryview:
         """A view of up to n available bytes (all when n < 0); valid until the next consume/write."""
         buf = self.mbuf._buf
@@ -202,12 +199,6 @@ class VIO:
         self.buffer: MIOBuffer | None = None  # read VIO: where the VC puts bytes
         self.reader: IOBufferReader | None = None  # write VIO: where the VC takes bytes from
         self.vc: Any = None
-
-    def ntodo(self) -> int:
-        return self.nbytes - self.ndone
-
-    def set_nbytes(self, nbytes: int) -> None:
-        self.nbytes = nbytes
 
     def reenable(self) -> None:
         """Tell the VConnection the consumer/producer made room or data: continue the I/O."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iocore.records.config_processor import ConfigProcessor
+from iocore.records.config_processor import ConfigHandle, ConfigProcessor
 
 
 class Table:
@@ -81,3 +81,24 @@ def test_scoped_releases_on_error_and_reloads_do_not_accumulate() -> None:
             proc.set(cid, Table(f"v{i}", freed))
     assert proc.live_snapshots(cid) == 1
     assert freed == [f"v{i}" for i in range(99)]  # every old table freed, once, in order
+
+
+def test_handle_scoped_config_holds_a_replaced_snapshot_until_the_block_ends() -> None:
+    freed: list[str] = []
+    proc: ConfigProcessor[object] = ConfigProcessor()
+    certs: ConfigHandle[Table] = ConfigHandle(proc, "ssl_multicert")
+    params: ConfigHandle[Table] = ConfigHandle(proc, "records")
+    certs.set(Table("certs1", freed))
+    params.set(Table("params1", freed))
+    assert certs.config_id != params.config_id
+    with certs.scoped_config() as lookup:
+        assert lookup.name == "certs1"
+        certs.set(Table("certs2", freed))  # a reload while the block runs
+        params.set(Table("params2", freed))
+        assert freed == ["params1"]  # nobody held it
+        assert certs.live_snapshots() == 2
+        assert certs.current().name == "certs2"
+    assert freed == ["params1", "certs1"]
+    held = certs.acquire()
+    certs.release(held)
+    assert certs.live_snapshots() == 1 and freed == ["params1", "certs1"]

@@ -13,14 +13,18 @@ States of one snapshot: CURRENT (refcount >= 0) -> RETIRED (refcount > 0) -> DRO
 
 There are no locks: each process runs one event loop on one thread, and each owns its own
 ConfigProcessor (handed to whoever needs it, never a module global).
+
+``ConfigHandle`` is one subsystem's id in a processor, as ATS's ``SSLConfig`` and
+``SSLCertificateConfig`` wrap their ``configid``: ``set`` / ``acquire`` / ``release`` and
+``scoped_config()`` (ATS ``SSLCertificateConfig::scoped_config lookup;``) without passing the id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -101,6 +105,39 @@ class ConfigProcessor(Generic[T]):
         """
         current = 1 if config_id in self._current else 0
         return current + len(self._retired.get(config_id, []))
+
+
+class ConfigHandle(Generic[T]):
+    """One reloadable subsystem's snapshots in a shared ConfigProcessor (ATS SSLCertificateConfig)."""
+
+    __slots__ = ("config_id", "name", "processor")
+
+    def __init__(self, processor: ConfigProcessor[Any], name: str) -> None:
+        self.processor = processor
+        self.name = name
+        self.config_id = 0  # allocated by the first set
+
+    def set(self, obj: T) -> None:
+        """Install ``obj`` as current; the old one is dropped now or after its last release."""
+        self.config_id = self.processor.set(self.config_id, obj)
+
+    def current(self) -> T:
+        result: T = self.processor.get_current(self.config_id)
+        return result
+
+    def acquire(self) -> T:
+        result: T = self.processor.acquire(self.config_id)
+        return result
+
+    def release(self, obj: T) -> None:
+        self.processor.release(self.config_id, obj)
+
+    def scoped_config(self) -> AbstractContextManager[T]:
+        """``with handle.scoped_config() as lookup:`` holds the current snapshot for the block."""
+        return self.processor.scoped(self.config_id)
+
+    def live_snapshots(self) -> int:
+        return self.processor.live_snapshots(self.config_id)
 
 
 def _drop(snap: _Snapshot[T]) -> None:

@@ -242,6 +242,28 @@ RECORDS: tuple[RecordSpec, ...] = (
         "Seconds an origin stays marked down (per worker) after every attempt to connect failed; "
         "0 never marks one down",
     ),
+    # hostdb: origin name resolution (tsproxy/resolver.py)
+    RecordSpec(
+        "proxy.config.hostdb.ttl_mode", _I, 0, _R, int_range(0, 3),
+        "How long a resolved origin name is cached: 0 obey the DNS TTL, 1 ignore it (use "
+        "hostdb.timeout), 2 the smaller, 3 the larger of the two; getaddrinfo reports no TTL, so "
+        "every mode uses hostdb.timeout",
+    ),
+    RecordSpec(
+        "proxy.config.hostdb.timeout", _I, 86400, _R, NON_NEGATIVE,
+        "Seconds a resolved origin name is cached (see hostdb.ttl_mode); 0 keeps it until the "
+        "worker restarts",
+    ),
+    RecordSpec(
+        "proxy.config.hostdb.serve_stale_for", _I, 0, _R, NON_NEGATIVE,
+        "Seconds past its timeout an expired name is still used, at once, while it is resolved "
+        "again in the background; 0 waits for the new answer",
+    ),
+    RecordSpec(
+        "proxy.config.hostdb.fail.timeout", _I, 0, _R, NON_NEGATIVE,
+        "Seconds a failed lookup is remembered (requests for that name get 502 without asking "
+        "DNS again); 0 asks again on the next request (lookups of one name still share one query)",
+    ),
     RecordSpec("proxy.config.http.keep_alive_enabled_in", _I, 1, _R, BOOL, "Allow client keep-alive"),
     RecordSpec("proxy.config.http.keep_alive_enabled_out", _I, 1, _R, BOOL, "Reuse origin connections"),
     RecordSpec(

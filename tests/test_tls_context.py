@@ -18,6 +18,7 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 
 from iocore.net.ssl_config import SSLConfigParams
+from iocore.net.tls import _openssl
 from iocore.net.tls.context import (
     TICKET_KEY_LEN,
     CertKeyPair,
@@ -25,7 +26,6 @@ from iocore.net.tls.context import (
     build_server_context,
     load_or_create_ticket_keys,
     session_reused,
-    socket_bio_functions,
     ticket_keys_supported,
     verify_hostname,
     verify_ip,
@@ -374,15 +374,22 @@ def test_client_cert_level_needs_ca(tmp_path: Path, ecdsa: CertKeyPair) -> None:
 # ----------------------------------------------------------------------------- socket BIO
 
 
+@pytest.mark.parametrize("reverse_mapping", [True, False])
 @pytest.mark.parametrize("read_ahead", [True, False])
 def test_socket_bio_after_memory_bio_handshake(
-    tmp_path: Path, ca: trustme.CA, ecdsa: CertKeyPair, read_ahead: bool
+    tmp_path: Path,
+    ca: trustme.CA,
+    ecdsa: CertKeyPair,
+    read_ahead: bool,
+    reverse_mapping: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What SSLNetVConnection does: handshake over memory BIOs, then SSL_set_fd. With
     read-ahead (set before the handshake) one read(2) takes every record the peer queued and
-    SSL_has_pending reports the rest; without it OpenSSL takes one record at a time."""
-    fns = socket_bio_functions()
-    assert fns is not None, "SSL_ctrl / SSL_has_pending not found: TLS stays on memory BIOs"
+    SSL_has_pending reports the rest; without it OpenSSL takes one record at a time. Without
+    pyOpenSSL's reverse map (HAVE_REVERSE_MAPPING False) the connection works the same."""
+    assert _openssl.HAVE_SOCKET_BIO, "SSL_ctrl / SSL_has_pending not found: TLS stays on memory BIOs"
+    monkeypatch.setattr(_openssl, "HAVE_REVERSE_MAPPING", reverse_mapping)
     ours, theirs = socket.socketpair()
     with ours, theirs:
         peer = SSL.Connection(client_ctx(ca, "1.3"), theirs)
@@ -391,7 +398,7 @@ def test_socket_bio_after_memory_bio_handshake(
         server = SSL.Connection(sctx)
         server.set_accept_state()
         if read_ahead:
-            fns.set_read_ahead(server._ssl)
+            _openssl.set_read_ahead(server)
         # Handshake: the peer on its socket, the server on memory BIOs bridged to ours.
         theirs.setblocking(False)
         ours.setblocking(False)
@@ -409,16 +416,16 @@ def test_socket_bio_after_memory_bio_handshake(
             if done:
                 break
         assert done
-        assert _lib.SSL_set_fd(server._ssl, ours.fileno()) == 1
-        server._into_ssl = server._from_ssl = None
+        assert _openssl.SSL_set_fd(server, ours.fileno())
+        assert (server._ssl in SSL.Connection._reverse_mapping) is not reverse_mapping
         theirs.setblocking(True)
         for i in range(3):  # three records, all in our socket buffer before the first read
             peer.sendall(b"%d" % i * 100)
         assert server.recv(1000) == b"0" * 100
-        assert fns.has_pending(server._ssl) == (1 if read_ahead else 0)
+        assert _openssl.SSL_has_pending(server._ssl) == (1 if read_ahead else 0)
         assert server.recv(1000) == b"1" * 100
         assert server.recv(1000) == b"2" * 100
-        assert fns.has_pending(server._ssl) == 0
+        assert _openssl.SSL_has_pending(server._ssl) == 0
         with pytest.raises(SSL.WantReadError):
             server.recv(1000)
         server.sendall(b"pong")
@@ -449,6 +456,28 @@ def test_ticket_resumption_across_contexts(
 
     other = build_server_context(params(tmp_path), [ecdsa], None, load_or_create_ticket_keys(None))
     client, _ = handshake(cctx, other, session=session)
+    assert not session_reused(client)
+
+
+def test_without_ticket_key_functions_contexts_keep_their_own_keys(
+    tmp_path: Path, ca: trustme.CA, ecdsa: CertKeyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback when SSL_CTX_ctrl / SSL_CTX_set_num_tickets cannot be found: contexts build,
+    handshake and resume on the same context (OpenSSL's own per-context ticket keys); a
+    ticket from another context is not accepted."""
+    monkeypatch.setattr(_openssl, "HAVE_TICKET_KEYS", False)
+    monkeypatch.setattr(_openssl, "HAVE_NUM_TICKETS", False)
+    assert not ticket_keys_supported()
+    keys = load_or_create_ticket_keys(None)
+    a = build_server_context(params(tmp_path), [ecdsa], None, keys, ticket_number=1)
+    b = build_server_context(params(tmp_path), [ecdsa], None, keys, ticket_number=1)
+    cctx = client_ctx(ca, "1.3")
+    client, _ = handshake(cctx, a)
+    session = client.get_session()
+    assert session is not None
+    client, _ = handshake(cctx, a, session=session)
+    assert session_reused(client)
+    client, _ = handshake(cctx, b, session=session)
     assert not session_reused(client)
 
 

@@ -58,8 +58,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ssl_ffi
-from OpenSSL._util import lib as _ssl_lib
 
 from iocore.eventsystem.diags import DbgCtl
 from iocore.eventsystem.event import (
@@ -74,13 +72,37 @@ from iocore.eventsystem.event import (
 )
 from iocore.net.hooks import HookID, HookOp, HookRegistry
 from iocore.net.net_vconnection import EVENT_READ, EVENT_WRITE, NetVConnection, PlainNetVConnection
+from iocore.net.tls._openssl import HAVE_SOCKET_BIO as _HAVE_SOCKET_BIO
+from iocore.net.tls._openssl import NULL as _NULL
+from iocore.net.tls._openssl import SSL_ERROR_WANT_READ as _SSL_ERROR_WANT_READ
+from iocore.net.tls._openssl import SSL_ERROR_WANT_WRITE as _SSL_ERROR_WANT_WRITE
+from iocore.net.tls._openssl import SSL_ERROR_ZERO_RETURN as _SSL_ERROR_ZERO_RETURN
+from iocore.net.tls._openssl import BIO_get_mem_data as _BIO_get_mem_data
+from iocore.net.tls._openssl import BIO_read as _BIO_read
+from iocore.net.tls._openssl import BIO_write as _BIO_write
+from iocore.net.tls._openssl import SSL_do_handshake as _SSL_do_handshake
+from iocore.net.tls._openssl import SSL_get_error as _SSL_get_error
+from iocore.net.tls._openssl import SSL_has_pending as _has_pending
+from iocore.net.tls._openssl import SSL_pending as _SSL_pending
+from iocore.net.tls._openssl import SSL_read as _SSL_read
+from iocore.net.tls._openssl import SSL_set_fd as _ssl_set_fd
+from iocore.net.tls._openssl import SSL_write as _SSL_write
+from iocore.net.tls._openssl import ffi_buffer as _ffi_buffer
+from iocore.net.tls._openssl import ffi_from_buffer as _ffi_from_buffer
+from iocore.net.tls._openssl import ffi_new as _ffi_new
+from iocore.net.tls._openssl import handle_bio_errors as _handle_bio_errors
+from iocore.net.tls._openssl import raise_ssl_error as _raise_ssl_error
+from iocore.net.tls._openssl import read_bio as _read_bio
+from iocore.net.tls._openssl import set_read_ahead as _openssl_set_read_ahead
+from iocore.net.tls._openssl import ssl_pointer as _ssl_pointer
+from iocore.net.tls._openssl import write_bio as _write_bio
 from iocore.net.tls.client_hello import (
     MAX_CLIENT_HELLO,
     ClientHello,
     ClientHelloParser,
     looks_like_tls_handshake,
 )
-from iocore.net.tls.context import NoApplicationProtocol, session_reused, socket_bio_functions
+from iocore.net.tls.context import NoApplicationProtocol, session_reused
 from iocore.net.tls.errors import ClientHelloRefused, TLSProtocolError
 from iocore.records.stats import METRIC_ID
 
@@ -291,39 +313,18 @@ class SSLAcceptConfig:
 
 def _mem_pending(bio: Any) -> int:
     """Bytes waiting in a memory BIO (BIO_get_mem_data with no out pointer = BIO_pending)."""
-    return int(_ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.NULL))
+    return int(_BIO_get_mem_data(bio, _NULL))
 
 
-_SSL_read = _ssl_lib.SSL_read
-_SSL_pending = _ssl_lib.SSL_pending
-_BIO_get_mem_data = _ssl_lib.BIO_get_mem_data
-_NULL = _ssl_ffi.NULL
-_SSL_write = _ssl_lib.SSL_write
-_BIO_read = _ssl_lib.BIO_read
-_BIO_write = _ssl_lib.BIO_write
-_ffi_buffer = _ssl_ffi.buffer
-_ffi_from_buffer = _ssl_ffi.from_buffer
-_SSL_get_error = _ssl_lib.SSL_get_error
-_SSL_do_handshake = _ssl_lib.SSL_do_handshake
-_SSL_ERROR_WANT_READ = _ssl_lib.SSL_ERROR_WANT_READ
-_SSL_ERROR_WANT_WRITE = _ssl_lib.SSL_ERROR_WANT_WRITE
-_SSL_ERROR_ZERO_RETURN = _ssl_lib.SSL_ERROR_ZERO_RETURN
 _OUT_SCRATCH = 65536
-
-
-def _no_pending(ssl: Any) -> int:
-    return 0
-
-
-_socket_bio = socket_bio_functions()
-# SSL_has_pending when available; without it read-ahead stays off and SSL_pending suffices.
-_has_pending: Callable[[Any], int] = _socket_bio.has_pending if _socket_bio is not None else _no_pending
+# _has_pending is SSL_has_pending when available (_HAVE_SOCKET_BIO); without it read-ahead stays
+# off, _has_pending answers 0 and SSL_pending suffices.
 
 
 def _set_read_ahead(ssl: SSL.Connection) -> None:
-    """Before the handshake (see SocketBIOFunctions): lets one read(2) fetch every record."""
-    if _socket_bio is not None:
-        _socket_bio.set_read_ahead(ssl._ssl)
+    """Before the handshake (see _openssl.set_read_ahead): lets one read(2) fetch every record."""
+    if _HAVE_SOCKET_BIO:
+        _openssl_set_read_ahead(ssl)
 
 
 class _SSLScratch:
@@ -335,10 +336,10 @@ class _SSLScratch:
     __slots__ = ("out", "raw", "raw_view", "rec")
 
     def __init__(self) -> None:
-        self.raw = _ssl_ffi.new("char[]", RAW_READ)
-        self.raw_view = _ssl_ffi.buffer(self.raw)
-        self.rec = _ssl_ffi.new("char[]", TLS_RECORD_MAX)
-        self.out = _ssl_ffi.new("char[]", _OUT_SCRATCH)
+        self.raw = _ffi_new("char[]", RAW_READ)
+        self.raw_view = _ffi_buffer(self.raw)
+        self.rec = _ffi_new("char[]", TLS_RECORD_MAX)
+        self.out = _ffi_new("char[]", _OUT_SCRATCH)
 
 
 def _scratch_of(nh: Any) -> _SSLScratch:
@@ -355,9 +356,9 @@ def _drain_out(ssl: SSL.Connection, pending: int, scratch: _SSLScratch, out: byt
     if pending > _OUT_SCRATCH:
         out += ssl.bio_read(pending)
         return
-    n = _BIO_read(ssl._from_ssl, scratch.out, pending)
+    n = _BIO_read(_write_bio(ssl), scratch.out, pending)
     if n <= 0:
-        ssl._handle_bio_errors(ssl._from_ssl, n)
+        _handle_bio_errors(ssl, _write_bio(ssl), n)
         return
     out += _ffi_buffer(scratch.out, n)
 
@@ -539,12 +540,12 @@ class SSLNetVConnection(NetVConnection):
         if not self.ssl_handshake_complete or ssl is None:
             return False
         if self._sock_bio:
-            return bool(_has_pending(ssl._ssl))
+            return bool(_has_pending(_ssl_pointer(ssl)))
         return (
-            _SSL_pending(ssl._ssl) > 0
+            _SSL_pending(_ssl_pointer(ssl)) > 0
             or self._raw_eof
-            or _BIO_get_mem_data(ssl._into_ssl, _NULL) > 0
-            or _has_pending(ssl._ssl) > 0
+            or _BIO_get_mem_data(_read_bio(ssl), _NULL) > 0
+            or _has_pending(_ssl_pointer(ssl)) > 0
         )
 
     # -- the handshake driver (ATS SSLNetVConnection::net_read_io, handshake part) --------------
@@ -979,9 +980,9 @@ class SSLNetVConnection(NetVConnection):
                 self.handshake_buffer += scratch.raw_view[0:n]
         else:
             # ssl.bio_write, straight from the scratch buffer (a memory BIO takes it all)
-            result = _BIO_write(ssl._into_ssl, scratch.raw, n)
+            result = _BIO_write(_read_bio(ssl), scratch.raw, n)
             if result <= 0:
-                ssl._handle_bio_errors(ssl._into_ssl, result)
+                _handle_bio_errors(ssl, _read_bio(ssl), result)
             self._ssl_bio_has_data = True
         return n
 
@@ -991,15 +992,15 @@ class SSLNetVConnection(NetVConnection):
         try:
             # ssl.do_handshake(), without raising WantReadError on the first step of every
             # handshake (the exception costs more than the check)
-            result = _SSL_do_handshake(ssl._ssl)
+            result = _SSL_do_handshake(_ssl_pointer(ssl))
             if result <= 0:
-                if _SSL_get_error(ssl._ssl, result) == _SSL_ERROR_WANT_READ:
+                if _SSL_get_error(_ssl_pointer(ssl), result) == _SSL_ERROR_WANT_READ:
                     self._ssl_bio_has_data = False
                     self._flush_ssl_output()
                     if self._trace_on:
                         self._trace("SSL server handshake ERROR_WANT_READ")
                     return SSL_HANDSHAKE_WANT_WRITE if self._out_raw else SSL_HANDSHAKE_WANT_READ
-                ssl._raise_ssl_error(ssl._ssl, result)  # any error but WANT_READ
+                _raise_ssl_error(ssl, _ssl_pointer(ssl), result)  # any error but WANT_READ
         except SSL.ZeroReturnError:
             self.counters_incr(M_ERROR_ZERO_RETURN)
             self._trace("SSL server handshake ERROR_ZERO_RETURN")
@@ -1225,7 +1226,7 @@ class SSLNetVConnection(NetVConnection):
         if ssl is None or self._sock_bio:
             return
         out = self._out_raw
-        pending = _BIO_get_mem_data(ssl._from_ssl, _NULL)  # _mem_pending, inlined
+        pending = _BIO_get_mem_data(_write_bio(ssl), _NULL)  # _mem_pending, inlined
         if pending:
             _drain_out(ssl, pending, self._scratch, out)
         if out:
@@ -1267,8 +1268,8 @@ class SSLNetVConnection(NetVConnection):
         eos = False
         error = False
         rec = self._scratch.rec
-        ssl_ptr = ssl._ssl
-        into = ssl._into_ssl
+        ssl_ptr = _ssl_pointer(ssl)
+        into = _read_bio(ssl)
         while room > 0:
             # ssl.pending() / _mem_pending(), inlined
             if (
@@ -1283,7 +1284,7 @@ class SSLNetVConnection(NetVConnection):
                     if n > 0:
                         data = _ffi_buffer(rec, n)[:]
                     else:
-                        ssl._raise_ssl_error(ssl._ssl, n)
+                        _raise_ssl_error(ssl, ssl_ptr, n)
                         data = b""
                 except SSL.WantReadError:  # a partial record: more ciphertext is needed
                     self._ssl_bio_has_data = False
@@ -1361,7 +1362,7 @@ class SSLNetVConnection(NetVConnection):
             vio.ndone += n
             avail -= n
             wrote += n
-            pending = _BIO_get_mem_data(ssl._from_ssl, _NULL)  # _mem_pending, inlined
+            pending = _BIO_get_mem_data(_write_bio(ssl), _NULL)  # _mem_pending, inlined
             if pending:
                 _drain_out(ssl, pending, scratch, self._out_raw)
         if wrote:
@@ -1377,7 +1378,7 @@ class SSLNetVConnection(NetVConnection):
         Returns the bytes OpenSSL took, 0 when the socket is full (WANT_WRITE: the same bytes
         are offered again later, and may have moved: SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, set
         by pyOpenSSL), or -1 after signalling VC_EVENT_ERROR."""
-        ssl_ptr = ssl._ssl
+        ssl_ptr = _ssl_pointer(ssl)
         with (
             reader.peek(avail if avail < TLS_RECORD_MAX else TLS_RECORD_MAX) as chunk,
             _ffi_from_buffer(chunk) as cdata,
@@ -1388,7 +1389,7 @@ class SSLNetVConnection(NetVConnection):
         if _SSL_get_error(ssl_ptr, n) == _SSL_ERROR_WANT_WRITE:
             return 0
         try:  # pyOpenSSL's mapping of the error, which also clears OpenSSL's error queue
-            ssl._raise_ssl_error(ssl_ptr, n)
+            _raise_ssl_error(ssl, ssl_ptr, n)
         except SSL.Error as exc:
             _dbg_err("SSL write error to %s: %s", self.remote_addr, exc)
         self.write_enabled = False
@@ -1423,21 +1424,15 @@ class SSLNetVConnection(NetVConnection):
             or ssl is None
             or self._out_raw
             or self._raw_eof
-            or _BIO_get_mem_data(ssl._into_ssl, _NULL)
-            or _BIO_get_mem_data(ssl._from_ssl, _NULL)
-            or _socket_bio is None
+            or _BIO_get_mem_data(_read_bio(ssl), _NULL)
+            or _BIO_get_mem_data(_write_bio(ssl), _NULL)
+            or not _HAVE_SOCKET_BIO
         ):
             return
-        if _ssl_lib.SSL_set_fd(ssl._ssl, self.fd) != 1:  # frees both memory BIOs
+        # frees both memory BIOs; pyOpenSSL's bookkeeping (its reverse map) follows in _openssl
+        if not _ssl_set_fd(ssl, self.fd):
             return
-        ssl._into_ssl = ssl._from_ssl = None  # pyOpenSSL: a socket-backed connection from now on
         self._sock_bio = True
-        if getattr(ssl._context, "_keylog_callback", None) is None:
-            # pyOpenSSL finds the Connection of an SSL* for its callbacks in a class-wide weak
-            # map (~150 bytes an entry). Its callbacks (ALPN, SNI, verify) are handshake-time;
-            # the one that may still fire is the key log's, on a TLS 1.3 KeyUpdate, so only a
-            # connection without one leaves the map.
-            SSL.Connection._reverse_mapping.pop(ssl._ssl, None)
 
     def _ssl_read_sock(self) -> None:
         vio = self.read
@@ -1454,7 +1449,7 @@ class SSLNetVConnection(NetVConnection):
             self._read_no_room()
             return
         rec = self._scratch.rec
-        ssl_ptr = ssl._ssl
+        ssl_ptr = _ssl_pointer(ssl)
         has_pending = _has_pending
         chunks: list[bytes] = []
         eos = error = False
@@ -1478,7 +1473,7 @@ class SSLNetVConnection(NetVConnection):
                 self._update_interest()
             else:
                 try:  # pyOpenSSL's mapping of the error, which also clears OpenSSL's error queue
-                    ssl._raise_ssl_error(ssl_ptr, n)
+                    _raise_ssl_error(ssl, ssl_ptr, n)
                 except SSL.SysCallError:
                     eos = True  # EOF without close_notify, or a reset
                 except SSL.Error as exc:

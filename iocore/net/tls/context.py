@@ -16,18 +16,12 @@
 # with the same 80 key bytes then decrypts every other's tickets.  The session id context is
 # a constant for the same reason (OpenSSL refuses a session whose sid_ctx differs).
 #
-# pyOpenSSL's cffi binding (cryptography's _rust module, OpenSSL statically linked) does not
-# declare SSL_CTX_ctrl nor SSL_CTX_set_num_tickets, and the shared object does not export
-# them.  The object is not stripped, though: _PrivateOpenSSL reads its ELF symbol table,
-# finds the load address by anchoring on two cffi wrappers whose addresses the binding does
-# give us (_cffi_d_SSL_CTX_set_session_id_context, _cffi_d_SSL_CTX_set_options; both anchors
-# must agree), and calls the two functions through ctypes.  Every key installation is read
-# back with SSL_CTRL_GET_TLSEXT_TICKET_KEYS (58) and compared.  When any of this fails (other
-# platform, stripped build) the functions report "unsupported", contexts keep OpenSSL's own
-# per-context ticket keys (resumption then only works on the same context), and a warning
-# is logged once.  The TLS data path finds SSL_ctrl (read-ahead) and SSL_has_pending the same
-# way (socket_bio_functions); without them connections keep their memory BIOs, slower but
-# otherwise the same.
+# pyOpenSSL's cffi binding does not declare SSL_CTX_ctrl nor SSL_CTX_set_num_tickets;
+# iocore/net/tls/_openssl.py (which owns every private OpenSSL access) finds them in
+# cryptography's _rust module.  Every key installation is read back and compared.  Without
+# them (_openssl.HAVE_TICKET_KEYS / HAVE_NUM_TICKETS False: other platform, stripped build)
+# contexts keep OpenSSL's own per-context ticket keys (resumption then only works on the same
+# context) and a warning is logged once.
 #
 # Invariants: no OpenSSL exception leaves this module (configuration problems become
 # ConfigError naming the file or record, anything else TLSError); every Context is fully
@@ -36,13 +30,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import ipaddress
 import logging
 import os
-import struct
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,10 +44,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi as _ssl_ffi
-from OpenSSL._util import lib as _ssl_lib
 
 from iocore.net.ssl_config import SSLConfigParams, VerifyServerPolicy, VerifyServerProperties
+from iocore.net.tls import _openssl
 from iocore.net.tls.errors import TLSError
 from iocore.records.errors import ConfigError
 
@@ -72,7 +62,6 @@ __all__ = [
     "load_or_create_ticket_keys",
     "num_tickets_supported",
     "session_reused",
-    "socket_bio_functions",
     "ticket_keys_supported",
     "verify_hostname",
     "verify_ip",
@@ -87,8 +76,6 @@ TICKET_KEY_LEN = 80
 ATS_TICKET_KEY_LEN = 48
 SESSION_ID_CONTEXT = b"tsproxy"
 
-_SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
-_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _SSL_OP_ALLOW_CLIENT_RENEGOTIATION = 1 << 8  # OpenSSL >= 3.0; not in the binding
 # OpenSSL >= 3.0: a TCP EOF without close_notify ends the stream like close_notify instead of
 # a fatal "unexpected eof" (which drops the session from the cache), as nginx sets it.
@@ -117,181 +104,18 @@ class CertKeyPair(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------
-# OpenSSL functions the binding lacks
+# OpenSSL functions the binding lacks (found by _openssl)
 # --------------------------------------------------------------------------------------
-
-_CtrlFn = Callable[[int, int, int, Any], int]
-_NumTicketsFn = Callable[[int, int], int]
-
-
-class _PrivateOpenSSL(NamedTuple):
-    ctrl: _CtrlFn
-    set_num_tickets: _NumTicketsFn
-
-
-def _elf_function_symbols(path: str, wanted: frozenset[str]) -> dict[str, int]:
-    """st_value of the wanted FUNC symbols in an ELF64 little-endian file's .symtab."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return {}
-    (shoff,) = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    found: dict[str, int] = {}
-    wanted_b = {w.encode(): w for w in wanted}
-    for sec in sections:
-        if sec[1] != 2:  # SHT_SYMTAB
-            continue
-        str_off = sections[sec[6]][4]
-        off, size, entsize = sec[4], sec[5], sec[9]
-        for i in range(size // entsize):
-            st_name, st_info, _other, shndx, value, _size = struct.unpack_from(
-                "<IBBHQQ", data, off + i * entsize
-            )
-            if st_info & 0xF != 2 or shndx == 0 or value == 0:  # STT_FUNC, defined
-                continue
-            start = str_off + st_name
-            name = data[start : data.index(b"\0", start)]
-            if name in wanted_b:
-                found[wanted_b[name]] = value
-    return found
-
-
-# The functions looked up in cryptography's _rust module (one read of its symbol table).
-_RUST_FUNCTIONS = frozenset(
-    {
-        "SSL_CTX_ctrl",
-        "SSL_CTX_set_num_tickets",
-        "SSL_ctrl",
-        "SSL_has_pending",
-        # the external session cache (session_cache.py)
-        "SSL_CTX_sess_set_new_cb",
-        "SSL_CTX_sess_set_get_cb",
-        "SSL_CTX_sess_set_remove_cb",
-        "SSL_SESSION_get_id",
-        "SSL_get_SSL_CTX",
-        # per-connection policy (sni.yaml, InboundTLSPolicy)
-        "SSL_clear_options",
-        "SSL_dup_CA_list",
-        "SSL_set_cipher_list",
-        "SSL_set_ciphersuites",
-        "SSL_set_client_CA_list",
-        "SSL_set_session_id_context",
-    }
-)
-
-
-def _rust_symbols(names: frozenset[str]) -> dict[str, int] | None:
-    """Absolute addresses of the named functions (a subset of _RUST_FUNCTIONS), or None when
-    any of them cannot be found."""
-    table = _rust_symbol_table()
-    if table is None or not names <= table.keys():
-        return None
-    return {name: table[name] for name in names}
-
-
-@functools.cache
-def _rust_symbol_table() -> dict[str, int] | None:
-    """Absolute addresses of those of _RUST_FUNCTIONS found inside cryptography's _rust module.
-
-    The load address comes from two cffi wrappers whose addresses the binding does give us
-    (both anchors must agree). Cached for the life of the process: the answer depends only on
-    the loaded binary.
-    """
-    try:
-        from cryptography.hazmat.bindings import _rust
-        from OpenSSL._util import ffi, lib
-
-        if not sys.platform.startswith("linux") or lib.OpenSSL_version_num() < 0x10101000:
-            return None
-        anchors = ("SSL_CTX_set_session_id_context", "SSL_CTX_set_options")
-        anchor_syms = {f"_cffi_d_{a}" for a in anchors}
-        syms = _elf_function_symbols(str(_rust.__file__), _RUST_FUNCTIONS | anchor_syms)
-        if not anchor_syms <= syms.keys():
-            return None
-        bases = {
-            int(ffi.cast("uintptr_t", ffi.cast("void *", getattr(lib, a)))) - syms[f"_cffi_d_{a}"]
-            for a in anchors
-        }
-        if len(bases) != 1:
-            return None
-        (base,) = bases
-        return {name: base + syms[name] for name in _RUST_FUNCTIONS if name in syms}
-    except (OSError, ValueError, ImportError, AttributeError, struct.error, IndexError):
-        return None
-
-
-@functools.cache
-def _private_openssl() -> _PrivateOpenSSL | None:
-    """SSL_CTX_ctrl and SSL_CTX_set_num_tickets, called through ctypes (context set-up only)."""
-    addrs = _rust_symbols(frozenset({"SSL_CTX_ctrl", "SSL_CTX_set_num_tickets"}))
-    if addrs is None:
-        return None
-    ctrl = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p)(
-        addrs["SSL_CTX_ctrl"]
-    )
-    num = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)(addrs["SSL_CTX_set_num_tickets"])
-    return _PrivateOpenSSL(ctrl=ctrl, set_num_tickets=num)
-
-
-class SocketBIOFunctions(NamedTuple):
-    """What the TLS data path needs to let OpenSSL read and write the socket itself.
-
-    ``set_read_ahead(ssl)`` must run before the handshake: OpenSSL >= 3.2 hands the setting
-    to a record layer when it creates one, and without it every record costs two read(2)
-    calls (header, then body). ``has_pending(ssl)`` is SSL_has_pending: record bytes, whole
-    or partial, already read from the socket and still buffered in OpenSSL. Both are cffi
-    function pointers (a call costs about as much as a binding function).
-    """
-
-    set_read_ahead: Callable[[Any], None]
-    has_pending: Callable[[Any], int]
-
-
-_SSL_CTRL_SET_READ_AHEAD = 41
-
-
-@functools.cache
-def socket_bio_functions() -> SocketBIOFunctions | None:
-    """SSL_ctrl(SSL_CTRL_SET_READ_AHEAD) and SSL_has_pending, or None when they cannot be found
-    (then TLS connections keep their memory BIOs for life). ``TSPROXY_TLS_MEMORY_BIO=1`` in the
-    environment forces the memory BIOs, to compare the two data paths."""
-    if os.environ.get("TSPROXY_TLS_MEMORY_BIO") == "1":
-        return None
-    addrs = _rust_symbols(frozenset({"SSL_ctrl", "SSL_has_pending"}))
-    if addrs is None:
-        _log.warning(
-            "SSL_ctrl / SSL_has_pending not found in this OpenSSL binding: TLS connections keep "
-            "their memory BIOs after the handshake (correct, but slower)"
-        )
-        return None
-    from OpenSSL._util import ffi
-
-    ssl_ctrl = ffi.cast("long (*)(SSL *, int, long, void *)", addrs["SSL_ctrl"])
-    has_pending = ffi.cast("int (*)(const SSL *)", addrs["SSL_has_pending"])
-    null = ffi.NULL
-
-    def set_read_ahead(ssl: Any) -> None:
-        ssl_ctrl(ssl, _SSL_CTRL_SET_READ_AHEAD, 1, null)
-
-    return SocketBIOFunctions(set_read_ahead=set_read_ahead, has_pending=has_pending)
-
-
-def _ctx_pointer(ctx: SSL.Context) -> int:
-    from OpenSSL._util import ffi
-
-    return int(ffi.cast("uintptr_t", ctx._context))
 
 
 def ticket_keys_supported() -> bool:
     """True when build_server_context can install shared session ticket keys."""
-    return _private_openssl() is not None
+    return _openssl.HAVE_TICKET_KEYS
 
 
 def num_tickets_supported() -> bool:
     """True when the number of TLS 1.3 tickets per handshake can be set."""
-    return _private_openssl() is not None
+    return _openssl.HAVE_NUM_TICKETS
 
 
 @functools.cache
@@ -300,26 +124,19 @@ def _warn_unsupported_once(what: str) -> None:
 
 
 def _set_ticket_keys(ctx: SSL.Context, keys: bytes) -> bool:
-    priv = _private_openssl()
-    if priv is None:
+    if not _openssl.HAVE_TICKET_KEYS:
         _warn_unsupported_once("setting session ticket keys")
         return False
-    ptr = _ctx_pointer(ctx)
-    buf = ctypes.create_string_buffer(keys, TICKET_KEY_LEN)
-    if priv.ctrl(ptr, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, TICKET_KEY_LEN, buf) != 1:
-        raise TLSError("SSL_CTX_set_tlsext_ticket_keys failed")
-    back = ctypes.create_string_buffer(TICKET_KEY_LEN)
-    if priv.ctrl(ptr, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, TICKET_KEY_LEN, back) != 1 or back.raw != keys:
-        raise TLSError("session ticket keys did not read back as installed")
+    if not _openssl.SSL_CTX_set_tlsext_ticket_keys(ctx, keys):
+        raise TLSError("SSL_CTX_set_tlsext_ticket_keys failed or the keys did not read back as installed")
     return True
 
 
 def _set_num_tickets(ctx: SSL.Context, n: int) -> bool:
-    priv = _private_openssl()
-    if priv is None:
+    if not _openssl.HAVE_NUM_TICKETS:
         _warn_unsupported_once("SSL_CTX_set_num_tickets")
         return False
-    if priv.set_num_tickets(_ctx_pointer(ctx), n) != 1:
+    if not _openssl.SSL_CTX_set_num_tickets(ctx, n):
         raise TLSError(f"SSL_CTX_set_num_tickets({n}) failed")
     return True
 
@@ -429,8 +246,7 @@ def _set_ciphers(ctx: SSL.Context, tls12: str, tls13: str, record_prefix: str) -
 
 def _set_groups(ctx: SSL.Context, groups: str, record: str) -> None:
     """SSL_CTX_set1_groups_list (ATS ``groups_list``): the key-exchange groups, in order."""
-    if groups and _ssl_lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
-        _ssl_lib.ERR_clear_error()
+    if groups and not _openssl.SSL_CTX_set1_groups_list(ctx, groups.encode()):
         raise ConfigError(
             "records.config",
             None,
@@ -621,54 +437,8 @@ def _keylog_writer(path: Path) -> Callable[[SSL.Connection, bytes], None]:
 # per-connection server policy (sni.yaml items)
 # --------------------------------------------------------------------------------------
 
-_SSL_CTRL_SET_GROUPS_LIST = 92
-_SSL_CTRL_SET_VERIFY_CERT_STORE = 106
-_SSL_CTRL_SET_MIN_PROTO_VERSION = 123
-_SSL_CTRL_SET_MAX_PROTO_VERSION = 124
 _ALL_NO_TLS = SSL.OP_NO_TLSv1 | SSL.OP_NO_TLSv1_1 | SSL.OP_NO_TLSv1_2 | SSL.OP_NO_TLSv1_3
 TLS_VERSION_NAMES = tuple(name for name, _version, _no in _PROTOCOLS)
-
-
-class _PerConnectionFunctions(NamedTuple):
-    ctrl: Any  # long SSL_ctrl(SSL *, int, long, void *)
-    clear_options: Any  # uint64_t SSL_clear_options(SSL *, uint64_t)
-    set_client_ca_list: Any  # void SSL_set_client_CA_list(SSL *, STACK_OF(X509_NAME) *)
-    dup_ca_list: Any  # STACK_OF(X509_NAME) *SSL_dup_CA_list(const STACK_OF(X509_NAME) *)
-    set_session_id_context: Any  # int SSL_set_session_id_context(SSL *, const unsigned char *, unsigned int)
-    set_cipher_list: Any  # int SSL_set_cipher_list(SSL *, const char *)
-    set_ciphersuites: Any  # int SSL_set_ciphersuites(SSL *, const char *)
-
-
-@functools.cache
-def _per_connection_functions() -> _PerConnectionFunctions | None:
-    addrs = _rust_symbols(
-        frozenset(
-            {
-                "SSL_ctrl",
-                "SSL_clear_options",
-                "SSL_dup_CA_list",
-                "SSL_set_cipher_list",
-                "SSL_set_ciphersuites",
-                "SSL_set_client_CA_list",
-                "SSL_set_session_id_context",
-            }
-        )
-    )
-    if addrs is None:
-        return None
-    from OpenSSL._util import ffi
-
-    return _PerConnectionFunctions(
-        ctrl=ffi.cast("long (*)(SSL *, int, long, void *)", addrs["SSL_ctrl"]),
-        clear_options=ffi.cast("uint64_t (*)(SSL *, uint64_t)", addrs["SSL_clear_options"]),
-        set_client_ca_list=ffi.cast("void (*)(SSL *, void *)", addrs["SSL_set_client_CA_list"]),
-        dup_ca_list=ffi.cast("void *(*)(void *)", addrs["SSL_dup_CA_list"]),
-        set_session_id_context=ffi.cast(
-            "int (*)(SSL *, const unsigned char *, unsigned int)", addrs["SSL_set_session_id_context"]
-        ),
-        set_cipher_list=ffi.cast("int (*)(SSL *, const char *)", addrs["SSL_set_cipher_list"]),
-        set_ciphersuites=ffi.cast("int (*)(SSL *, const char *)", addrs["SSL_set_ciphersuites"]),
-    )
 
 
 class InboundTLSPolicy:
@@ -701,7 +471,7 @@ class InboundTLSPolicy:
 
     def __init__(
         self,
-        fns: _PerConnectionFunctions,
+        fns: _openssl.SSLPolicyFunctions,
         verify_mode: int | None,
         store: crypto.X509Store | None,
         ca_certs: list[crypto.X509],
@@ -717,38 +487,34 @@ class InboundTLSPolicy:
         self._ca_stack: Any = None
         if ca_certs:
             # One stack made here; each connection gets SSL_dup_CA_list of it (one call).
-            stack = _ssl_ffi.gc(_ssl_lib.sk_X509_NAME_new_null(), _ssl_lib.sk_X509_NAME_free)
-            for cert in ca_certs:
-                _ssl_lib.sk_X509_NAME_push(stack, _ssl_lib.X509_get_subject_name(cert._x509))
-            self._ca_stack = stack
+            self._ca_stack = _openssl.x509_name_stack(ca_certs)
         self._min, self._max, self._holes = versions if versions is not None else (0, 0, 0)
         self._sid_ctx = sid_ctx
 
     def apply(self, conn: SSL.Connection) -> None:
-        ssl = conn._ssl
+        ssl = _openssl.ssl_pointer(conn)
         fns = self._fns
         if self._min:
-            fns.clear_options(ssl, _ALL_NO_TLS)
-            fns.ctrl(ssl, _SSL_CTRL_SET_MIN_PROTO_VERSION, self._min, _ssl_ffi.NULL)
-            fns.ctrl(ssl, _SSL_CTRL_SET_MAX_PROTO_VERSION, self._max, _ssl_ffi.NULL)
+            fns.SSL_clear_options(ssl, _ALL_NO_TLS)
+            fns.set_min_max_proto_version(ssl, self._min, self._max)
             if self._holes:
-                _ssl_lib.SSL_set_options(ssl, self._holes)
+                fns.SSL_set_options(ssl, self._holes)
         if self._ciphers is not None:
-            fns.set_cipher_list(ssl, self._ciphers)
+            fns.SSL_set_cipher_list(ssl, self._ciphers)
         if self._tls13_ciphers is not None:
-            fns.set_ciphersuites(ssl, self._tls13_ciphers)
+            fns.SSL_set_ciphersuites(ssl, self._tls13_ciphers)
         if self._groups is not None:
-            fns.ctrl(ssl, _SSL_CTRL_SET_GROUPS_LIST, 0, self._groups)
+            fns.set1_groups_list(ssl, self._groups)
         mode = self._verify_mode
         if mode is not None:
-            _ssl_lib.SSL_set_verify(ssl, mode, _ssl_ffi.NULL)
+            fns.SSL_set_verify(ssl, mode, _openssl.NULL)
             store = self._store
             if store is not None:
-                fns.ctrl(ssl, _SSL_CTRL_SET_VERIFY_CERT_STORE, 1, store._store)  # set1: up-ref
+                fns.set1_verify_cert_store(ssl, store)
             if self._ca_stack is not None:
-                fns.set_client_ca_list(ssl, fns.dup_ca_list(self._ca_stack))  # takes the copy
+                fns.SSL_set_client_CA_list(ssl, fns.SSL_dup_CA_list(self._ca_stack))  # takes the copy
             sid = self._sid_ctx
-            fns.set_session_id_context(ssl, sid, len(sid))
+            fns.SSL_set_session_id_context(ssl, sid, len(sid))
 
 
 def build_inbound_policy(
@@ -769,7 +535,7 @@ def build_inbound_policy(
     the per-connection functions. ``cipher_suite`` / ``tls13_cipher_suites`` / ``groups_list``
     replace the records' lists (checked here on a scratch connection: ConfigError when OpenSSL
     refuses one)."""
-    fns = _per_connection_functions()
+    fns = _openssl.SSL_POLICY
     if fns is None:
         raise TLSError("per-name TLS policy needs SSL_ctrl, which this OpenSSL binding does not expose")
     ciphers = (
@@ -777,20 +543,20 @@ def build_inbound_policy(
         tls13_cipher_suites.encode() if tls13_cipher_suites else None,
         groups_list.encode() if groups_list else None,
     )
-    scratch = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)._ssl
+    scratch = _openssl.ssl_pointer(SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None))
     for key, value in zip(
         ("server_cipher_suite", "server_TLSv1_3_cipher_suites", "server_groups_list"), ciphers, strict=True
     ):
         if value is None:
             continue
         if key == "server_cipher_suite":
-            accepted = fns.set_cipher_list(scratch, value)
+            accepted = fns.SSL_set_cipher_list(scratch, value)
         elif key == "server_TLSv1_3_cipher_suites":
-            accepted = fns.set_ciphersuites(scratch, value)
+            accepted = fns.SSL_set_ciphersuites(scratch, value)
         else:
-            accepted = fns.ctrl(scratch, _SSL_CTRL_SET_GROUPS_LIST, 0, value)
+            accepted = fns.set1_groups_list(scratch, value)
         if accepted != 1:
-            _ssl_lib.ERR_clear_error()
+            _openssl.ERR_clear_error()
             raise ConfigError("", None, f"{key}: OpenSSL does not accept {value.decode()!r}")
     verify_mode: int | None = None
     store: crypto.X509Store | None = None
@@ -896,15 +662,12 @@ def build_client_context(params: SSLConfigParams, *, alpn_protocols: Sequence[by
 
 def session_reused(conn: SSL.Connection) -> bool:
     """SSL_session_reused: did this handshake resume a session (pyOpenSSL has no method)?"""
-    return bool(_ssl_lib.SSL_session_reused(conn._ssl))
+    return _openssl.SSL_session_reused(conn)
 
 
 def verify_result(conn: SSL.Connection) -> tuple[int, str]:
     """SSL_get_verify_result and its text: (0, "ok") when the peer chain verified."""
-    from OpenSSL._util import ffi, lib
-
-    code = int(lib.SSL_get_verify_result(conn._ssl))
-    return code, ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    return _openssl.SSL_get_verify_result(conn)
 
 
 # --------------------------------------------------------------------------------------

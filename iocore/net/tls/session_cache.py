@@ -30,17 +30,15 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import mmap
 import struct
 import time
 import zlib
-from typing import Any, NamedTuple
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
+
+from iocore.net.tls import _openssl
 
 __all__ = ["SLOT_SIZE", "SharedSessionCache", "configure_session_cache", "session_cache_supported"]
 
@@ -50,63 +48,10 @@ _SEQ = struct.Struct("<I")
 MAX_DER = SLOT_SIZE - _SLOT.size
 DEFAULT_TIMEOUT = 300  # OpenSSL's default session lifetime (seconds)
 
-_SESS_CACHE_SERVER = int(_lib.SSL_SESS_CACHE_SERVER)
-_SESS_CACHE_NO_INTERNAL = int(_lib.SSL_SESS_CACHE_NO_INTERNAL)
-_OP_NO_TICKET = int(_lib.SSL_OP_NO_TICKET)
-_TLS1_3_VERSION = int(_lib.TLS1_3_VERSION)
-
-
-class _Functions(NamedTuple):
-    set_new_cb: Any
-    set_get_cb: Any
-    set_remove_cb: Any
-    session_get_id: Any
-    get_ssl_ctx: Any
-
-
-@functools.cache
-def _functions() -> _Functions | None:
-    """The OpenSSL functions the binding does not declare, found as in context.py."""
-    from iocore.net.tls.context import _rust_symbols
-
-    names = frozenset(
-        {
-            "SSL_CTX_sess_set_new_cb",
-            "SSL_CTX_sess_set_get_cb",
-            "SSL_CTX_sess_set_remove_cb",
-            "SSL_SESSION_get_id",
-            "SSL_get_SSL_CTX",
-        }
-    )
-    addrs = _rust_symbols(names)
-    if addrs is None:
-        return None
-    cast = _ffi.cast
-    return _Functions(
-        set_new_cb=cast(
-            "void (*)(SSL_CTX *, int (*)(SSL *, SSL_SESSION *))", addrs["SSL_CTX_sess_set_new_cb"]
-        ),
-        set_get_cb=cast(
-            "void (*)(SSL_CTX *, SSL_SESSION *(*)(SSL *, const unsigned char *, int, int *))",
-            addrs["SSL_CTX_sess_set_get_cb"],
-        ),
-        set_remove_cb=cast(
-            "void (*)(SSL_CTX *, void (*)(SSL_CTX *, SSL_SESSION *))", addrs["SSL_CTX_sess_set_remove_cb"]
-        ),
-        session_get_id=cast(
-            "const unsigned char *(*)(const SSL_SESSION *, unsigned int *)", addrs["SSL_SESSION_get_id"]
-        ),
-        get_ssl_ctx=cast("SSL_CTX *(*)(const SSL *)", addrs["SSL_get_SSL_CTX"]),
-    )
-
 
 def session_cache_supported() -> bool:
     """True when the external session cache callbacks can be installed with this binding."""
-    return _functions() is not None
-
-
-def _ptr(p: Any) -> int:
-    return int(_ffi.cast("uintptr_t", p))
+    return _openssl.HAVE_SESSION_CALLBACKS
 
 
 class SharedSessionCache:
@@ -119,13 +64,12 @@ class SharedSessionCache:
         self.timeout = timeout or DEFAULT_TIMEOUT
         self._map = mmap.mmap(-1, entries * SLOT_SIZE, flags=mmap.MAP_SHARED)
         self._tags: dict[int, bytes] = {}  # SSL_CTX address -> context tag (this process)
-        self._fns = _functions()
         # The C callbacks, made once per cache (they must outlive every context using them).
-        self._new_cb = _ffi.callback("int (*)(SSL *, SSL_SESSION *)", self._on_new)
-        self._get_cb = _ffi.callback(
-            "SSL_SESSION *(*)(SSL *, const unsigned char *, int, int *)", self._on_get
+        self._callbacks = (
+            _openssl.SessionCallbacks(self._on_new, self._on_get, self.remove)
+            if _openssl.HAVE_SESSION_CALLBACKS
+            else None
         )
-        self._remove_cb = _ffi.callback("void (*)(SSL_CTX *, SSL_SESSION *)", self._on_remove)
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, ctx: SSL.Context, source: str, timeout: int = 0) -> bool:
@@ -133,17 +77,12 @@ class SharedSessionCache:
         certificate context named ``source``; ``timeout`` (a reloadable record) applies to the
         sessions stored from now on. False when the binding lacks the callbacks (the context
         keeps OpenSSL's per-process cache)."""
-        fns = self._fns
-        if fns is None:
+        callbacks = self._callbacks
+        if callbacks is None:
             return False
         self.timeout = timeout or DEFAULT_TIMEOUT
-        raw = ctx._context
-        self._tags[_ptr(raw)] = hashlib.sha256(source.encode()).digest()[:8]
-        _lib.SSL_CTX_set_session_cache_mode(raw, _SESS_CACHE_SERVER | _SESS_CACHE_NO_INTERNAL)
-        _lib.SSL_CTX_set_timeout(raw, self.timeout)
-        fns.set_new_cb(raw, self._new_cb)
-        fns.set_get_cb(raw, self._get_cb)
-        fns.set_remove_cb(raw, self._remove_cb)
+        self._tags[_openssl.ctx_address(ctx)] = hashlib.sha256(source.encode()).digest()[:8]
+        callbacks.install(ctx, self.timeout)
         return True
 
     # -- the slots -------------------------------------------------------------------------------
@@ -193,60 +132,15 @@ class SharedSessionCache:
             m[off + 8 : off + _SLOT.size] = bytes(_SLOT.size - 8)
             _SEQ.pack_into(m, off, (seq + 1) & 0xFFFFFFFF)
 
-    # -- OpenSSL's callbacks (never raise) -------------------------------------------------------
-    def _session_id(self, sess: Any) -> bytes:
-        fns = self._fns
-        assert fns is not None
-        n = _ffi.new("unsigned int *")
-        p = fns.session_get_id(sess, n)
-        return bytes(_ffi.buffer(p, n[0])) if n[0] else b""
+    # -- OpenSSL's callbacks (via _openssl.SessionCallbacks, which catches every exception) ----
+    def _on_new(self, ctx_address: int, sid: bytes, der: bytes) -> None:
+        tag = self._tags.get(ctx_address)
+        if tag is not None:
+            self.store(sid, tag, der)
 
-    def _on_new(self, ssl: Any, sess: Any) -> int:
-        try:
-            if _lib.SSL_version(ssl) == _TLS1_3_VERSION and not _lib.SSL_get_options(ssl) & _OP_NO_TICKET:
-                return 0  # a stateless ticket: the client resumes from the ticket itself
-            fns = self._fns
-            assert fns is not None
-            tag = self._tags.get(_ptr(fns.get_ssl_ctx(ssl)))
-            if tag is None:
-                return 0
-            n = _lib.i2d_SSL_SESSION(sess, _ffi.NULL)
-            if not 0 < n <= MAX_DER:
-                return 0
-            buf = _ffi.new("unsigned char[]", n)
-            pp = _ffi.new("unsigned char **", buf)
-            if _lib.i2d_SSL_SESSION(sess, pp) != n:
-                return 0
-            self.store(self._session_id(sess), tag, bytes(_ffi.buffer(buf, n)))
-        except Exception:
-            pass
-        return 0  # OpenSSL keeps its own reference
-
-    def _on_get(self, ssl: Any, data: Any, length: int, copy: Any) -> Any:
-        try:
-            copy[0] = 0  # the returned session is OpenSSL's to free
-            fns = self._fns
-            assert fns is not None
-            tag = self._tags.get(_ptr(fns.get_ssl_ctx(ssl)))
-            if tag is None:
-                return _ffi.NULL
-            der = self.lookup(bytes(_ffi.buffer(data, length)), tag)
-            if der is None:
-                return _ffi.NULL
-            buf = _ffi.new("unsigned char[]", der)
-            pp = _ffi.new("unsigned char **", buf)
-            sess = _lib.d2i_SSL_SESSION(_ffi.NULL, pp, len(der))
-            if sess == _ffi.NULL:
-                _lib.ERR_clear_error()
-            return sess
-        except Exception:
-            return _ffi.NULL
-
-    def _on_remove(self, ctx: Any, sess: Any) -> None:
-        try:
-            self.remove(self._session_id(sess))
-        except Exception:
-            pass
+    def _on_get(self, ctx_address: int, sid: bytes) -> bytes | None:
+        tag = self._tags.get(ctx_address)
+        return None if tag is None else self.lookup(sid, tag)
 
 
 def configure_session_cache(
@@ -254,11 +148,10 @@ def configure_session_cache(
 ) -> None:
     """proxy.config.ssl.session_cache for one server context: 0 no cache, 1 OpenSSL's own (per
     worker process), 2 ``cache`` (shared); ``timeout`` 0 keeps OpenSSL's 300 s."""
-    raw = ctx._context
     if mode == 0:
-        _lib.SSL_CTX_set_session_cache_mode(raw, _lib.SSL_SESS_CACHE_OFF)
+        _openssl.SSL_CTX_set_session_cache_mode(ctx, _openssl.SSL_SESS_CACHE_OFF)
         return
     if mode == 2 and cache is not None and cache.attach(ctx, source, timeout):
         return
     if timeout:
-        _lib.SSL_CTX_set_timeout(raw, timeout)
+        _openssl.SSL_CTX_set_timeout(ctx, timeout)

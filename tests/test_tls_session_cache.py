@@ -133,3 +133,30 @@ def test_two_contexts_resume_each_others_sessions(cert_file: Path, version: ssl.
     assert again.session_reused
     # a context for another certificate line does not resume it
     assert not _handshake(other, client_ctx, first.session).session_reused
+
+
+def test_without_the_session_callbacks_contexts_keep_openssls_cache(
+    cert_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback when SSL_CTX_sess_set_*_cb cannot be found: attach answers False,
+    configure_session_cache leaves OpenSSL's per-process cache on, and a context still resumes
+    its own sessions."""
+    from iocore.net.tls import _openssl
+    from iocore.net.tls.session_cache import configure_session_cache
+
+    monkeypatch.setattr(_openssl, "HAVE_SESSION_CALLBACKS", False)
+    assert not session_cache_supported()
+    params = SSLConfigParams.from_records(
+        {"proxy.config.ssl.server.session_ticket.enable": 0}, cert_file.parent
+    )
+    cache = SharedSessionCache(16)
+    ctx = build_server_context(params, [CertKeyPair(cert_file, cert_file)], None, None)
+    assert not cache.attach(ctx, "ssl_multicert.config:1")
+    configure_session_cache(ctx, 2, 60, cache, "ssl_multicert.config:1")
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client_ctx.minimum_version = client_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    first = _handshake(ctx, client_ctx, None)
+    assert first.session is not None and not first.session_reused
+    assert _handshake(ctx, client_ctx, first.session).session_reused

@@ -10,6 +10,7 @@ and fails on an arrow that points up. ``tsproxy.cli`` is the composition root: i
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,3 +96,61 @@ def test_plugins_import_only_the_facade() -> None:
             ):
                 bad.append(f"{path.relative_to(ROOT)}:{lineno}: imports {name}")
     assert not bad, "\n".join(bad)
+
+
+# Private pyOpenSSL / cryptography access (iocore/net/tls/_openssl.py owns all of it): the
+# binding module and its lib/ffi objects, cryptography's bindings (the _rust extension), and
+# pyOpenSSL's private attributes. ``self._context`` and the like are a class's own attributes.
+PRIVATE_OPENSSL = re.compile(
+    r"\bOpenSSL\._util\b"
+    r"|\bhazmat\.bindings\b"
+    r"|_(?:lib|ffi)\."
+    r"|\b_(?:into|from)_ssl\b"
+    r"|(?<!\bself)\.(?:_ssl|_context|_x509|_store|_raise_ssl_error|_handle_bio_errors|_reverse_mapping"
+    r"|_keylog_callback)\b"
+)
+OPENSSL_OWNER = ROOT / "iocore/net/tls/_openssl.py"
+
+
+def test_the_pattern_tells_private_access_from_look_alikes() -> None:
+    private = [
+        "from OpenSSL._util import lib",
+        "import cryptography.hazmat.bindings._rust",
+        "from cryptography.hazmat.bindings import _rust",
+        "_ssl_lib.SSL_read(p)",
+        "_ffi.NULL",
+        "conn._ssl",
+        "ssl._into_ssl",
+        "x = _from_ssl",
+        "ctx._context",
+        "cert._x509",
+        "store._store",
+        "ssl._raise_ssl_error(p, n)",
+        "SSL.Connection._reverse_mapping",
+    ]
+    public = [
+        "self._context(policy, None, None)",
+        "self._store = store",
+        "self._ssl = None",
+        "nh.ssl_scratch",
+        "_ssl_pointer(ssl)",
+        "vc._ssl_read()",
+        "ssl_lib = 1",
+        "from iocore.net.tls import _openssl",
+        "proxy.config.ssl.server.ticket_key.filename",
+    ]
+    assert [t for t in private if not PRIVATE_OPENSSL.search(t)] == []
+    assert [t for t in public if PRIVATE_OPENSSL.search(t)] == []
+
+
+def test_one_module_owns_private_openssl_access() -> None:
+    """Only iocore/net/tls/_openssl.py reaches behind pyOpenSSL's public API."""
+    assert OPENSSL_OWNER in sources() and PRIVATE_OPENSSL.search(OPENSSL_OWNER.read_text())
+    bad = [
+        f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}"
+        for path in sources()
+        if path != OPENSSL_OWNER
+        for lineno, line in enumerate(path.read_text().splitlines(), 1)
+        if PRIVATE_OPENSSL.search(line)
+    ]
+    assert not bad, "private OpenSSL access outside iocore/net/tls/_openssl.py:\n" + "\n".join(bad)

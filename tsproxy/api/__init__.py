@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from iocore.eventsystem.event import (
     EVENT_INTERVAL,
@@ -46,16 +46,28 @@ from iocore.eventsystem.event import (
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.net.hooks import HookID
+from iocore.net.net_vconnection import NetVConnection
 from iocore.net.proxy_protocol import ProxyHeader
+from iocore.net.ssl_net_vconnection import SSLNetVConnection
 from iocore.records.errors import TSError
+from tsproxy.api._seams import (
+    HookVC,
+    HttpTxnSession,
+    PluginWorker,
+    StreamVC,
+    TxnHookCallback,
+    UserData,
+)
 from tsproxy.http.path import TargetRefused, normalize_target
 
 if TYPE_CHECKING:
     from cryptography import x509
     from OpenSSL import SSL
 
-    from iocore.net.ssl_net_vconnection import OutboundHooks, SSLNetVConnection
     from iocore.net.tls.client_hello import ClientHello
+    from tsproxy.config import ProxyConfig
+    from tsproxy.http.parser import RequestReceived, ResponseReceived
+    from tsproxy.worker import Worker
 
 __all__ = [
     "HTTP_HOOKS",
@@ -96,16 +108,15 @@ class PluginError(TSError):
     """A plugin failed to load or to initialise."""
 
 
-class _WorkerLike(Protocol):
-    nh: Any
+# What api.hook_add takes: a callback of the HTTP hooks (a Txn) or of the VConn hooks (a VConn).
+HookCallback = Callable[[HookID, "Txn"], None] | Callable[[HookID, "VConn"], None]
 
-    def register_protocol(self, name: bytes, endpoint: Callable[[Any], None]) -> None: ...
 
-    hooks: Any
-    thread: Any
-    config: Any
-    boot: Any
-    slot: Any
+def _ip_port(addr: tuple[object, ...]) -> tuple[str, int] | None:
+    """``(ip, port)`` of an IPv4/IPv6 sockaddr; None when there is none (not connected)."""
+    if len(addr) < 2 or not isinstance(addr[1], int):
+        return None
+    return str(addr[0]), addr[1]
 
 
 class VConn:
@@ -120,7 +131,7 @@ class VConn:
 
     __slots__ = ("_vc",)
 
-    def __init__(self, vc: SSLNetVConnection | OutboundHooks) -> None:
+    def __init__(self, vc: HookVC) -> None:
         self._vc = vc
 
     @property
@@ -147,20 +158,19 @@ class VConn:
 
     @property
     def client_address(self) -> tuple[str, int] | None:
-        addr = self._vc.remote_addr
-        return (str(addr[0]), int(addr[1])) if addr else None
+        return _ip_port(self._vc.remote_addr)
 
     @property
     def local_address(self) -> tuple[str, int] | None:
-        addr = self._vc.local_addr
-        return (str(addr[0]), int(addr[1])) if addr else None
+        return _ip_port(self._vc.local_addr)
 
     @property
     def proxy_protocol(self) -> ProxyHeader | None:
         """The PROXY protocol header the connection opened with (``pp`` ports), else None.
         ``client_address`` is then the client it carried; ``proxy_protocol.peer`` is the
         balancer that sent it."""
-        return getattr(self._vc, "proxy_protocol", None)
+        vc = self._vc
+        return vc.proxy_protocol if isinstance(vc, SSLNetVConnection) else None
 
     @property
     def sni(self) -> str | None:
@@ -169,7 +179,7 @@ class VConn:
         return self._vc.server_name
 
     @property
-    def sni_policy(self) -> Mapping[str, Any] | None:
+    def sni_policy(self) -> Mapping[str, object] | None:
         """The sni.yaml item the client's SNI matched (from SSL_SERVERNAME on): its keys and
         values as written (``fqdn`` included; read-only), or None when no item matched (and on
         origin connections)."""
@@ -179,16 +189,14 @@ class VConn:
     @property
     def protocol(self) -> bytes | None:
         """The negotiated ALPN protocol (after the handshake), if any."""
-        return getattr(self._vc, "negotiated_protocol", None)
+        vc = self._vc
+        return vc.negotiated_protocol if isinstance(vc, SSLNetVConnection) else None
 
     @property
     def tls_version(self) -> str | None:
         """``TLSv1.3`` / ``TLSv1.2`` once the handshake is done (None before, or for plain VCs)."""
-        return (
-            getattr(self._vc, "ssl_version", None)
-            if getattr(self._vc, "ssl_handshake_complete", False)
-            else None
-        )
+        vc = self._vc
+        return vc.ssl_version if isinstance(vc, SSLNetVConnection) and vc.ssl_handshake_complete else None
 
     @property
     def client_hello(self) -> ClientHello | None:
@@ -196,7 +204,7 @@ class VConn:
         return self._vc.client_hello
 
     @property
-    def user_data(self) -> dict[Any, Any]:
+    def user_data(self) -> UserData:
         """A per-connection dict for the plugin's own state."""
         data = self._vc.plugin_data
         if data is None:
@@ -239,7 +247,7 @@ class ProtocolStream(Continuation):
     connection.
     """
 
-    def __init__(self, vc: Any, plugin: str, inactivity_timeout: float) -> None:
+    def __init__(self, vc: StreamVC, plugin: str, inactivity_timeout: float) -> None:
         super().__init__(self._on_event)
         self._vc = vc
         self._plugin = plugin
@@ -257,16 +265,17 @@ class ProtocolStream(Continuation):
     @property
     def protocol(self) -> bytes | None:
         """The ALPN protocol of an accepted TLS connection; None for ``api.connect`` streams."""
-        return getattr(self._vc, "negotiated_protocol", None)
+        vc = self._vc
+        return vc.negotiated_protocol if isinstance(vc, SSLNetVConnection) else None
 
     @property
     def sni(self) -> str | None:
-        return getattr(self._vc, "server_name", None)
+        vc = self._vc
+        return vc.server_name if isinstance(vc, SSLNetVConnection) else None
 
     @property
     def client_address(self) -> tuple[str, int] | None:
-        addr = self._vc.remote_addr
-        return (str(addr[0]), int(addr[1])) if addr else None
+        return _ip_port(self._vc.remote_addr)
 
     @property
     def closed(self) -> bool:
@@ -308,7 +317,7 @@ class ProtocolStream(Continuation):
         if not self._closed:
             self._vc.read.reenable()
 
-    def _on_event(self, event: int, data: Any) -> None:
+    def _on_event(self, event: int, data: object) -> None:
         if self._closed:
             return
         if event in (VC_EVENT_READ_READY, VC_EVENT_READ_COMPLETE):
@@ -387,31 +396,31 @@ class Request:
 
     @property
     def method(self) -> str:
-        return str(self._txn._live_session().request.method.decode("latin-1"))
+        return self._txn._live_request().method.decode("latin-1")
 
     @property
     def target(self) -> str:
         """The request-target as received (origin-form path and query, usually)."""
-        return str(self._txn._live_session().request.target.decode("latin-1"))
+        return self._txn._live_request().target.decode("latin-1")
 
     @target.setter
     def target(self, value: str) -> None:
         """Rewrite the target; its dot segments are removed as for a client's (PluginError for a
         target that climbs above "/" or hides a dot segment, see tsproxy/http/path.py)."""
-        session = self._txn._live_session()
+        request = self._txn._live_request()
         try:
             target = normalize_target(_b(value))
         except TargetRefused as exc:
             raise PluginError(f"request-target {value!r} refused: {exc.reason}") from None
-        session.request = replace(session.request, target=target)
+        self._txn._session.request = replace(request, target=target)
 
     @property
     def http_version(self) -> str:
-        return str(self._txn._live_session().request.http_version.decode("latin-1"))
+        return self._txn._live_request().http_version.decode("latin-1")
 
     @property
     def headers(self) -> HeaderView:
-        return HeaderView(self._txn._live_session().request.headers)
+        return HeaderView(self._txn._live_request().headers)
 
 
 class Response:
@@ -424,15 +433,15 @@ class Response:
 
     @property
     def status(self) -> int:
-        return int(self._txn._live_session().response.status)
+        return self._txn._live_response().status
 
     @property
     def reason(self) -> str:
-        return str(self._txn._live_session().response.reason.decode("latin-1"))
+        return self._txn._live_response().reason.decode("latin-1")
 
     @property
     def headers(self) -> HeaderView:
-        return HeaderView(self._txn._live_session().response.headers)
+        return HeaderView(self._txn._live_response().headers)
 
 
 class Txn:
@@ -440,15 +449,23 @@ class Txn:
 
     __slots__ = ("_session", "user_data")
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: HttpTxnSession) -> None:
         self._session = session
-        self.user_data: dict[Any, Any] = {}
+        self.user_data: UserData = {}
 
-    def _live_session(self) -> Any:
+    def _live_request(self) -> RequestReceived:
         session = self._session
-        if session.txn is not self or session.request is None:
+        request = session.request
+        if session.txn is not self or request is None:
             raise PluginError("this transaction has ended")
-        return session
+        return request
+
+    def _live_response(self) -> ResponseReceived:
+        self._live_request()
+        response = self._session.response
+        if response is None:
+            raise PluginError("the origin has not answered yet")
+        return response
 
     @property
     def alive(self) -> bool:
@@ -468,7 +485,7 @@ class Txn:
     @property
     def status(self) -> int | None:
         """The status the client was sent (origin's, synthetic or error); None before that."""
-        return int(self._session.status_sent) or None
+        return self._session.status_sent or None
 
     @property
     def remap_target(self) -> str | None:
@@ -482,14 +499,12 @@ class Txn:
 
     @property
     def client_address(self) -> tuple[str, int] | None:
-        addr = self._session.vc.remote_addr
-        return (str(addr[0]), int(addr[1])) if addr else None
+        return _ip_port(self._session.vc.remote_addr)
 
     @property
     def proxy_protocol(self) -> ProxyHeader | None:
         """The client connection's PROXY protocol header (``pp`` ports), else None."""
-        header: ProxyHeader | None = self._session.vc.proxy_protocol
-        return header
+        return self._session.vc.proxy_protocol
 
     @property
     def is_tls(self) -> bool:
@@ -497,16 +512,19 @@ class Txn:
 
     @property
     def sni(self) -> str | None:
-        return getattr(self._session.vc, "server_name", None)
+        vc = self._session.vc
+        return vc.server_name if isinstance(vc, SSLNetVConnection) else None
 
     @property
     def tls_version(self) -> str | None:
-        return getattr(self._session.vc, "ssl_version", None) if self.is_tls else None
+        vc = self._session.vc
+        return vc.ssl_version if isinstance(vc, SSLNetVConnection) else None
 
     @property
-    def sni_policy(self) -> Mapping[str, Any] | None:
+    def sni_policy(self) -> Mapping[str, object] | None:
         """The sni.yaml item the connection's SNI matched (see VConn.sni_policy), or None."""
-        policy = getattr(self._session.vc, "sni_policy", None)
+        vc = self._session.vc
+        policy = vc.sni_policy if isinstance(vc, SSLNetVConnection) else None
         return policy.item.values if policy is not None else None
 
     def reenable(self, *, error: bool = False) -> None:
@@ -522,7 +540,7 @@ class Txn:
         if self._session.txn is not self:
             return False
         fields = [(_b(k), _b(v)) for k, v in (headers or {}).items()]
-        return bool(self._session.respond(status, fields, _b(body) if isinstance(body, str) else body))
+        return self._session.respond(status, fields, _b(body) if isinstance(body, str) else body)
 
     def hook_add(self, hook: HookID, callback: Callable[[HookID, Txn], None]) -> None:
         """TSHttpTxnHookAdd: a hook for this transaction only (runs after the global ones)."""
@@ -534,11 +552,12 @@ class Txn:
 
 def _txn_adapter(
     name: str, callback: Callable[[HookID, Txn], None], on_error: Callable[[], None] | None = None
-) -> Callable[[HookID, Any], None]:
-    def adapter(hook_id: HookID, session: Any) -> None:
+) -> TxnHookCallback:
+    def adapter(hook_id: HookID, session: HttpTxnSession) -> None:
         txn = session.txn
-        if txn is None:
-            txn = session.txn = Txn(session)
+        if not isinstance(txn, Txn):
+            txn = Txn(session)
+            session.txn = txn
         try:
             callback(hook_id, txn)
         except Exception:
@@ -570,7 +589,7 @@ class _Call(Continuation):
         self.fn = fn
         self.plugin = plugin
 
-    def _run(self, event: int, data: Any) -> None:
+    def _run(self, event: int, data: object) -> None:
         try:
             self.fn()
         except Exception:
@@ -595,7 +614,7 @@ def _thread_pool() -> ThreadPoolExecutor:
 class PluginAPI:
     """Handed to ``plugin_init``; one per plugin per worker."""
 
-    def __init__(self, name: str, worker: _WorkerLike) -> None:
+    def __init__(self, name: str, worker: PluginWorker) -> None:
         self.name = name
         self._worker = worker
         self._reload_callbacks: list[Callable[[], None]] = []
@@ -608,7 +627,7 @@ class PluginAPI:
         if self._errors_stat is not None:
             self._worker.slot.incr(self._errors_stat, 1)
 
-    def hook_add(self, hook: HookID, callback: Callable[[HookID, Any], None]) -> None:
+    def hook_add(self, hook: HookID, callback: HookCallback) -> None:
         """TSHttpHookAdd: ``callback(hook, vconn)`` for TLS/VConn hooks, ``callback(hook, txn)``
         for HTTP transaction hooks (HTTP_HOOKS). A callback that raises is counted in
         ``proxy.process.plugin.<name>.errors``."""
@@ -620,15 +639,18 @@ class PluginAPI:
                 _log.warning("plugin %s: no error counter: %s", name, exc)
         count_error = self._count_error
         if hook in HTTP_HOOKS:
-            self._worker.hooks.add(hook, _txn_adapter(name, callback, count_error))
+            txn_callback = cast("Callable[[HookID, Txn], None]", callback)
+            self._worker.hooks.add(hook, _txn_adapter(name, txn_callback, count_error))
             return
+        vconn_callback = cast("Callable[[HookID, VConn], None]", callback)
 
-        def adapter(hook_id: HookID, vc: SSLNetVConnection | OutboundHooks) -> None:
+        def adapter(hook_id: HookID, vc: HookVC) -> None:
             facade = vc.hook_facade
-            if facade is None:
-                facade = vc.hook_facade = VConn(vc)
+            if not isinstance(facade, VConn):
+                facade = VConn(vc)
+                vc.hook_facade = facade
             try:
-                callback(hook_id, facade)
+                vconn_callback(hook_id, facade)
             except Exception:
                 _log.exception("plugin %s: %s hook raised; failing the connection", name, hook_id.name)
                 count_error()
@@ -702,8 +724,8 @@ class PluginAPI:
             def __init__(self) -> None:
                 super().__init__(self._opened)
 
-            def _opened(self, event: int, data: Any) -> None:
-                if event == NET_EVENT_OPEN:
+            def _opened(self, event: int, data: object) -> None:
+                if event == NET_EVENT_OPEN and isinstance(data, NetVConnection):
                     deliver(ProtocolStream(data, plugin, timeout))
                 else:
                     err = data if isinstance(data, int) else 0
@@ -742,8 +764,7 @@ class PluginAPI:
         config = self._worker.config
         pair = CertKeyPair(cert_path, key_path)
         ctx = build_server_context(config.ssl_params, [pair], None, config.ticket_keys)
-        # alpn_select returns SSL.NO_OVERLAPPING_PROTOCOLS (typed object) when nothing matches
-        ctx.set_alpn_select_callback(cast(Any, alpn_select))
+        ctx.set_alpn_select_callback(alpn_select)
         params = config.ssl_params
         configure_session_cache(
             ctx, params.session_cache_mode, params.session_cache_timeout, config.session_cache, str(cert_path)
@@ -774,7 +795,7 @@ class PluginAPI:
         plugin = self.name
         timeout = float(self._worker.config.records.get_int("proxy.config.net.default_inactivity_timeout"))
 
-        def accept(vc: Any) -> None:
+        def accept(vc: SSLNetVConnection) -> None:
             stream = ProtocolStream(vc, plugin, timeout)
             try:
                 endpoint(stream)
@@ -848,7 +869,7 @@ def _import_plugin(target: str) -> ModuleType:
     return importlib.import_module(target)
 
 
-def load_plugins(config: Any, worker: _WorkerLike) -> list[PluginAPI]:
+def load_plugins(config: ProxyConfig, worker: PluginWorker) -> list[PluginAPI]:
     """Import every plugin.config entry and call its ``plugin_init(api, args)``, in file order."""
     apis: list[PluginAPI] = []
     fatal = bool(config.records.get_int("proxy.config.plugin.load_failure_fatal"))
@@ -869,3 +890,9 @@ def load_plugins(config: Any, worker: _WorkerLike) -> list[PluginAPI]:
             continue
         apis.append(api)
     return apis
+
+
+if TYPE_CHECKING:
+    # The worker calls the loader the CLI hands it (through the master, untyped): check here
+    # that load_plugins takes what the worker passes.
+    _loader: Callable[[ProxyConfig, Worker], list[PluginAPI]] = load_plugins

@@ -75,9 +75,7 @@ class Supervisor:
             signal.SIGCHLD: self.handle_chld,
             signal.SIGQUIT: self.handle_quit,
         }
-        self._sig_queue: deque[int] = deque()
-        self._wakeup_r = -1
-        self._wakeup_w = -1
+        self._signals = SignalQueue(tuple(self._handlers))
         self._stop_deadline = 0.0
         self._exit_code = EX_OK
         self._stop_waiters: list[control.Responder] = []
@@ -86,7 +84,7 @@ class Supervisor:
     def start(self) -> None:
         """Signals on, then one worker per slot."""
         state = self.state
-        self._install_signals()
+        self._signals.install(state.selector)
         state.started_wall = time.time()
         self.status.prime()
         _log.info(
@@ -179,12 +177,7 @@ class Supervisor:
     def _after_fork_in_child(self, slot: Slot) -> None:
         """In the forked worker: default signals, and close every fd that is not its own."""
         state = self.state
-        signal.set_wakeup_fd(-1)
-        for sig in self._handlers:
-            signal.signal(sig, signal.SIG_DFL)
-        for fd in (self._wakeup_r, self._wakeup_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._signals.reset_in_child()
         for other in state.table.processes():
             if other.sock is not None:
                 with contextlib.suppress(OSError):
@@ -331,25 +324,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ signals
 
-    def _install_signals(self) -> None:
-        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
-        for sig in self._handlers:
-            signal.signal(sig, self._on_signal)
-        self.state.selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # Only enqueue: the main loop dispatches to the handler. Never log here.
-        self._sig_queue.append(signum)
-
-    def _on_wakeup(self, _mask: int) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while os.read(self._wakeup_r, 512):
-                pass
-
     def _dispatch_signals(self) -> None:
-        while self._sig_queue:
-            handler = self._handlers.get(self._sig_queue.popleft())
+        while (signum := self._signals.pop()) is not None:
+            handler = self._handlers.get(signum)
             if handler is not None:
                 handler()
 
@@ -463,11 +440,54 @@ class Supervisor:
 
     def restore_signals(self) -> None:
         """At the end: default signal handling, and the wakeup pipe closed."""
+        self._signals.restore()
+
+
+class SignalQueue:
+    """Signal handlers that only enqueue the signal number (never log, never act), and the
+    wakeup pipe (``signal.set_wakeup_fd``) that makes the main loop's selector return."""
+
+    def __init__(self, signals: tuple[int, ...]) -> None:
+        self.signals = signals
+        self._queue: deque[int] = deque()
+        self._wakeup_r = -1
+        self._wakeup_w = -1
+
+    def install(self, selector: selectors.BaseSelector) -> None:
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+        for sig in self.signals:
+            signal.signal(sig, self._on_signal)
+        selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_wakeup)
+
+    def pop(self) -> int | None:
+        """The oldest signal not yet handled, or None."""
+        return self._queue.popleft() if self._queue else None
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._queue.append(signum)
+
+    def _on_wakeup(self, _mask: int) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self._wakeup_r, 512):
+                pass
+
+    def reset_in_child(self) -> None:
+        """In a forked worker: default handlers, and the master's wakeup pipe closed."""
+        signal.set_wakeup_fd(-1)
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in (self._wakeup_r, self._wakeup_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def restore(self) -> None:
+        """Default signal handling again, and the wakeup pipe closed (when installed)."""
         if self._wakeup_w < 0:
             return
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
-        for sig in self._handlers:
+        for sig in self.signals:
             with contextlib.suppress(ValueError):
                 signal.signal(sig, signal.SIG_DFL)
         os.close(self._wakeup_r)

@@ -1,7 +1,7 @@
 """Issue 15: the ClientHello pre-parser is never stricter than OpenSSL and never answers for it.
 
-Differential tests: the same bytes, cut into the same pieces, go to (a) the pre-parser path as
-the proxy runs it (ClientHelloParser; on a hello, or on "not mine", an SSL.Connection built by
+Differential tests: the same bytes, cut into the same pieces, go to (a) the proxy's sans-IO
+handshake machine (ClientHelloParser; on a hello, or on "not mine", an SSL.Connection built by
 build_server_context gets every buffered byte; a ClientHelloRefused sends its alert) and (b) a
 bare pyOpenSSL server over memory BIOs with the same RSA-2048 certificate and nginx's default
 cipher list. The outcome must be the same: the handshake proceeds (a ServerHello comes back),
@@ -28,10 +28,12 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 from test_client_hello import RAW, frame, handshake_message, v8, v16
 
+from iocore.net.hooks import HookRegistry
+from iocore.net.ssl_cert_lookup import SSLCertContext, SSLCertLookup
 from iocore.net.ssl_config import SSLConfigParams
-from iocore.net.tls.client_hello import MAX_CLIENT_HELLO, ClientHelloParser
+from iocore.net.tls.client_hello import MAX_CLIENT_HELLO
 from iocore.net.tls.context import CertKeyPair, build_server_context
-from iocore.net.tls.errors import ClientHelloRefused, TLSProtocolError
+from iocore.net.tls.handshake import Done, Fail, SendBytes, ServerHandshake, SSLAcceptConfig
 
 NGINX_CIPHERS = "HIGH:!aNULL:!MD5"
 
@@ -102,39 +104,62 @@ def bare_outcome(ctx: SSL.Context, pieces: list[bytes]) -> Outcome:
     return ("wants", 0)
 
 
+class _Host:
+    """The VC as the handshake machine sees it (HandshakeHost)."""
+
+    def __init__(self) -> None:
+        self.server_name: str | None = None
+        self.client_hello: object = None
+        self.sni_policy: object = None
+        self.ssl_context: SSL.Context | None = None
+        self.ssl: SSL.Connection | None = None
+        self.remote_addr: tuple[object, ...] = ()
+        self.local_addr: tuple[object, ...] = ()
+        self.trace_on = False
+
+    def trace(self, fmt: str, *args: object) -> None:
+        pass
+
+
 def proxy_outcome(
     ctx: SSL.Context, pieces: list[bytes], max_size: int = MAX_CLIENT_HELLO
 ) -> tuple[Outcome, bool]:
-    """SSLNetVConnection._server_pre_ssl, sans-IO: parse until a hello, a refusal (alert sent
-    by the proxy) or a hand-over; then OpenSSL gets everything buffered and the rest. The flag
-    says whether the pre-parser read the hello (so the hooks ran and SNI chose the certificate)."""
-    parser = ClientHelloParser(max_size)
-    buffered = bytearray()
-    conn: SSL.Connection | None = None
-    parsed = False
+    """The proxy's handshake machine (iocore/net/tls/handshake.py), fed piece by piece: it
+    parses until a hello, a refusal (its own raw alert) or a hand-over; then OpenSSL gets
+    everything buffered and the rest. The flag says whether the pre-parser read the hello (so
+    the hooks ran and SNI chose the certificate)."""
+    lookup = SSLCertLookup()
+    lookup.set_default(SSLCertContext(ctx, source="conformance"))
+    config = SSLAcceptConfig(
+        lookup=lookup,
+        hooks=HookRegistry(),
+        protocols=(),
+        handshake_timeout=0.0,
+        tr_pass=False,
+        tunnel_route=None,
+        on_ready=lambda vc: None,
+        on_tunnel=lambda vc, replay, dest: None,
+        max_client_hello=max_size,
+    )
+    host = _Host()
+    machine = ServerHandshake(host, config)
     for piece in pieces:
-        if conn is None:
-            buffered += piece
-            try:
-                hello = parser.feed(piece)
-            except ClientHelloRefused as exc:
-                return ("alert", exc.alert), False
-            except TLSProtocolError:
-                hello = None
-                handover = True
-            else:
-                handover = parsed = hello is not None
-            if not handover:
-                continue
-            conn = SSL.Connection(ctx, None)
-            conn.set_accept_state()
-            conn.bio_write(bytes(buffered))
-        else:
-            conn.bio_write(piece)
-        result = _step(conn)
-        if result is not None:
-            return result, parsed
-    return ("wants", 0), parsed
+        machine.receive_data(piece)
+        sent = b""
+        cmd = machine.next_command()
+        while isinstance(cmd, SendBytes):
+            sent += cmd.data
+            cmd = machine.next_command()
+        parsed = host.client_hello is not None
+        if isinstance(cmd, Fail):
+            if cmd.alert is not None:
+                return ("alert", cmd.alert), parsed
+            if len(sent) >= 7 and sent[0] == 21:
+                return ("alert", sent[6]), parsed
+            return ("closed", 0), parsed
+        if isinstance(cmd, Done) or sent[:1] == b"\x16":
+            return ("proceeds", 0), parsed
+    return ("wants", 0), host.client_hello is not None
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:

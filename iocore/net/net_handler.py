@@ -47,7 +47,7 @@ class NetHandler(Continuation):
         self.open_vcs: dict[NetVConnection, None] = {}
         self.read_ready_list: dict[NetVConnection, None] = {}
         self.write_ready_list: dict[NetVConnection, None] = {}
-        self.ssl_scratch: Any = None  # the TLS data path's scratch memory (ssl_net_vconnection)
+        self.ssl_scratch: Any = None  # the TLS data path's scratch memory (tls_data_path)
         self.proxy_protocol_pending: dict[ProxyProtocolAccept, None] = {}
         thread.ready_callbacks.append(self._process_read_ready)
         thread.post_io_callbacks.append(self._process_write_ready)
@@ -78,7 +78,7 @@ class NetHandler(Continuation):
         self.read_ready_list = {}
         for vc in ready:
             if not vc.closed:
-                try:  # vc.guarded(vc.net_read_io), inlined
+                try:  # as vc.guarded(vc.net_read_io)
                     vc.net_read_io()
                 except Exception:
                     _log.exception("unexpected error on %r; closing it", vc)
@@ -92,7 +92,7 @@ class NetHandler(Continuation):
             self.write_ready_list = {}
             for vc in ready:
                 if not vc.closed:
-                    try:  # vc.guarded(vc.write_to_net_io), inlined
+                    try:  # as vc.guarded(vc.write_to_net_io)
                         vc.write_to_net_io()
                     except Exception:
                         _log.exception("unexpected error on %r; closing it", vc)

@@ -194,9 +194,6 @@ class NetVConnection(Continuation):
         if not self.read_enabled or self.read.buffer is None or not self._mask & EVENT_READ:
             self._update_interest()
 
-    def write_reschedule(self) -> None:
-        self.nh.write_ready_list[self] = None
-
     # -- timeouts --------------------------------------------------------------------------
     def set_inactivity_timeout(self, seconds: float) -> None:
         self.inactivity_timeout = seconds
@@ -255,7 +252,7 @@ class NetVConnection(Continuation):
 
     def on_io(self, mask: int) -> None:
         """Readiness of the socket (the poller holds the VC itself, see IOHandler)."""
-        # guarded(), inlined: this runs once per readiness event.
+        # The body of guarded(), here directly: on_io runs once per readiness event.
         try:
             self._on_io_unguarded(mask)
         except Exception:

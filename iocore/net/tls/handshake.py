@@ -43,18 +43,27 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from iocore.eventsystem.diags import DbgCtl
 from iocore.net.hooks import HookID, HookOp, HookRegistry
+from iocore.net.tls._openssl import (
+    HAVE_SOCKET_BIO,
+    NULL,
+    SSL_ERROR_WANT_READ,
+    BIO_get_mem_data,
+    SSL_do_handshake,
+    SSL_get_error,
+    raise_ssl_error,
+    ssl_pointer,
+    write_bio,
+)
+from iocore.net.tls._openssl import set_read_ahead as _openssl_set_read_ahead
 from iocore.net.tls.client_hello import (
     MAX_CLIENT_HELLO,
     ClientHello,
     ClientHelloParser,
     looks_like_tls_handshake,
 )
-from iocore.net.tls.context import socket_bio_functions
 from iocore.net.tls.errors import ClientHelloRefused, TLSProtocolError
 from iocore.net.tls.metrics import (
     M_ERROR_SSL,
@@ -74,20 +83,11 @@ if TYPE_CHECKING:
     from iocore.net.ssl_config import WireTrace
     from iocore.net.ssl_sni_config import SNIConfigParams, SNIPolicy
 
-# The binding calls of the handshake step (do_handshake without pyOpenSSL's WantReadError on the
-# first step of every handshake, and the write BIO drained without an exception at its end).
-_SSL_do_handshake = _lib.SSL_do_handshake
-_SSL_get_error = _lib.SSL_get_error
-_SSL_ERROR_WANT_READ = _lib.SSL_ERROR_WANT_READ
-_BIO_get_mem_data = _lib.BIO_get_mem_data
-_NULL = _ffi.NULL
-_socket_bio = socket_bio_functions()
-
 
 def set_read_ahead(ssl: SSL.Connection) -> None:
-    """Before the handshake (see SocketBIOFunctions): lets one read(2) fetch every record."""
-    if _socket_bio is not None:
-        _socket_bio.set_read_ahead(ssl._ssl)
+    """Before the handshake (see _openssl.set_read_ahead): lets one read(2) fetch every record."""
+    if HAVE_SOCKET_BIO:
+        _openssl_set_read_ahead(ssl)
 
 
 _dbg = DbgCtl("ssl")
@@ -340,7 +340,7 @@ class _Machine:
         self.host = host
         self.state = HandshakeState.START
         self.ssl: SSL.Connection | None = None
-        self._out = bytearray()  # bytes for the peer, handed out as SendBytes first
+        self._out = b""  # bytes for the peer, handed out as SendBytes first
         self._eof = False
         self._starved = False  # the last step wanted more bytes than it had
         self._result: Command | None = None  # the terminal command, once there is one
@@ -380,7 +380,7 @@ class _Machine:
         """Move what OpenSSL wrote into its write BIO to the output."""
         ssl = self.ssl
         assert ssl is not None
-        pending = _BIO_get_mem_data(ssl._from_ssl, _NULL)
+        pending = BIO_get_mem_data(write_bio(ssl), NULL)
         if pending > 0:
             self._out += ssl.bio_read(pending)
 
@@ -402,8 +402,8 @@ class _Machine:
         return cmd
 
     def _send(self) -> SendBytes:
-        data = bytes(self._out)
-        self._out.clear()
+        data = self._out
+        self._out = b""
         return SendBytes(data)
 
     def _step(self) -> Command:
@@ -724,15 +724,17 @@ class ServerHandshake(_Machine):
         ssl = self.ssl
         assert ssl is not None
         try:
-            result = _SSL_do_handshake(ssl._ssl)
+            # do_handshake without pyOpenSSL's WantReadError at every step that waits for bytes
+            ptr = ssl_pointer(ssl)
+            result = SSL_do_handshake(ptr)
             if result <= 0:
-                if _SSL_get_error(ssl._ssl, result) == _SSL_ERROR_WANT_READ:
+                if SSL_get_error(ptr, result) == SSL_ERROR_WANT_READ:
                     self._starved = True
                     self._drain()
                     if host.trace_on:
                         host.trace("SSL server handshake ERROR_WANT_READ")
                     return NEED_DATA
-                ssl._raise_ssl_error(ssl._ssl, result)  # any error but WANT_READ
+                raise_ssl_error(ssl, ptr, result)  # any error but WANT_READ
         except SSL.ZeroReturnError:
             host.trace("SSL server handshake ERROR_ZERO_RETURN")
             return self._fail((M_ERROR_ZERO_RETURN,), None, "ZERO_RETURN")

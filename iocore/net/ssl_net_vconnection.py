@@ -247,7 +247,7 @@ class SSLNetVConnection(TLSDataPath):
                 return SSL_WAIT_FOR_HOOK
             self._hook_finished(chain)
         did_read = False
-        while True:
+        while not self.closed:  # a hook may close the VC
             cmd = m.next_command()
             if cmd is NEED_DATA:
                 if not did_read:
@@ -277,6 +277,7 @@ class SSLNetVConnection(TLSDataPath):
                 if cmd.alert is not None:
                     self._send_raw_alert(cmd.alert)
                 return EVENT_ERROR
+        return EVENT_ERROR
 
     def read_raw_data(self) -> int:
         """Read from the socket into the handshake machine (the data path: into the read BIO).

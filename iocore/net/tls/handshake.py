@@ -643,7 +643,7 @@ class ServerHandshake(_Machine):
             )
         if cc is not None and cc.opt.name == "TUNNEL":
             _dbg("action=tunnel for sni=%s", name)
-            self._tunnel(cc.tunnel_route)
+            self._tunnel(cc.tunnel_route or None)
             return False
         if _dbg.on:
             _dbg(

@@ -15,7 +15,6 @@ from OpenSSL import SSL
 
 from iocore.net.hooks import HookID, HookOp, HookRegistry
 from iocore.net.ssl_cert_lookup import CertOpt, SSLCertContext, SSLCertLookup
-from iocore.net.ssl_net_vconnection import alpn_select
 from iocore.net.tls.handshake import (
     ALERT_HANDSHAKE_FAILURE,
     ALERT_UNRECOGNIZED_NAME,
@@ -68,6 +67,13 @@ class Host:
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
+
+
+def alpn_select(conn: SSL.Connection, offered: list[bytes]) -> Any:
+    """The server's preference among the host's protocols (what ssl_net_vconnection.alpn_select
+    does for a VC; that one is compiled for SSLNetVConnection app data)."""
+    host: Host = conn.get_app_data()
+    return next((p for p in host.npn_set if p in offered), SSL.NO_OVERLAPPING_PROTOCOLS)
 
 
 def server_ctx(ca: trustme.CA, *names: str, client_ca: bool = False) -> SSL.Context:

@@ -34,3 +34,8 @@ class ClientHelloRefused(TLSProtocolError):
     def __init__(self, reason: str, alert: int) -> None:
         super().__init__(reason)
         self.alert = alert
+
+
+class HandshakeStateError(RuntimeError):
+    """The handshake machine (handshake.py) was asked for a transition its table does not
+    allow, or for a call its current state does not accept: a bug in the driver, not the peer."""

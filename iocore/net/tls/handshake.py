@@ -64,7 +64,7 @@ from iocore.net.tls.client_hello import (
     ClientHelloParser,
     looks_like_tls_handshake,
 )
-from iocore.net.tls.errors import ClientHelloRefused, TLSProtocolError
+from iocore.net.tls.errors import ClientHelloRefused, HandshakeStateError, TLSProtocolError
 from iocore.net.tls.metrics import (
     M_ERROR_SSL,
     M_ERROR_SYSCALL,
@@ -325,10 +325,6 @@ _HOOK_OF_STATE: dict[HandshakeState, HookID] = {
 _HOOK_NOT_RUN = 0
 _HOOK_RUNNING = 1
 _HOOK_FINISHED = 2
-
-
-class HandshakeStateError(RuntimeError):
-    """A transition the table does not allow, or a call the current state does not accept."""
 
 
 class _Machine:
@@ -812,3 +808,26 @@ class ClientHandshake(_Machine):
         self._to(S.DONE)
         result = self._result = Done(ssl.get_alpn_proto_negotiated() or None)
         return result
+
+
+__all__ = [
+    "ALERT_ACCESS_DENIED",
+    "ALERT_HANDSHAKE_FAILURE",
+    "ALERT_UNRECOGNIZED_NAME",
+    "NEED_DATA",
+    "PAUSED",
+    "ClientHandshake",
+    "Command",
+    "Done",
+    "Fail",
+    "HandshakeHost",
+    "HandshakeState",
+    "HandshakeStateError",
+    "RunHook",
+    "SSLAcceptConfig",
+    "SendBytes",
+    "ServerHandshake",
+    "Tunnel",
+    "alert_record",
+    "set_read_ahead",
+]

@@ -68,7 +68,7 @@ def test_memory_bio_fallback_when_forced() -> None:
         "c = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)\n"
         "o.set_read_ahead(c)\n"
         "assert not o.HAVE_SOCKET_BIO and o.SSL_has_pending(o.ssl_pointer(c)) == 0\n"
-        "import iocore.net.ssl_net_vconnection as v\n"
+        "import iocore.net.tls_data_path as v\n"
         "assert not v._HAVE_SOCKET_BIO\n"
     )
     env = {**os.environ, "TSPROXY_TLS_MEMORY_BIO": "1"}

@@ -253,7 +253,7 @@ class SSLNetVConnection(TLSDataPath):
                 if not did_read:
                     did_read = True
                     retval = self.read_raw_data()
-                    if retval > 0 or retval == 0:
+                    if retval >= 0:  # bytes, or EOF: the machine decides
                         continue
                     if retval != -11:
                         return EVENT_ERROR

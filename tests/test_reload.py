@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 import trustme
-from conftest import http_origin
+from conftest import http_origin, wait_for
 
 BODY = b"hello from the origin\n" * 10
 
@@ -125,6 +125,47 @@ def test_reload_swaps_certificate_for_new_handshakes_only(
     assert reply.startswith(b"HTTP/1.1 200")
     assert tls.getpeercert(binary_form=True) == before
     tls.close()
+
+
+def test_replaced_tls_config_is_released_when_its_last_connection_closes(
+    tsproxy_factory: Any, ca: trustme.CA, origin: int, tmp_path: Path
+) -> None:
+    """ConfigProcessor in the worker: a TLS connection holds the snapshot it was accepted under;
+    after a reload the old generation is released only once that connection closed (debug tag
+    ssl_config), and a generation no connection holds is released at once."""
+    proxy, _ = start(
+        tsproxy_factory,
+        ca,
+        origin,
+        tmp_path,
+        **{"proxy.config.diags.debug.enabled": 1, "proxy.config.diags.debug.tags": "ssl_config"},
+    )
+    log = proxy.config_dir / "log" / "tsproxy.log"
+    ctx = client_context(ca)
+    raw = socket.create_connection(("127.0.0.1", proxy.port()), timeout=5)
+    tls = ctx.wrap_socket(raw, server_hostname="a.test")  # holds generation 1
+
+    def released(generation: int) -> bool:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return f"TLS config generation {generation} released" in text
+
+    write_cert(ca, proxy.config_dir, "a.test")
+    assert proxy.ctl("reload").returncode == 0
+    served_serial(proxy.port(), ctx)  # a new handshake on generation 2, closed again
+    time.sleep(0.5)
+    assert not released(1), "generation 1 released while a connection still holds it"
+
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    reply = b""
+    while chunk := tls.recv(65536):
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200")
+    tls.close()
+    wait_for(lambda: released(1), "generation 1 released after its last connection closed")
+
+    assert proxy.ctl("reload").returncode == 0  # nobody holds generation 2 now
+    wait_for(lambda: released(2), "an unheld generation released at the reload")
+    assert not released(3)
 
 
 def test_bad_reload_keeps_old_config_and_says_where(

@@ -54,6 +54,7 @@ from iocore.net.net_vconnection import NetVConnection, PlainNetVConnection
 from iocore.net.ocsp_stapling import OCSPUpdater
 from iocore.net.ports import PortDescriptor
 from iocore.net.ssl_net_vconnection import SSLAcceptConfig, SSLNetVConnection
+from iocore.records.config_processor import ConfigHandle, ConfigProcessor
 from iocore.records.errors import TSError
 from iocore.records.stats import METRIC_ID, SlotState, StatsRegion
 from tsproxy.control import encode_line, pop_lines, recv_ready
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     from tsproxy.config import ProxyConfig
 
 _log = get_logger("tsproxy.worker")
+_dbg_config = DbgCtl("ssl_config")
 
 _M_ACCEPTS = METRIC_ID["proxy.process.net.accepts_total"]
 _M_OPEN = METRIC_ID["proxy.process.net.connections_currently_open"]
@@ -88,6 +90,24 @@ _malloc_trim = _find_malloc_trim()
 # ALPN protocols with an endpoint in tsproxy, in server preference order.
 REGISTERED_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1", b"http/1.0")
 HEARTBEAT_PERIOD = 0.5
+
+
+class SSLSnapshot:
+    """One generation's TLS configuration in the worker's ConfigProcessor (ATS SSLConfigParams +
+    SSLCertLookup, with sni.yaml): an ``SSLAcceptConfig`` per TLS port. Each TLS connection
+    acquires the current snapshot when it is accepted and releases it when it closes, so a
+    reload replaces it for new connections while the open ones keep theirs; the replaced one is
+    released (``on_release``) when its last connection closed."""
+
+    __slots__ = ("by_port", "generation")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.by_port: dict[int, SSLAcceptConfig] = {}
+
+    def on_release(self) -> None:
+        if _dbg_config.on:
+            _dbg_config("TLS config generation %d released (its last connection closed)", self.generation)
 
 
 @dataclass
@@ -131,7 +151,9 @@ class Worker(Continuation):
         self.hooks = HookRegistry()
         self.http = HttpProcessor(self.nh, self.config, self.hooks)
         self.acceptors: list[NetAccept] = []
-        self.ssl_configs: dict[int, SSLAcceptConfig] = {}
+        # The worker's config snapshots (iocore/records/config_processor.py).
+        self.config_processor: ConfigProcessor[object] = ConfigProcessor()
+        self.ssl_config: ConfigHandle[SSLSnapshot] = ConfigHandle(self.config_processor, "ssl")
         self.control_buf = bytearray()
         self.stopping = False
         self.stop_deadline = 0.0
@@ -177,7 +199,9 @@ class Worker(Continuation):
 
     def _build_ssl_configs(self) -> None:
         cfg = self.config
-        configs: dict[int, SSLAcceptConfig] = {}
+        snapshot = SSLSnapshot(cfg.generation)
+        release = functools.partial(self.ssl_config.release, snapshot)  # once per snapshot
+        configs = snapshot.by_port
         for lst in self.boot.listeners:
             desc = lst.descriptor
             if not desc.ssl or cfg.cert_lookup is None or cfg.ssl_params is None:
@@ -202,8 +226,9 @@ class Worker(Continuation):
                 wire_trace=cfg.ssl_params.wire_trace,
                 fallback_ctx=cfg.fallback_ctx,
                 sni=cfg.sni,
+                on_close=release,
             )
-        self.ssl_configs = configs
+        self.ssl_config.set(snapshot)
 
     def _make_acceptor(self, lst: Listener) -> NetAccept:
         desc = lst.descriptor
@@ -211,7 +236,7 @@ class Worker(Continuation):
         if desc.ssl:
 
             def make_ssl(sock: socket.socket, nh: NetHandler) -> NetVConnection:
-                return SSLNetVConnection(sock, nh, self.ssl_configs[port])
+                return SSLNetVConnection(sock, nh, self.ssl_config.acquire().by_port[port])
 
             def on_accept_ssl(vc: NetVConnection) -> None:
                 assert isinstance(vc, SSLNetVConnection)

@@ -525,6 +525,9 @@ class SSLNetVConnection(TLSDataPath):
                 self._chain().notify(HookID.VCONN_CLOSE, callbacks)
             self._hooks = None
         self.ssl = None
+        cfg = self.config
+        if cfg is not None and cfg.on_close is not None:
+            cfg.on_close()  # the worker releases the config snapshot this VC was accepted under
 
 
 __all__ = [

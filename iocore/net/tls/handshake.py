@@ -139,7 +139,9 @@ def _warn_no_cert(name: str | None, local: Any) -> None:
 class SSLAcceptConfig:
     """Everything a server-side SSL VC needs, fixed for the VC's life (its config snapshot).
 
-    A reload builds a new one; handshakes in flight keep the one they started with.
+    A reload builds a new one; handshakes in flight keep the one they started with. The worker
+    holds it in its ConfigProcessor: the VC's close calls ``on_close``, which releases the
+    snapshot this VC was accepted under.
     """
 
     __slots__ = (
@@ -149,7 +151,7 @@ class SSLAcceptConfig:
         "hooks",
         "lookup",
         "max_client_hello",
-        "on_error",
+        "on_close",
         "on_ready",
         "on_tunnel",
         "protocols",
@@ -175,6 +177,7 @@ class SSLAcceptConfig:
         wire_trace: WireTrace | None = None,
         fallback_ctx: SSL.Context | None = None,
         sni: SNIConfigParams | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.lookup = lookup
         self.sni = sni  # sni.yaml of the same generation as lookup (None: no item)
@@ -189,6 +192,7 @@ class SSLAcceptConfig:
         self.tunnel_route = tunnel_route
         self.on_ready = on_ready  # called with the SSLNetVConnection
         self.on_tunnel = on_tunnel
+        self.on_close = on_close  # once per VC, from its do_io_close
 
 
 class HandshakeHost(Protocol):

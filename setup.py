@@ -33,6 +33,10 @@ COMPILED = [
     "tsproxy/http/message.py",
     "tsproxy/http/path.py",
     "tsproxy/http/parser.py",
+    "tsproxy/http/transaction.py",
+    "tsproxy/proxy_transaction.py",
+    "tsproxy/http1_session.py",
+    "tsproxy/origin_connector.py",
     "tsproxy/http_sm.py",
 ]
 

@@ -326,6 +326,7 @@ class HttpProcessor:
             sm = spare.pop()
             sm.client = client
             sm.vc = client.vc
+            sm.http = self.http  # it may have served a connection of an older config generation
             return sm
         return HttpSM(self, client)
 

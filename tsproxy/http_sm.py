@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -118,6 +117,7 @@ from tsproxy.http1_session import Http1ClientSession
 from tsproxy.origin_connector import OriginConnection, OriginConnector, OriginPool, ServerGroups
 from tsproxy.origin_health import OriginHealth
 from tsproxy.remap import OriginKey, describe_miss, forward_result
+from tsproxy.resolver import Resolver
 
 if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
@@ -152,7 +152,6 @@ _STATE_HOOK: list[HookID | None] = [
     None,
 ]
 
-RESOLVER_CACHE_MAX = 4096
 MAX_SPARE_SMS = 256
 # Flow control (proxy.config.http.flow_control.*, see FlowControl): a transaction stalled by a
 # slow client for STALLED_AFTER seconds counts against its worker's budget; past half of it the
@@ -255,30 +254,12 @@ class HttpConfig:
         self.sni = sni if sni is not None and sni.has_host_policy else None
 
 
-class Resolver:
-    """Host name -> address cache. Remap targets are resolved when the config loads; a miss
-    resolves synchronously (getaddrinfo blocks the loop: keep origins in remap.config)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int], tuple[int, tuple[Any, ...]]] = {}
-
-    def resolve(self, host: str, port: int) -> tuple[int, tuple[Any, ...]]:
-        key = (host, port)
-        hit = self._cache.get(key)
-        if hit is None:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            family, _, _, _, addr = infos[0]
-            if len(self._cache) >= RESOLVER_CACHE_MAX:  # remap_required 0: any host may come
-                self._cache.clear()
-            hit = self._cache[key] = (family, addr)
-        return hit
-
-    def warm(self, config: ProxyConfig) -> None:
-        for rule in config.remap.rules:
-            try:
-                self.resolve(rule.to_host, rule.to_port)
-            except OSError as exc:
-                _dbg("cannot resolve %s: %s", rule.to_host, exc)
+def _warm(resolver: Resolver, config: ProxyConfig) -> None:
+    """Remap targets are resolved when the config loads (blocking, as before the first request)."""
+    for rule in config.remap.rules:
+        result = resolver.resolve_cached(rule.to_host, rule.to_port)
+        if result.error is not None:
+            _dbg("cannot resolve %s: %s", rule.to_host, result.error)
 
 
 class HttpProcessor:
@@ -288,7 +269,7 @@ class HttpProcessor:
         self.nh = nh
         self.counters = nh.counters
         self.hooks = hooks if hooks is not None else HookRegistry()
-        self.resolver = Resolver()
+        self.resolver = Resolver(nh.thread, config.records)
         self.pool = OriginPool(self)
         self.sessions: dict[Http1ClientSession, None] = {}
         # A request parser between messages, shared: see Http1ClientSession._parse.
@@ -313,8 +294,8 @@ class HttpProcessor:
         # pooled again (OriginPool.put checks the config they were opened under).
         self.pool.close_all()
         self.origin_tls = config.origin_tls
-        self.resolver = Resolver()
-        self.resolver.warm(config)
+        self.resolver.set_records(config.records)
+        _warm(self.resolver, config)
 
     def new_session(self, vc: NetVConnection, scheme: str, port: int) -> Http1ClientSession:
         return Http1ClientSession(self, vc, scheme, port)
@@ -1165,10 +1146,11 @@ def _forward_target(sm: HttpSM, req: RequestReceived, host: bytes, target: bytes
         return None  # it has been through this proxy (by name) already
     proc = sm.proc
     if result.origin_port in proc.listen_ports:
+        # Blocking on a cache miss (rare: remap_required 0 to one of this proxy's own ports).
+        resolved = proc.resolver.resolve_cached(result.origin_host, result.origin_port)
         try:
-            _, sockaddr = proc.resolver.resolve(result.origin_host, result.origin_port)
-            addr = ipaddress.ip_address(sockaddr[0])
-        except (OSError, ValueError):
+            addr = ipaddress.ip_address(resolved.addr[0] if resolved.error is None else "")
+        except ValueError:
             return result  # the connect reports it
         if addr.is_loopback or addr.is_unspecified or str(addr) in proc.listen_ips:
             return None
@@ -1201,4 +1183,4 @@ def _host_sni_mismatch(vc: NetVConnection, sni: SNIConfigParams, host: bytes) ->
     return level == 2
 
 
-__all__ = ["FlowControl", "HttpConfig", "HttpProcessor", "HttpSM", "Resolver"]
+__all__ = ["FlowControl", "HttpConfig", "HttpProcessor", "HttpSM"]

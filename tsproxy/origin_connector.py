@@ -7,7 +7,8 @@ connections per (scheme, host, port, TLS options)); when none is idle it starts 
 ``OriginConnector``, ATS's ``do_http_server_open`` .. ``state_http_server_open`` as a small machine
 of its own::
 
-    start --resolve, per_server cap--> CONNECTING --NET_EVENT_OPEN--> VCONN_OUTBOUND_START hooks
+    start --resolve (off the loop on a cache miss), per_server cap--> CONNECTING
+        --NET_EVENT_OPEN--> VCONN_OUTBOUND_START hooks
         --(https)--> TLS handshake --> verification (origin_tls) --> SSL_VERIFY_SERVER hooks
         --> ready: HttpSM.origin_ready(OriginConnection)
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from iocore.net.net_vconnection import NetVConnection
     from tsproxy.http_sm import HttpProcessor, HttpSM
     from tsproxy.origin_tls import OriginTLSSettings
+    from tsproxy.resolver import ResolveResult
 
 _dbg = DbgCtl("http")
 _log = logging.getLogger("tsproxy.http")
@@ -372,13 +374,26 @@ class OriginConnector(Continuation):
         sm = self.sm
         assert sm is not None
         key = self.key
-        proc = sm.proc
-        try:
-            family, addr = proc.resolver.resolve(key[1], key[2])
-        except OSError as exc:
-            sm.connect_attempts += 1
-            self._fail(sm, f"cannot resolve origin {key[1]}: {exc.strerror or exc}")
+        # A cache miss resolves on the resolver's threads: the loop goes on, _resolved follows.
+        result = sm.proc.resolver.lookup(key[1], key[2], self._resolved)
+        if result is not None:
+            self._connect(sm, result)
+
+    def _resolved(self, result: ResolveResult) -> None:
+        """The resolver's answer, later on the loop."""
+        sm = self.sm
+        if sm is None or sm.connector is not self or sm.closed:
             return
+        self._connect(sm, result)
+
+    def _connect(self, sm: HttpSM, result: ResolveResult) -> None:
+        key = self.key
+        proc = sm.proc
+        if result.error is not None:
+            sm.connect_attempts += 1
+            self._fail(sm, result.error)
+            return
+        family, addr = result.family, result.addr
         group: ServerGroup | None = None
         cap = sm.http.ps_max
         if cap:

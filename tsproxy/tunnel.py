@@ -31,7 +31,7 @@ from iocore.records.stats import METRIC_ID
 if TYPE_CHECKING:
     from iocore.net.net_handler import NetHandler
     from iocore.net.net_vconnection import NetVConnection
-    from tsproxy.http_sm import Resolver
+    from tsproxy.resolver import Resolver
 
 _dbg = DbgCtl("tunnel")
 M_TOTAL = METRIC_ID["proxy.process.tunnel.total_client_connections_blind_tcp"]
@@ -85,7 +85,10 @@ class BlindTunnel(Continuation):
             return
         try:
             host, port = parse_destination(dest)
-            family, addr = resolver.resolve(host, port)
+            resolved = resolver.resolve_cached(host, port)  # blocking on a miss, as before
+            if resolved.error is not None:
+                raise OSError(resolved.error)
+            family, addr = resolved.family, resolved.addr
         except (OSError, ValueError) as exc:
             _dbg("bad tunnel destination %s: %s", dest, exc)
             self._close()

@@ -1,6 +1,6 @@
 """What the plugin facade needs from the core, as ``typing.Protocol``\\ s.
 
-The facade (``tsproxy.api``) wraps core objects it does not own: the HTTP client session of a
+The facade (``tsproxy.api``) wraps core objects it does not own: the HTTP state machine of a
 transaction (``Txn``), the TLS or origin connection of a VConn hook (``VConn``), the connection
 handed to a plugin's own protocol (``ProtocolStream``) and the worker (``PluginAPI``). Each
 Protocol lists exactly the members the facade touches, read-only ones as properties, so a core
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from iocore.net.tls.client_hello import ClientHello
     from tsproxy.config import ProxyConfig
     from tsproxy.http.parser import RequestReceived, ResponseReceived
-    from tsproxy.http_sm import HttpClientSession
+    from tsproxy.http_sm import HttpSM
     from tsproxy.remap import RemapResult
     from tsproxy.worker import Worker
 
@@ -50,7 +50,7 @@ class ClientVC(Protocol):
 
 
 class HttpTxnSession(Protocol):
-    """The HTTP client session a transaction hook runs on (``tsproxy.http_sm``)."""
+    """The HTTP transaction a transaction hook runs on: its state machine (``tsproxy.http_sm.HttpSM``)."""
 
     txn: object  # the Txn of the current transaction (made on its first hook), else None
     request: RequestReceived | None  # Request.target's setter replaces it
@@ -164,7 +164,7 @@ if TYPE_CHECKING:
 
     def _core_satisfies_the_seams(
         worker: Worker,
-        session: HttpClientSession,
+        session: HttpSM,
         tls: SSLNetVConnection,
         origin: OutboundHooks,
         plain: NetVConnection,

@@ -37,6 +37,8 @@ COMPILED = [
     "tsproxy/proxy_transaction.py",
     "tsproxy/http1_session.py",
     "tsproxy/origin_connector.py",
+    "tsproxy/http_response.py",
+    "tsproxy/http_txn_hooks.py",
     "tsproxy/http_sm.py",
 ]
 

@@ -12,6 +12,12 @@ next stage's hooks, remap, connect, send the request head, answer 404 ...); comm
 their event's details (an error's reason, a synthetic response) are carried out by the code that
 fired the event.
 
+The SM is split along its two other seams, as module functions taking the SM so that they read
+its slots directly: the response side (origin input, the relay to the client, flow-control
+pauses, origin failures) is tsproxy/http_response.py; the hook stages and the answers a plugin
+makes are tsproxy/http_txn_hooks.py. This module keeps the request side (start, remap, getting
+an origin connection, the request head), the transaction's end and the local answers.
+
 The hook points READ_REQUEST_HDR, PRE_REMAP, POST_REMAP, SEND_REQUEST_HDR, READ_RESPONSE_HDR and
 SEND_RESPONSE_HDR run on one ``HookChain`` (iocore/net/hook_chain.py), built for a transaction
 only when some plugin hooks it: a proxy without HTTP plugins pays one truth test per stage. A
@@ -54,33 +60,21 @@ from typing import TYPE_CHECKING, Any
 
 from iocore.eventsystem.diags import DbgCtl
 from iocore.eventsystem.event import (
-    VC_EVENT_ACTIVE_TIMEOUT,
-    VC_EVENT_EOS,
-    VC_EVENT_ERROR,
-    VC_EVENT_INACTIVITY_TIMEOUT,
-    VC_EVENT_READ_COMPLETE,
     VC_EVENT_READ_READY,
-    VC_EVENT_WRITE_COMPLETE,
     VC_EVENT_WRITE_READY,
     Continuation,
 )
 from iocore.net.hook_chain import HookChain
-from iocore.net.hooks import HookID, HookOp, HookRegistry
+from iocore.net.hooks import HookID, HookRegistry
 from iocore.net.ssl_net_vconnection import SSLNetVConnection
 from iocore.records.stats import METRIC_ID
 from tsproxy.http.message import (
     ChunkedEncoder,
-    build_client_response_head,
     build_origin_request_head,
-    client_framing,
     error_response,
-    synthetic_response,
 )
 from tsproxy.http.parser import (
-    BodyDataReceived,
     BodyMode,
-    HTTPProtocolError,
-    MessageEnded,
     RequestParser,
     RequestReceived,
     ResponseReceived,
@@ -97,7 +91,6 @@ from tsproxy.http.transaction import (
     E_CLIENT_EOF,
     E_CLOSE,
     E_ERROR,
-    E_HOOK_ERROR,
     E_HOOKS_DONE,
     E_KEEP_ALIVE,
     E_ORIGIN_FAILED,
@@ -106,14 +99,20 @@ from tsproxy.http.transaction import (
     E_REMAP_MISS,
     E_REQUEST_END,
     E_REQUEST_HEAD,
-    E_RESPOND,
-    E_RESPONSE_END,
-    E_RESPONSE_HEAD,
-    E_RETRY,
     RESPOND_STATES,
     TransactionMachine,
 )
 from tsproxy.http1_session import Http1ClientSession
+from tsproxy.http_response import (
+    M_COMPLETED,
+    M_STATUS,
+    buffered,
+    origin_event,
+    process_origin_input,
+    throttle,
+    write_response_head,
+)
+from tsproxy.http_txn_hooks import hooks_ended, notify_close, run_hooks
 from tsproxy.origin_connector import OriginConnection, OriginConnector, OriginPool, ServerGroups
 from tsproxy.origin_health import OriginHealth
 from tsproxy.remap import OriginKey, describe_miss, forward_result
@@ -133,31 +132,12 @@ _log = logging.getLogger("tsproxy.http")
 _TXN_CLOSE = HookID.TXN_CLOSE
 _NONE = BodyMode.NONE
 _CHUNKED = BodyMode.CHUNKED
-_UNTIL_CLOSE = BodyMode.UNTIL_CLOSE
-_TERMINATE = HookOp.TERMINATE
-# The hook point of each hook state of the TransactionMachine (None: not a hook state).
-_STATE_HOOK: list[HookID | None] = [
-    None,
-    HookID.READ_REQUEST_HDR,
-    HookID.PRE_REMAP,
-    None,
-    HookID.POST_REMAP,
-    None,
-    HookID.SEND_REQUEST_HDR,
-    None,
-    HookID.READ_RESPONSE_HDR,
-    HookID.SEND_RESPONSE_HDR,
-    None,
-    None,
-    None,
-]
 
 MAX_SPARE_SMS = 256
 # Flow control (proxy.config.http.flow_control.*, see FlowControl): a transaction stalled by a
 # slow client for STALLED_AFTER seconds counts against its worker's budget; past half of it the
-# stalled transactions buffer at most THROTTLED_WATER_MARK, past all of it the longest-stalled
-# are closed.
-THROTTLED_WATER_MARK = 16 * 1024
+# stalled transactions buffer at most THROTTLED_WATER_MARK (tsproxy/http_response.py), past all
+# of it the longest-stalled are closed.
 STALLED_AFTER = 1.0
 FLOW_CONTROL_PERIOD = 0.5
 
@@ -168,12 +148,9 @@ def _m(name: str) -> int:
 
 M_INCOMING = _m("incoming_requests")
 M_OUTGOING = _m("outgoing_requests")
-M_COMPLETED = _m("completed_requests")
 M_REUSED = _m("origin_connections_reused")
 M_FC_PAUSED = _m("flow_control.paused_bytes")
-M_FC_THROTTLED = _m("flow_control.throttled")
 M_FC_CLOSED = _m("flow_control.closed")
-M_STATUS = {2: _m("2xx_responses"), 3: _m("3xx_responses"), 4: _m("4xx_responses"), 5: _m("5xx_responses")}
 
 
 class HttpConfig:
@@ -363,7 +340,7 @@ class FlowControl(Continuation):
         for sm, since in paused.items():  # oldest pause first
             if since > old:
                 break
-            held = sm.buffered()
+            held = buffered(sm)
             stalled.append((sm, held))
             total += held
         counters[M_FC_PAUSED] = total
@@ -372,7 +349,7 @@ class FlowControl(Continuation):
             return 0
         for sm, _ in stalled:
             if not sm.throttled:
-                sm.throttle()
+                throttle(sm)
         for sm, held in stalled:
             if total <= budget:
                 break
@@ -485,7 +462,7 @@ class HttpSM(Continuation):
             return
         if target is not req.target:
             self.request = replace(req, target=target)
-        self._drive(cmd)
+        self.drive(cmd)
 
     def blocked(self) -> bool:
         """The client's input waits: for the origin connection, a plugin, or the upload buffer."""
@@ -518,7 +495,7 @@ class HttpSM(Continuation):
         """The client took the buffered response bytes: read the origin again."""
         self.origin_paused = False
         self.proc.flow.paused.pop(self, None)
-        self._process_origin_input()
+        process_origin_input(self)
 
     def waiting_on_origin(self) -> bool:
         """A transaction is in progress and nothing waits for the client: the whole request was
@@ -545,23 +522,26 @@ class HttpSM(Continuation):
             if chain is not None:
                 chain.close()
             if self.txn_hooks is not None or self.proc.hooks.has(_TXN_CLOSE):
-                self._notify_close()
+                notify_close(self)
             self.txn = None
             self.txn_hooks = None
         if self.machine.state != CLOSED:
             self.machine.fire(E_CLIENT_EOF)
         if self.origin_paused:
             self.proc.flow.paused.pop(self, None)
-        self._drop_origin()
+        self.drop_origin()
         self._cancel_connect()
         self.chain = None
 
     # -- the transaction's steps -----------------------------------------------------------------
-    def _drive(self, cmd: int) -> None:
+    def drive(self, cmd: int) -> None:
         """Carry out the machine's commands until one waits for an event (C_NONE)."""
         while cmd and not self.closed:
             if cmd == C_RUN_HOOKS:
-                cmd = self._run_hooks(self.machine.state)
+                if self.txn_hooks is None and not self._hook_table:
+                    cmd = self.machine.fire(E_HOOKS_DONE)  # no plugin hooks any HTTP stage: straight on
+                else:
+                    cmd = run_hooks(self, self.machine.state)
             elif cmd == C_REMAP:
                 cmd = self._do_remap()
             elif cmd == C_CONNECT:
@@ -569,7 +549,7 @@ class HttpSM(Continuation):
             elif cmd == C_SEND_REQUEST:
                 cmd = self._send_request_head()
             elif cmd == C_SEND_RESPONSE_HEAD:
-                cmd = self._write_response_head()
+                cmd = write_response_head(self)
             else:
                 raise AssertionError(f"HttpSM: command {cmd} has no step")
 
@@ -609,7 +589,7 @@ class HttpSM(Continuation):
             _dbg("no remap rule for %s://%s%s", client.scheme, host, target)
             self.machine.fire(E_REMAP_MISS)
             miss = describe_miss(client.scheme, host, client.port)  # the client's own Host: public
-            self._answer_error(404, miss, close=not self.client_keep_alive, public=True)
+            self.answer_error(404, miss, close=not self.client_keep_alive, public=True)
             return C_NONE
         self.remap = remap
         return self.machine.fire(E_REMAP_HIT)
@@ -647,19 +627,19 @@ class HttpSM(Continuation):
 
     def connect_turn(self) -> None:
         """ServerGroups: a transaction queued at per_server.connection.max may connect now."""
-        self._drive(self._get_origin())
+        self.drive(self._get_origin())
 
     def origin_ready(self, conn: OriginConnection) -> None:
         """The OriginConnector's connection is set up."""
         self.connector = None
-        self._drive(self._use_origin(conn))
+        self.drive(self._use_origin(conn))
         self.resume_client()
 
     def origin_failed(self, status: int, reason: str) -> None:
         """The OriginConnector failed (it closed what it had)."""
         self.connector = None
         self.machine.fire(E_ORIGIN_FAILED)
-        self._answer_error(status, reason, close=False)
+        self.answer_error(status, reason, close=False)
         self.resume_client()
 
     def _cancel_connect(self) -> None:
@@ -708,241 +688,31 @@ class HttpSM(Continuation):
             self.machine.fire(E_REQUEST_END)
         return C_NONE
 
-    # -- origin side -----------------------------------------------------------------------------
+    # -- origin side (the response: tsproxy/http_response.py) -----------------------------------
     def handle_origin_event(self, event: int, data: Any) -> None:
         try:
             if event == VC_EVENT_READ_READY:
-                self._process_origin_input()
+                process_origin_input(self)
             elif event == VC_EVENT_WRITE_READY:  # the origin drained the upload buffer
                 self.resume_client()  # sent after every request head: a pass only if input waits
             else:
-                self._origin_event(event)
+                origin_event(self, event)
         except Exception:
             self.close()  # the VC's guard closes only the VC that raised
             raise
 
-    def _origin_event(self, event: int) -> None:
-        if event == VC_EVENT_READ_COMPLETE:
-            self._process_origin_input()
-        elif event == VC_EVENT_WRITE_COMPLETE:
-            pass
-        elif event == VC_EVENT_EOS:
-            self._origin_eof()
-        elif event == VC_EVENT_INACTIVITY_TIMEOUT and self._waiting_on_client():
-            # The origin is idle because the client is (a slow reader, a slow upload): not a 504;
-            # the client side's timeout governs.
-            origin = self.origin
-            if origin is not None:
-                origin.vc.set_inactivity_timeout(self.http.txn_timeout_out)
-        elif event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT):
-            self._origin_failed(504, "origin did not answer in time")
-        elif event == VC_EVENT_ERROR:
-            self._origin_failed(502, "origin connection failed")
-
-    def _waiting_on_client(self) -> bool:
-        """The origin connection is idle because of the client: response bytes wait for a slow
-        reader, or the origin has every request byte so far and more must come from the client.
-        Never true together with waiting_on_origin, so one side's timeout always fires."""
-        origin = self.origin
-        if origin is None:
-            return False
-        if self.origin_paused and self.client.write_reader.read_avail():
-            return True
-        return not self.machine.request_done and not origin.write_reader.read_avail()
-
-    def _process_origin_input(self) -> None:
-        origin = self.origin
-        if origin is None or self.closed:
-            return
-        chain = self.chain
-        if chain is not None and chain.running:
-            # A response hook holds the transaction: the origin is not consumed meanwhile (its
-            # read stops by itself at the water mark); the hook's reenable resumes it.
-            self.origin_paused = True
-            return
-        reader = origin.reader
-        got = reader.read_avail()
-        if got:
-            data = reader.read()
-            self.origin_bytes += len(data)
-            try:
-                events = origin.parser.feed(data)
-            except HTTPProtocolError as exc:
-                self._origin_failed(502, f"bad response from origin: {exc.reason}")
-                return
-            self._handle_response_events(events)
-        if self.origin is origin and not origin.vc.closed:
-            if got or not origin.read_buf.high_water():
-                origin.vc.read.reenable()
-            elif not self.origin_paused:
-                # The origin VC found no room: what it sent still waits for the client (the
-                # client write buffer is the origin read buffer's downstream), so the origin read
-                # stays off until the client drained it and a slow reader costs high_water, not
-                # more. Right after a read the VC is re-enabled regardless: a fast client takes
-                # the bytes before the next poll, and nothing is paused.
-                self.origin_paused = True
-                self.proc.flow.paused[self] = self.proc.nh.thread.now
-
-    def buffered(self) -> int:
-        """Response bytes this transaction holds (the client write and origin read buffers)."""
-        origin = self.origin
-        held = self.client.write_buf.max_read_avail()
-        return held + origin.read_buf.max_read_avail() if origin is not None else held
-
-    def throttle(self) -> None:
-        """Over half the worker's budget: buffer at most THROTTLED_WATER_MARK from now on, until
-        the transaction ends (FlowControl)."""
-        origin = self.origin
-        if origin is not None:
-            self.throttled = True
-            origin.read_buf.water_mark = THROTTLED_WATER_MARK
-            self.proc.counters[M_FC_THROTTLED] += 1
-
-    def _handle_response_events(self, events: Sequence[Any]) -> None:
-        client = self.client
-        write = client.write_buf.write
-        for i, ev in enumerate(events):
-            if isinstance(ev, BodyDataReceived):
-                enc = self.chunked
-                write(enc.encode(ev.data) if enc is not None else ev.data)
-            elif isinstance(ev, ResponseReceived):
-                req = self.request
-                self._response_head(ev)
-                chain = self.chain
-                if (chain is not None and chain.running) or self.closed:
-                    # A response hook is paused: the rest waits for its reenable.
-                    self.resp_pending = events[i + 1 :]
-                    return
-                if self.request is not req:
-                    # A response hook ended the transaction (error: a 500 went out instead):
-                    # the rest of the origin's response belongs to nobody.
-                    client.write_reenable()
-                    return
-            elif isinstance(ev, MessageEnded):
-                if self.chunked is not None:
-                    write(self.chunked.end())
-                client.write_reenable()
-                self._transaction_done()
-                return
-        client.write_reenable()
-
-    def _response_head(self, ev: ResponseReceived) -> None:
-        req = self.request
-        assert req is not None
-        if ev.status < 200:
-            # RFC 9110 15.2: no 1xx to an HTTP/1.0 client (it would take it for the response).
-            if (ev.status == 100 or ev.status == 103) and req.http_version == b"1.1":
-                self.client.write_buf.write(build_client_response_head(ev, via=None, keep_alive=True))
-            return
-        self.response = ev
-        self._drive(self.machine.fire(E_RESPONSE_HEAD))
-
-    def _write_response_head(self) -> int:
-        req = self.request
-        ev = self.response
-        if req is None or ev is None:
-            return C_NONE
-        framing = client_framing(ev.body, req.http_version)
-        if req.method == b"HEAD" or ev.body is _NONE:
-            framing = _NONE
-        if framing is _UNTIL_CLOSE:
-            self.client_keep_alive = False
-        self.framing = framing
-        # The parser hands bodies over de-chunked, so a chunked client body is always re-encoded.
-        self.chunked = ChunkedEncoder() if framing is _CHUNKED else None
-        head = build_client_response_head(
-            ev,
-            via=self.http.response_via,
-            keep_alive=self.client_keep_alive,
-            framing=framing,
-            client_http_version=req.http_version,
-        )
-        self.client.write_buf.write(head)
-        self.status_sent = ev.status
-        metric = M_STATUS.get(ev.status // 100)
-        if metric is not None:
-            self.proc.counters[metric] += 1
-        if self.resp_pending:
-            pending, self.resp_pending = self.resp_pending, ()
-            self._handle_response_events(pending)
-        elif self.origin_paused:
-            self.client_drained()
-        return C_NONE
-
-    def _origin_eof(self) -> None:
-        origin = self.origin
-        if origin is None:
-            return
-        try:
-            events = origin.parser.feed_eof()
-        except HTTPProtocolError as exc:
-            req = self.request
-            if (
-                self.response is None
-                and self.origin_bytes == 0
-                and origin.requests > 1
-                and not self.retried
-                and req is not None
-                and req.body is _NONE
-            ):
-                # A pooled connection the origin had closed: retry once on a fresh one.
-                self.retried = True
-                self._drop_origin()
-                self._drive(self.machine.fire(E_RETRY))
-                return
-            self._origin_failed(502, f"origin closed the connection: {exc.reason}")
-            return
-        self._handle_response_events(events)
-        if self.origin is origin:
-            self._drop_origin()
-
-    def _origin_failed(self, status: int, reason: str) -> None:
-        self._drop_origin()
-        if not self.machine.live:
-            return
-        if self.response is None and self.request is not None:
-            self.machine.fire(E_ORIGIN_FAILED)
-            self._answer_error(status, reason, close=True)
-            return
-        # The head already went out: send what is buffered, then cut the connection, so the
-        # client sees the head and a short body rather than nothing at all.
-        self._log_failure(0, reason)
-        self.client_keep_alive = False
-        self.machine.fire(E_ORIGIN_FAILED)
-        self.client.abort_response()
-
-    def _drop_origin(self) -> None:
+    def drop_origin(self) -> None:
         origin = self.origin
         if origin is not None:
             self.origin = None
             origin.close()
 
-    def _transaction_done(self) -> None:
-        self.machine.fire(E_RESPONSE_END)
-        proc = self.proc
-        proc.counters[M_COMPLETED] += 1
-        origin = self.origin
-        resp = self.response
-        self.origin = None
-        if origin is not None:
-            if (
-                resp is not None
-                and resp.keep_alive
-                and self.machine.request_done
-                and self.http.keep_alive_out
-                and origin.parser.reusable
-            ):
-                proc.pool.put(origin)
-            else:
-                origin.close()
-        self._end_transaction()
-
-    def _end_transaction(self) -> None:
+    def end_transaction(self) -> None:
         proc = self.proc
         if self.request is not None:
             proc.active_txns -= 1
         if self.txn_hooks is not None or _TXN_CLOSE in self._hook_table:
-            self._notify_close()
+            notify_close(self)
         chain = self.chain
         if chain is not None:
             self.chain = None
@@ -967,16 +737,16 @@ class HttpSM(Continuation):
     def send_error(self, status: int, reason: str, *, close: bool, public: bool = False) -> None:
         """A local answer (400, 403, 501, 503 ...) instead of the origin's."""
         self.machine.fire(E_ERROR)
-        self._answer_error(status, reason, close=close, public=public)
+        self.answer_error(status, reason, close=close, public=public)
 
-    def _answer_error(self, status: int, reason: str, *, close: bool, public: bool = False) -> None:
+    def answer_error(self, status: int, reason: str, *, close: bool, public: bool = False) -> None:
         """Answer the current transaction with a ``status`` tsproxy makes itself. ``reason`` is
         for the log (a warning for a 502/504, an origin failure the operator must see; the
         ``http`` debug tag for the rest, which a client or a plugin chose and could repeat at
         will); the client gets a generic body, with ``reason`` in it only when ``public`` (the
         text names nothing but the client's own input)."""
         if status == 502 or status == 504:
-            self._log_failure(status, reason)
+            self.log_failure(status, reason)
         else:
             _dbg("answering %d to %s: %s", status, self.vc.remote_ip, reason)
         metric = M_STATUS.get(status // 100)
@@ -994,57 +764,22 @@ class HttpSM(Continuation):
         client = self.client
         client.write_buf.write(error_response(status, reason if public else "", close=not keep))
         client.write_reenable()
-        self._drop_origin()
+        self.drop_origin()
         self._cancel_connect()
         if not keep:
             client.discard_input()
         self.proc.counters[M_COMPLETED] += 1
-        self._end_transaction()
+        self.end_transaction()
 
-    def _log_failure(self, status: int, reason: str) -> None:
+    def log_failure(self, status: int, reason: str) -> None:
         """The detail of a failure the client is not told (status 0: the response was cut)."""
         remap = self.remap
         rule = f" (rule {remap.rule.path}:{remap.rule.line})" if remap is not None else ""
         what = f"answered {status}" if status else "response cut"
         _log.warning("%s to client %s%s: %s", what, self.vc.remote_ip, rule, reason)
 
-    # -- HTTP transaction hooks --------------------------------------------------------------------
-    def _run_hooks(self, state: int) -> int:
-        """Run the global and per-transaction callbacks of ``state``'s hook point; the command
-        after them, or C_NONE while a callback pauses the chain (handle_event resumes it)."""
-        txn_hooks = self.txn_hooks
-        if txn_hooks is None and not self._hook_table:
-            return self.machine.fire(E_HOOKS_DONE)  # no plugin hooks any HTTP stage: straight on
-        hook = _STATE_HOOK[state]
-        assert hook is not None
-        callbacks = self.proc.hooks.get(hook)
-        if txn_hooks is not None and hook in txn_hooks:
-            callbacks = (*callbacks, *txn_hooks[hook])
-        if not callbacks:
-            return self.machine.fire(E_HOOKS_DONE)
-        chain = self.chain
-        if chain is None:
-            chain = self.chain = HookChain(self, self._schedule_resume, _hook_error)
-        if not chain.start(hook, callbacks):
-            return C_NONE
-        return self._hooks_ended(chain)
-
-    def _hooks_ended(self, chain: HookChain) -> int:
-        if self.closed or chain.closed:
-            return C_NONE
-        if chain.op is _TERMINATE:
-            chain.op = HookOp.DEFAULT
-            hook = chain.hook
-            self.machine.fire(E_HOOK_ERROR)
-            self._answer_error(500, f"plugin failed in {hook.name if hook else '?'}", close=True)
-            return C_NONE
-        if self.synthetic is not None:
-            self.machine.fire(E_RESPOND)
-            self._send_synthetic()
-            return C_NONE
-        return self.machine.fire(E_HOOKS_DONE)
-
-    def _schedule_resume(self) -> None:
+    # -- HTTP transaction hooks (the stages: tsproxy/http_txn_hooks.py) ---------------------------
+    def schedule_resume(self) -> None:
         self.proc.nh.thread.schedule_imm(self)
 
     def handle_event(self, event: int, data: Any = None) -> Any:
@@ -1054,7 +789,7 @@ class HttpSM(Continuation):
             return None  # the transaction ended meanwhile
         try:
             if chain.advance():
-                self._drive(self._hooks_ended(chain))
+                self.drive(hooks_ended(self, chain))
             self.resume_client()
         except Exception:
             self.close()
@@ -1076,41 +811,6 @@ class HttpSM(Continuation):
         chain.stop()
         return True
 
-    def _send_synthetic(self) -> None:
-        assert self.synthetic is not None
-        status, headers, body = self.synthetic
-        req = self.request
-        close = not self.client_keep_alive or (
-            req is not None and not self.machine.request_done and req.body is not _NONE
-        )
-        self.client_keep_alive = not close
-        self._drop_origin()
-        self.status_sent = status
-        client = self.client
-        client.write_buf.write(
-            synthetic_response(
-                status, headers, body, close=close, head_only=req is not None and req.method == b"HEAD"
-            )
-        )
-        client.write_reenable()
-        metric = M_STATUS.get(status // 100)
-        if metric is not None:
-            self.proc.counters[metric] += 1
-        self.proc.counters[M_COMPLETED] += 1
-        if close:
-            client.discard_input()
-        self._end_transaction()
-
-    def _notify_close(self) -> None:
-        """TXN_CLOSE: every callback once; reenable is not needed."""
-        callbacks = self.proc.hooks.get(_TXN_CLOSE)
-        if self.txn_hooks is not None and _TXN_CLOSE in self.txn_hooks:
-            callbacks = (*callbacks, *self.txn_hooks[_TXN_CLOSE])
-        chain = self.chain
-        if chain is None:
-            chain = HookChain(self, self._schedule_resume, _hook_error)
-        chain.notify(_TXN_CLOSE, callbacks)
-
     def txn_hook_add(self, hook: HookID, callback: Any) -> None:
         if self.txn_hooks is None:
             self.txn_hooks = {}
@@ -1118,14 +818,6 @@ class HttpSM(Continuation):
         chain = self.chain
         if chain is not None and chain.running and chain.hook is hook:
             chain.append(callback)
-
-
-def _hook_error(hook: HookID, exc: Exception) -> None:
-    """A plugin's HTTP hook raised (called from inside the chain's except clause)."""
-    if hook is _TXN_CLOSE:
-        _log.exception("HTTP %s hook raised", hook.name)
-    else:
-        _log.exception("HTTP %s hook raised; answering 500", hook.name)
 
 
 def _forward_target(sm: HttpSM, req: RequestReceived, host: bytes, target: bytes) -> RemapResult | None:

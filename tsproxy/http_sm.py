@@ -67,6 +67,7 @@ from iocore.eventsystem.event import (
 from iocore.net.hook_chain import HookChain
 from iocore.net.hooks import HookID, HookRegistry
 from iocore.net.ssl_net_vconnection import SSLNetVConnection
+from iocore.records.config_processor import ConfigHandle, ConfigProcessor
 from iocore.records.stats import METRIC_ID
 from tsproxy.http.message import (
     ChunkedEncoder,
@@ -127,6 +128,7 @@ if TYPE_CHECKING:
     from tsproxy.remap import RemapResult
 
 _dbg = DbgCtl("http")
+_dbg_config = DbgCtl("http_config")
 _log = logging.getLogger("tsproxy.http")
 
 _TXN_CLOSE = HookID.TXN_CLOSE
@@ -154,7 +156,13 @@ M_FC_CLOSED = _m("flow_control.closed")
 
 
 class HttpConfig:
-    """The HTTP records a session needs, read once per config generation."""
+    """The HTTP records a transaction needs, read once per config generation (ATS HttpConfig).
+
+    An immutable snapshot kept in the worker's ConfigProcessor (``HttpProcessor.http_handle``):
+    each transaction acquires the current one when it starts and releases it when it ends, so a
+    reload reaches every transaction that starts after it, and a transaction in progress keeps
+    its own to the end. ``on_release`` runs when a replaced snapshot's last transaction ended.
+    """
 
     __slots__ = (
         "accept_timeout",
@@ -166,6 +174,7 @@ class HttpConfig:
         "connect_timeout",
         "down_time",
         "flow_high_water",
+        "generation",
         "ka_timeout_in",
         "ka_timeout_out",
         "keep_alive_in",
@@ -190,7 +199,8 @@ class HttpConfig:
         "xff",
     )
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, generation: int = 0) -> None:
+        self.generation = generation  # counts this worker's config loads (debug tag http_config)
         rec = config.records
         g = rec.get_int
         name = rec.get_str("proxy.config.proxy_name").encode("ascii", "replace")
@@ -230,6 +240,10 @@ class HttpConfig:
         sni = config.sni
         self.sni = sni if sni is not None and sni.has_host_policy else None
 
+    def on_release(self) -> None:
+        """ConfigProcessor: replaced, and the last transaction that held it has ended."""
+        _dbg_config("HttpConfig generation %d released", self.generation)
+
 
 def _warm(resolver: Resolver, config: ProxyConfig) -> None:
     """Remap targets are resolved when the config loads (blocking, as before the first request)."""
@@ -240,7 +254,13 @@ def _warm(resolver: Resolver, config: ProxyConfig) -> None:
 
 
 class HttpProcessor:
-    """Per-worker HTTP state: config, origin pool, resolver."""
+    """Per-worker HTTP state: config, origin pool, resolver.
+
+    The current ``HttpConfig`` is in ``http_handle``, one id of the worker's ConfigProcessor
+    (iocore/records/config_processor.py; owned here for now): ``set_config`` installs a new one
+    on reload, ``HttpSM.start`` acquires it and the transaction's end releases it. ``http`` is
+    the current one too, for what is not a transaction (sessions, the pool, FlowControl).
+    """
 
     def __init__(self, nh: NetHandler, config: ProxyConfig, hooks: HookRegistry | None = None) -> None:
         self.nh = nh
@@ -256,13 +276,19 @@ class HttpProcessor:
         self.active_txns = 0  # transactions in progress (proxy.config.net.max_requests_in)
         self.request_share = 1  # workers sharing the listeners: max_requests_in is split over them
         self.health = OriginHealth()
+        self.config_processor: ConfigProcessor[Any] = ConfigProcessor()
+        self.http_handle: ConfigHandle[HttpConfig] = ConfigHandle(self.config_processor, "http")
+        self.generation = 0
         self.set_config(config)
         self.flow = FlowControl(self)
         self.servers = ServerGroups(self)
 
     def set_config(self, config: ProxyConfig) -> None:
         self.config = config
-        self.http = HttpConfig(config)
+        self.generation += 1
+        http = self.http = HttpConfig(config, self.generation)
+        # The old one is dropped now, or when the last transaction holding it ends.
+        self.http_handle.set(http)
         # This proxy's own addresses: remap_required 0 never forwards a request to itself.
         self.listen_ports = {p.port for p in config.ports}
         self.listen_ips = {p.ip_in for p in config.ports if p.ip_in is not None}
@@ -284,7 +310,6 @@ class HttpProcessor:
             sm = spare.pop()
             sm.client = client
             sm.vc = client.vc
-            sm.http = self.http  # it may have served a connection of an older config generation
             return sm
         return HttpSM(self, client)
 
@@ -433,9 +458,11 @@ class HttpSM(Continuation):
 
     # -- the client side's calls -----------------------------------------------------------------
     def start(self, req: RequestReceived) -> None:
-        """A request head: a new transaction."""
+        """A request head: a new transaction. It holds the current HttpConfig to its end
+        (released where ``request`` goes back to None: end_transaction, client_closed)."""
         proc = self.proc
         proc.counters[M_INCOMING] += 1
+        self.http = proc.http_handle.acquire()
         self.request = req
         self.response = None
         self.retried = False
@@ -516,7 +543,9 @@ class HttpSM(Continuation):
         """The client side closed: the transaction (if any) dies with it."""
         self.closed = True
         if self.request is not None:
-            self.proc.active_txns -= 1
+            proc = self.proc
+            proc.active_txns -= 1
+            proc.http_handle.release(self.http)
             # Client abort, timeout, a plugin that never re-enabled: TXN_CLOSE still fires, once.
             chain = self.chain
             if chain is not None:
@@ -711,6 +740,7 @@ class HttpSM(Continuation):
         proc = self.proc
         if self.request is not None:
             proc.active_txns -= 1
+            proc.http_handle.release(self.http)
         if self.txn_hooks is not None or _TXN_CLOSE in self._hook_table:
             notify_close(self)
         chain = self.chain

@@ -4,6 +4,7 @@ and reloading under a handshake loop loses nothing."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -341,3 +342,120 @@ def test_sessions_resume_across_a_reload(
     assert result.returncode == 0, result.stderr
     again = s_client("-sess_in", str(sess))
     assert "Reused," in again, again[-1500:]
+
+
+# -- the HTTP config per transaction (HttpSM acquires HttpConfig, ATS-style) ------------------------
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+class _PathHandler(BaseHTTPRequestHandler):
+    """Answers with the path it was asked for: which remap rule a request went through."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        body = self.path.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def path_origin() -> Iterator[int]:
+    with http_origin(_PathHandler) as port:
+        yield port
+
+
+def _remap_to(port: int, prefix: str) -> str:
+    return f"map http://a.test/ http://127.0.0.1:{port}/{prefix}/\n"
+
+
+def _get(conn: http.client.HTTPConnection, path: str, **headers: str) -> str:
+    conn.request("GET", path, headers={"Host": "a.test", **headers})
+    resp = conn.getresponse()
+    body = resp.read().decode()
+    assert resp.status == 200, (resp.status, body)
+    return body
+
+
+def _fresh_get(proxy: Any, path: str) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port(), timeout=10)
+    try:
+        return _get(conn, path)
+    finally:
+        conn.close()
+
+
+def _reload_remap(proxy: Any, port: int, prefix: str) -> None:
+    (proxy.config_dir / "remap.config").write_text(_remap_to(port, prefix))
+    result = proxy.ctl("reload")
+    assert result.returncode == 0, result.stderr + result.stdout
+    want = f"/{prefix}/probe"
+    wait_for(lambda: _fresh_get(proxy, "/probe") == want, what=f"new connections use /{prefix}/")
+
+
+def test_a_transaction_keeps_its_config_across_a_reload(
+    tsproxy_factory: Any, path_origin: int, tmp_path: Path
+) -> None:
+    """A transaction paused in a hook (before its remap) across ``tsproxy reload`` finishes with
+    the old remap rules; new transactions get the new ones; the old HttpConfig is released only
+    after the paused transaction ended."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    proxy = tsproxy_factory(
+        records={"proxy.config.diags.debug.enabled": 1, "proxy.config.diags.debug.tags": "http_config"},
+        files={
+            "remap.config": _remap_to(path_origin, "old"),
+            "plugin.config": f"{PLUGINS / 'hold_txn.py'} {hold}\n",
+        },
+    )
+    assert _fresh_get(proxy, "/before") == "/old/before"
+    held: dict[str, str] = {}
+
+    def paused_request() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port(), timeout=30)
+        try:
+            held["body"] = _get(conn, "/held", **{"X-Hold": "one"})
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=paused_request)
+    thread.start()
+    log = hold / "hold.log"
+    wait_for(lambda: log.exists() and "held one" in log.read_text(), what="the transaction held")
+    _reload_remap(proxy, path_origin, "new")
+    assert _fresh_get(proxy, "/after") == "/new/after"
+    released = "HttpConfig generation 1 released"
+    time.sleep(0.3)  # time for a wrong early release to reach the log
+    assert released not in proxy.output()
+    (hold / "one").touch()
+    thread.join(10)
+    assert held.get("body") == "/old/held"  # remapped after the reload, by the config it started with
+    wait_for(lambda: released in proxy.output(), what="the old HttpConfig released")
+    text = log.read_text()
+    assert text.index("held one") < text.index("released one")
+    assert "HttpConfig generation 2 released" not in proxy.output()  # the current one is kept
+
+
+def test_a_keep_alive_connection_takes_a_reload_at_its_next_request(
+    tsproxy_factory: Any, path_origin: int
+) -> None:
+    """The config is per transaction, not per connection (as in ATS): a keep-alive connection
+    opened before a reload sends its next request through the new remap rules."""
+    proxy = tsproxy_factory(
+        records={"proxy.config.http.keep_alive_no_activity_timeout_in": 60},
+        files={"remap.config": _remap_to(path_origin, "old")},
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port(), timeout=10)
+    try:
+        assert _get(conn, "/first") == "/old/first"
+        sock = conn.sock
+        _reload_remap(proxy, path_origin, "new")
+        assert _get(conn, "/second") == "/new/second"
+        assert conn.sock is sock and sock is not None  # the same connection, not a reconnect
+    finally:
+        conn.close()

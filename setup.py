@@ -19,6 +19,7 @@ import sys
 from setuptools import setup
 
 COMPILED = [
+    "iocore/records/config_processor.py",
     "iocore/eventsystem/event.py",
     "iocore/eventsystem/iobuffer.py",
     "iocore/eventsystem/ethread.py",

@@ -581,7 +581,7 @@ def test_origin_faults_give_clean_errors(
 # Timing-dependent failure seen at 044570a (about half of full-file runs, when the origin's FIN is
 # already in when the proxy reads the body): an empty reply. SSLNetVConnection._ssl_read leaves
 # _ssl_bio_has_data True after draining the read BIO, the origin VC is re-read in the same loop pass
-# and sees EOS before the client's write is flushed, and HttpClientSession._origin_failed close()s the
+# and sees EOS before the client's write is flushed, and HttpSM (http_response.response_failed) close()s the
 # client VC, dropping the buffered head and body.
 def test_origin_cutting_the_body_gives_the_client_the_head_and_a_cut_body(
     tsproxy_factory: Factory, pki: PKI, origins: dict[str, TLSOrigin]

@@ -75,7 +75,7 @@ class Http1ClientSession(ProxyTransaction):
 
     def __init__(self, proc: HttpProcessor, vc: NetVConnection, scheme: str, port: int) -> None:
         # The response side: proxy.config.http.flow_control.high_water bounds what a transaction
-        # buffers for a slow client (see HttpSM._process_origin_input).
+        # buffers for a slow client (see tsproxy/http_response.py process_origin_input).
         super().__init__(vc, scheme, port, MIOBuffer(proc.http.flow_high_water))
         self.proc = proc
         self.http = proc.http

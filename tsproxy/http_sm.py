@@ -39,7 +39,7 @@ A transaction ends with the response's ``MessageEnded``: the origin connection r
 pool when both sides allow keep-alive, and the client side reads its next request or closes.
 Errors map to answers: no remap rule 404, malformed request 400/413/414/431 (then close), origin
 unreachable 502, origin silent past ``proxy.config.http.transaction_no_activity_timeout_out``
-504. Their bodies say only the status; the reason goes to the log (``_answer_error``). A
+504. Their bodies say only the status; the reason goes to the log (``answer_error``). A
 request-target's dot segments are resolved (tsproxy/http/path.py) before the first hook and the
 remap lookup see it.
 

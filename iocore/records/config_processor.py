@@ -14,6 +14,9 @@ States of one snapshot: CURRENT (refcount >= 0) -> RETIRED (refcount > 0) -> DRO
 There are no locks: each process runs one event loop on one thread, and each owns its own
 ConfigProcessor (handed to whoever needs it, never a module global).
 
+The module is compiled (setup.py): every HTTP transaction acquires and releases its
+``HttpConfig`` here, which then costs two native calls and a dict lookup each way.
+
 ``ConfigHandle`` is one subsystem's id in a processor, as ATS's ``SSLConfig`` and
 ``SSLCertificateConfig`` wrap their ``configid``: ``set`` / ``acquire`` / ``release`` and
 ``scoped_config()`` (ATS ``SSLCertificateConfig::scoped_config lookup;``) without passing the id.
@@ -23,16 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
 class _Snapshot(Generic[T]):
-    obj: T
-    refcount: int = 0
+    __slots__ = ("obj", "refcount")
+
+    def __init__(self, obj: T) -> None:
+        self.obj = obj
+        self.refcount = 0
 
 
 class ConfigProcessor(Generic[T]):

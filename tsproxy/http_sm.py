@@ -199,8 +199,8 @@ class HttpConfig:
         "xff",
     )
 
-    def __init__(self, config: ProxyConfig, generation: int = 0) -> None:
-        self.generation = generation  # counts this worker's config loads (debug tag http_config)
+    def __init__(self, config: ProxyConfig) -> None:
+        self.generation = config.generation  # the master's count of config loads (as SSLSnapshot's)
         rec = config.records
         g = rec.get_int
         name = rec.get_str("proxy.config.proxy_name").encode("ascii", "replace")
@@ -257,12 +257,19 @@ class HttpProcessor:
     """Per-worker HTTP state: config, origin pool, resolver.
 
     The current ``HttpConfig`` is in ``http_handle``, one id of the worker's ConfigProcessor
-    (iocore/records/config_processor.py; owned here for now): ``set_config`` installs a new one
+    (iocore/records/config_processor.py; the worker hands over its own, beside its TLS
+    snapshots; without one the processor makes its own): ``set_config`` installs a new one
     on reload, ``HttpSM.start`` acquires it and the transaction's end releases it. ``http`` is
     the current one too, for what is not a transaction (sessions, the pool, FlowControl).
     """
 
-    def __init__(self, nh: NetHandler, config: ProxyConfig, hooks: HookRegistry | None = None) -> None:
+    def __init__(
+        self,
+        nh: NetHandler,
+        config: ProxyConfig,
+        hooks: HookRegistry | None = None,
+        config_processor: ConfigProcessor[object] | None = None,
+    ) -> None:
         self.nh = nh
         self.counters = nh.counters
         self.hooks = hooks if hooks is not None else HookRegistry()
@@ -276,17 +283,16 @@ class HttpProcessor:
         self.active_txns = 0  # transactions in progress (proxy.config.net.max_requests_in)
         self.request_share = 1  # workers sharing the listeners: max_requests_in is split over them
         self.health = OriginHealth()
-        self.config_processor: ConfigProcessor[Any] = ConfigProcessor()
-        self.http_handle: ConfigHandle[HttpConfig] = ConfigHandle(self.config_processor, "http")
-        self.generation = 0
+        if config_processor is None:
+            config_processor = ConfigProcessor()
+        self.http_handle: ConfigHandle[HttpConfig] = ConfigHandle(config_processor, "http")
         self.set_config(config)
         self.flow = FlowControl(self)
         self.servers = ServerGroups(self)
 
     def set_config(self, config: ProxyConfig) -> None:
         self.config = config
-        self.generation += 1
-        http = self.http = HttpConfig(config, self.generation)
+        http = self.http = HttpConfig(config)
         # The old one is dropped now, or when the last transaction holding it ends.
         self.http_handle.set(http)
         # This proxy's own addresses: remap_required 0 never forwards a request to itself.

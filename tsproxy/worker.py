@@ -149,10 +149,11 @@ class Worker(Continuation):
         self.slot = boot.stats.slot(boot.slot)
         self.nh = NetHandler(self.thread, self.slot)
         self.hooks = HookRegistry()
-        self.http = HttpProcessor(self.nh, self.config, self.hooks)
-        self.acceptors: list[NetAccept] = []
-        # The worker's config snapshots (iocore/records/config_processor.py).
+        # The worker's config snapshots (iocore/records/config_processor.py): TLS here, HTTP
+        # in the HttpProcessor.
         self.config_processor: ConfigProcessor[object] = ConfigProcessor()
+        self.http = HttpProcessor(self.nh, self.config, self.hooks, self.config_processor)
+        self.acceptors: list[NetAccept] = []
         self.ssl_config: ConfigHandle[SSLSnapshot] = ConfigHandle(self.config_processor, "ssl")
         self.control_buf = bytearray()
         self.stopping = False

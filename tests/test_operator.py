@@ -433,7 +433,9 @@ def test_connect_retries_then_the_origin_is_marked_down(
         "proxy.config.http.connect_attempts_max_retries_dead_server": 1,
         "proxy.config.http.down_server.cache_time": 60,
     }
-    proxy = tsproxy_factory(records=records, files={"remap.config": f"map http://a.test/ http://127.0.0.1:{port}/\n"})
+    proxy = tsproxy_factory(
+        records=records, files={"remap.config": f"map http://a.test/ http://127.0.0.1:{port}/\n"}
+    )
 
     def failures() -> int:
         out = proxy.ctl("metric", "get", "proxy.process.http.err_connect_fail_count").stdout

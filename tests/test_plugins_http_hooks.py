@@ -52,7 +52,10 @@ def start(
 
 
 def request(
-    proxy: ProxyProcess, tid: str, action: str = "", path: str = "/echo",
+    proxy: ProxyProcess,
+    tid: str,
+    action: str = "",
+    path: str = "/echo",
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port(), timeout=10)
@@ -258,8 +261,9 @@ def test_stalled_hook_blocks_nobody_and_is_ended_by_the_inactivity_timeout(
     assert metric(proxy, "proxy.process.http.current_client_connections") == 0
 
 
-def test_plugin_load_failure_stops_start_or_warns(tmp_path: Path, origin: OriginServer,
-                                                  tsproxy_factory: Factory) -> None:
+def test_plugin_load_failure_stops_start_or_warns(
+    tmp_path: Path, origin: OriginServer, tsproxy_factory: Factory
+) -> None:
     broken = {
         "raising.py": "def plugin_init(api, args):\n    raise RuntimeError('no config for me')\n",
         "syntax.py": "def plugin_init(api, args)\n    pass\n",

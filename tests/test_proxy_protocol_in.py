@@ -81,8 +81,6 @@ def _metric(proxy: Any, name: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-
-
 def connect(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(timeout)

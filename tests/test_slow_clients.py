@@ -248,7 +248,6 @@ def test_per_server_queue_size_0_refuses_at_once(tsproxy_factory: Factory, origi
     c.close()
 
 
-
 def test_pipelined_responses_behind_a_stalled_client_all_arrive(
     tsproxy_factory: Factory, origin: OriginServer
 ) -> None:

@@ -166,10 +166,7 @@ def test_ip_allow_from_a_file_and_version_bounds(tmp_path: Path) -> None:
     (tmp_path / "ips").mkdir()
     (tmp_path / "ips" / "office.txt").write_text("# the office\n10.1.0.0/16\n10.2.0.1, 10.2.0.2\n")
     (item,) = parse_sni_yaml(
-        "sni:\n"
-        "- fqdn: a.test\n"
-        '  ip_allow: "@ips/office.txt"\n'
-        "  valid_tls_version_min_in: TLSv1_2\n",
+        'sni:\n- fqdn: a.test\n  ip_allow: "@ips/office.txt"\n  valid_tls_version_min_in: TLSv1_2\n',
         "sni.yaml",
         tmp_path,
     ).items
@@ -441,9 +438,7 @@ def test_ciphers_and_groups_per_name(tsproxy_factory: Factory, certs: Certs, ori
 # --------------------------------------------------------------------------------------------
 
 
-def connect_from(
-    ctx: ssl.SSLContext, port: int, sni: str, source: str
-) -> ssl.SSLSocket:
+def connect_from(ctx: ssl.SSLContext, port: int, sni: str, source: str) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
     try:
         return ctx.wrap_socket(raw, server_hostname=sni)

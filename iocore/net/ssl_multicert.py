@@ -380,9 +380,7 @@ def _pem_certs(path: Path) -> list[x509.Certificate]:
         return []  # build_server_context has already reported unreadable files
 
 
-def _stapled_certs(
-    entry: MulticertLine, params: SSLConfigParams, warnings: list[str]
-) -> list[StapledCert]:
+def _stapled_certs(entry: MulticertLine, params: SSLConfigParams, warnings: list[str]) -> list[StapledCert]:
     """The OCSP stapling entries of one line: a prefetched file (read and verified now, so a
     bad one is a FILE:LINE error) or the AIA responder URL; what cannot be stapled is a warning."""
     ca_certs = _pem_certs(params.server_cert_path / entry.ca_name) if entry.ca_name else []

@@ -52,7 +52,6 @@ from iocore.net.tls._openssl import ssl_pointer as _ssl_pointer
 from iocore.net.tls._openssl import write_bio as _write_bio
 
 if TYPE_CHECKING:
-
     from iocore.eventsystem.iobuffer import VIO, IOBufferReader
     from iocore.net.net_handler import NetHandler
 

@@ -41,7 +41,7 @@ from iocore.eventsystem.event import (
     VC_EVENT_READ_COMPLETE,
     VC_EVENT_WRITE_COMPLETE,
 )
-from iocore.records.stats import METRIC_ID
+from iocore.records.stats import process_metric
 from tsproxy.http.message import ChunkedEncoder, build_client_response_head, client_framing
 from tsproxy.http.parser import (
     BodyDataReceived,
@@ -63,13 +63,14 @@ _UNTIL_CLOSE = BodyMode.UNTIL_CLOSE
 THROTTLED_WATER_MARK = 16 * 1024
 
 
-def _m(name: str) -> int:
-    return METRIC_ID["proxy.process.http." + name]
-
-
-M_COMPLETED = _m("completed_requests")
-M_FC_THROTTLED = _m("flow_control.throttled")
-M_STATUS = {2: _m("2xx_responses"), 3: _m("3xx_responses"), 4: _m("4xx_responses"), 5: _m("5xx_responses")}
+M_COMPLETED = process_metric("http", "completed_requests")
+M_FC_THROTTLED = process_metric("http", "flow_control.throttled")
+M_STATUS = {
+    2: process_metric("http", "2xx_responses"),
+    3: process_metric("http", "3xx_responses"),
+    4: process_metric("http", "4xx_responses"),
+    5: process_metric("http", "5xx_responses"),
+}
 
 
 def origin_event(sm: HttpSM, event: int) -> None:

@@ -68,7 +68,7 @@ from iocore.net.hook_chain import HookChain
 from iocore.net.hooks import HookID, HookRegistry
 from iocore.net.ssl_net_vconnection import SSLNetVConnection
 from iocore.records.config_processor import ConfigHandle, ConfigProcessor
-from iocore.records.stats import METRIC_ID
+from iocore.records.stats import process_metric
 from tsproxy.http.message import (
     ChunkedEncoder,
     build_origin_request_head,
@@ -144,15 +144,11 @@ STALLED_AFTER = 1.0
 FLOW_CONTROL_PERIOD = 0.5
 
 
-def _m(name: str) -> int:
-    return METRIC_ID["proxy.process.http." + name]
-
-
-M_INCOMING = _m("incoming_requests")
-M_OUTGOING = _m("outgoing_requests")
-M_REUSED = _m("origin_connections_reused")
-M_FC_PAUSED = _m("flow_control.paused_bytes")
-M_FC_CLOSED = _m("flow_control.closed")
+M_INCOMING = process_metric("http", "incoming_requests")
+M_OUTGOING = process_metric("http", "outgoing_requests")
+M_REUSED = process_metric("http", "origin_connections_reused")
+M_FC_PAUSED = process_metric("http", "flow_control.paused_bytes")
+M_FC_CLOSED = process_metric("http", "flow_control.closed")
 
 
 class HttpConfig:

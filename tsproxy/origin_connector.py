@@ -47,7 +47,7 @@ from iocore.net.net_vconnection import EVENT_READ
 from iocore.net.ssl_config import VerifyServerPolicy
 from iocore.net.ssl_net_vconnection import OutboundHooks, OutboundPlainNetVConnection, SSLNetVConnection
 from iocore.records.errors import TSError
-from iocore.records.stats import METRIC_ID
+from iocore.records.stats import process_metric
 from tsproxy.http.parser import ResponseParser
 from tsproxy.origin_tls import M_VERIFY_FAILED, OriginTLS
 from tsproxy.remap import OriginKey
@@ -64,15 +64,11 @@ _log = logging.getLogger("tsproxy.http")
 MAX_IDLE_PER_ORIGIN = 128
 
 
-def _m(name: str) -> int:
-    return METRIC_ID["proxy.process.http." + name]
-
-
-M_CUR_SERVER = _m("current_server_connections")
-M_TOTAL_SERVER = _m("total_server_connections")
-M_CONNECT_FAIL = _m("err_connect_fail_count")
-M_THROTTLED_OUT = _m("origin_connections_throttled_out")
-M_QUEUED = _m("origin_connections_queued")
+M_CUR_SERVER = process_metric("http", "current_server_connections")
+M_TOTAL_SERVER = process_metric("http", "total_server_connections")
+M_CONNECT_FAIL = process_metric("http", "err_connect_fail_count")
+M_THROTTLED_OUT = process_metric("http", "origin_connections_throttled_out")
+M_QUEUED = process_metric("http", "origin_connections_queued")
 
 
 class ServerGroup:

@@ -155,6 +155,13 @@ METRICS: tuple[MetricSpec, ...] = (
 # fmt: on
 
 METRIC_ID: dict[str, int] = {spec.name: i for i, spec in enumerate(METRICS)}
+
+
+def process_metric(group: str, name: str) -> int:
+    """The id of ``proxy.process.GROUP.NAME`` (a KeyError names a metric the table lacks)."""
+    return METRIC_ID[f"proxy.process.{group}.{name}"]
+
+
 DYNAMIC_MAX = 256
 N_METRICS = len(METRICS) + DYNAMIC_MAX
 

@@ -6,11 +6,11 @@ ids); the VC counts them and the success / timeout counters in its worker's coun
 
 from __future__ import annotations
 
-from iocore.records.stats import METRIC_ID
+from iocore.records.stats import process_metric
 
 
 def ssl_metric(name: str) -> int:
-    return METRIC_ID["proxy.process.ssl." + name]
+    return process_metric("ssl", name)
 
 
 M_ATTEMPTS_IN = ssl_metric("total_attempts_handshake_count_in")

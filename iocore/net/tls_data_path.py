@@ -135,6 +135,8 @@ class TLSDataPath(NetVConnection):
         self._raw_eof = False
 
     def _handshake_step(self) -> None:
+        """Advance the handshake (SSLNetVConnection drives its machine here; the data path never
+        calls it once the handshake is complete)."""
         raise NotImplementedError
 
     def _on_io_unguarded(self, mask: int) -> None:

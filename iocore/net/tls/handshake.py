@@ -407,6 +407,7 @@ class _Machine:
         return SendBytes(data)
 
     def _step(self) -> Command:
+        """One move of the side's own states (ServerHandshake, ClientHandshake override it)."""
         raise NotImplementedError
 
 

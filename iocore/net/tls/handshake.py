@@ -51,8 +51,12 @@ from iocore.net.tls._openssl import (
     NULL,
     SSL_ERROR_WANT_READ,
     BIO_get_mem_data,
+    BIO_read,
     SSL_do_handshake,
     SSL_get_error,
+    ffi_buffer,
+    ffi_new,
+    handle_bio_errors,
     raise_ssl_error,
     ssl_pointer,
     write_bio,
@@ -90,6 +94,10 @@ def set_read_ahead(ssl: SSL.Connection) -> None:
         _openssl_set_read_ahead(ssl)
 
 
+# A handshake flight is drained through this (one event loop per process: nothing else holds it
+# between the BIO_read and the copy out).
+_DRAIN_SCRATCH_SIZE = 16384
+_DRAIN_SCRATCH: Any = ffi_new("char[]", _DRAIN_SCRATCH_SIZE)
 _dbg = DbgCtl("ssl")
 _dbg_err = DbgCtl("ssl.error")
 _dbg_sni = DbgCtl("ssl_sni")  # sni.yaml actions (ATS's tag)
@@ -202,6 +210,7 @@ class HandshakeHost(Protocol):
     client_hello: ClientHello | None
     sni_policy: SNIPolicy | None
     ssl_context: SSL.Context | None  # a CERT hook's own context
+    npn_set: tuple[bytes, ...]  # the ALPN protocols offered (sni.yaml http2: off drops h2)
     ssl: SSL.Connection | None
     remote_addr: tuple[Any, ...]
     local_addr: tuple[Any, ...]
@@ -287,7 +296,9 @@ class Fail(Command):
 # -- states --------------------------------------------------------------------------------------
 
 
-class HandshakeState(enum.Enum):
+class HandshakeState(enum.IntEnum):
+    # IntEnum: the transition table and the hook map are dicts keyed by state, and an
+    # IntEnum hashes as its int (a plain Enum's __hash__ is a Python-level call).
     START = 0
     VCONN_START = 1  # VCONN_START hooks
     READ_HELLO = 2  # buffering the ClientHello
@@ -380,9 +391,20 @@ class _Machine:
         """Move what OpenSSL wrote into its write BIO to the output."""
         ssl = self.ssl
         assert ssl is not None
-        pending = BIO_get_mem_data(write_bio(ssl), NULL)
-        if pending > 0:
+        bio = write_bio(ssl)
+        pending = BIO_get_mem_data(bio, NULL)
+        if pending <= 0:
+            return
+        if pending > _DRAIN_SCRATCH_SIZE:
             self._out += ssl.bio_read(pending)
+            return
+        # BIO_read into the module's scratch memory: pyOpenSSL's bio_read allocates a buffer
+        # of the pending size per call (one flight per handshake step, a few KiB)
+        n = BIO_read(bio, _DRAIN_SCRATCH, pending)
+        if n <= 0:
+            handle_bio_errors(ssl, bio, n)
+            return
+        self._out += ffi_buffer(_DRAIN_SCRATCH, n)[:]
 
     def next_command(self) -> Command:
         """What the driver does next: output first, then the state's command."""
@@ -664,6 +686,8 @@ class ServerHandshake(_Machine):
             return True
         host = self.host
         host.sni_policy = policy
+        if policy.item.http2 is False and b"h2" in host.npn_set:
+            host.npn_set = tuple(p for p in host.npn_set if p != b"h2")  # sni.yaml http2: off
         if _dbg_sni.on:
             _dbg_sni("sni=%s matched %s (fqdn %s)", name, policy.item.source, policy.item.fqdn)
         remote_ip = str(host.remote_addr[0]) if host.remote_addr else ""

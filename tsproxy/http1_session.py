@@ -34,18 +34,26 @@ from iocore.eventsystem.event import (
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.records.stats import METRIC_ID
+from tsproxy.http.message import (
+    build_client_response_head,
+    client_framing,
+    error_response,
+    synthetic_response,
+)
 from tsproxy.http.parser import (
     BodyDataReceived,
+    BodyMode,
     HTTPProtocolError,
     MessageEnded,
     RequestParser,
     RequestReceived,
+    ResponseReceived,
 )
 from tsproxy.proxy_transaction import ProxyTransaction
 
 if TYPE_CHECKING:
     from iocore.net.net_vconnection import NetVConnection
-    from tsproxy.http_sm import HttpProcessor, HttpSM
+    from tsproxy.http_sm import HttpConfig, HttpProcessor, HttpSM
 
 CLIENT_WATER_MARK = 64 * 1024
 
@@ -106,6 +114,12 @@ class Http1ClientSession(ProxyTransaction):
         """Between transactions with nothing left to send: safe to close on drain."""
         sm = self.sm
         return (sm is None or sm.request is None) and not self.pending and not self.write_reader.read_avail()
+
+    def drain(self) -> None:
+        """Graceful stop (HttpProcessor.drain): an idle connection closes now, a busy one after
+        its current response (txn_done sees ``draining``)."""
+        if self.idle():
+            self.close()
 
     def handle_event(self, event: int, data: Any = None) -> Any:
         """Every event of the client VC (a method, not a ``handler``: no bound method per session)."""
@@ -262,6 +276,42 @@ class Http1ClientSession(ProxyTransaction):
         return self._client_held or bool(self.pending) or bool(self.reader.read_avail())
 
     # -- ProxyTransaction ------------------------------------------------------------------------
+    def txn_start(self, http: HttpConfig) -> None:
+        vc = self.vc
+        vc.set_inactivity_timeout(http.txn_timeout_in)
+        if http.active_in:
+            vc.set_active_timeout(http.active_in)
+
+    def response_framing(self, origin_body: BodyMode, req: RequestReceived) -> BodyMode:
+        return client_framing(origin_body, req.http_version)
+
+    def write_response_head(
+        self,
+        req: RequestReceived,
+        ev: ResponseReceived,
+        via: bytes | None,
+        keep_alive: bool,
+        framing: BodyMode,
+    ) -> None:
+        self.write_buf.write(
+            build_client_response_head(
+                ev, via=via, keep_alive=keep_alive, framing=framing, client_http_version=req.http_version
+            )
+        )
+
+    def write_interim(self, req: RequestReceived, ev: ResponseReceived) -> None:
+        # RFC 9110 15.2: no 1xx to an HTTP/1.0 client (it would take it for the response).
+        if (ev.status == 100 or ev.status == 103) and req.http_version == b"1.1":
+            self.write_buf.write(build_client_response_head(ev, via=None, keep_alive=True))
+
+    def write_error(self, status: int, note: str, *, close: bool) -> None:
+        self.write_buf.write(error_response(status, note, close=close))
+
+    def write_complete(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool, head_only: bool
+    ) -> None:
+        self.write_buf.write(synthetic_response(status, headers, body, close=close, head_only=head_only))
+
     def write_reenable(self) -> None:
         self.vc.write.reenable()
 

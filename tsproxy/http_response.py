@@ -42,7 +42,7 @@ from iocore.eventsystem.event import (
     VC_EVENT_WRITE_COMPLETE,
 )
 from iocore.records.stats import process_metric
-from tsproxy.http.message import ChunkedEncoder, build_client_response_head, client_framing
+from tsproxy.http.message import ChunkedEncoder
 from tsproxy.http.parser import (
     BodyDataReceived,
     BodyMode,
@@ -190,9 +190,7 @@ def _response_head(sm: HttpSM, ev: ResponseReceived) -> None:
     req = sm.request
     assert req is not None
     if ev.status < 200:
-        # RFC 9110 15.2: no 1xx to an HTTP/1.0 client (it would take it for the response).
-        if (ev.status == 100 or ev.status == 103) and req.http_version == b"1.1":
-            sm.client.write_buf.write(build_client_response_head(ev, via=None, keep_alive=True))
+        sm.client.write_interim(req, ev)  # 100 and 103 go on, where the protocol allows
         return
     sm.response = ev
     sm.drive(sm.machine.fire(E_RESPONSE_HEAD))
@@ -204,7 +202,8 @@ def write_response_head(sm: HttpSM) -> int:
     ev = sm.response
     if req is None or ev is None:
         return C_NONE
-    framing = client_framing(ev.body, req.http_version)
+    client = sm.client
+    framing = client.response_framing(ev.body, req)
     if req.method == b"HEAD" or ev.body is _NONE:
         framing = _NONE
     if framing is _UNTIL_CLOSE:
@@ -212,14 +211,7 @@ def write_response_head(sm: HttpSM) -> int:
     sm.framing = framing
     # The parser hands bodies over de-chunked, so a chunked client body is always re-encoded.
     sm.chunked = ChunkedEncoder() if framing is _CHUNKED else None
-    head = build_client_response_head(
-        ev,
-        via=sm.http.response_via,
-        keep_alive=sm.client_keep_alive,
-        framing=framing,
-        client_http_version=req.http_version,
-    )
-    sm.client.write_buf.write(head)
+    client.write_response_head(req, ev, sm.http.response_via, sm.client_keep_alive, framing)
     sm.status_sent = ev.status
     metric = M_STATUS.get(ev.status // 100)
     if metric is not None:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 from iocore.net.hook_chain import HookChain
 from iocore.net.hooks import HookID, HookOp
-from tsproxy.http.message import synthetic_response
 from tsproxy.http.parser import BodyMode
 from tsproxy.http.transaction import C_NONE, E_HOOK_ERROR, E_HOOKS_DONE, E_RESPOND
 from tsproxy.http_response import M_COMPLETED, M_STATUS
@@ -108,7 +107,7 @@ def send_synthetic(sm: HttpSM) -> None:
     sm.status_sent = status
     client = sm.client
     head_only = req is not None and req.method == b"HEAD"
-    client.write_buf.write(synthetic_response(status, headers, body, close=close, head_only=head_only))
+    client.write_complete(status, headers, body, close=close, head_only=head_only)
     client.write_reenable()
     counters = sm.proc.counters
     metric = M_STATUS.get(status // 100)

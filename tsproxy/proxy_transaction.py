@@ -17,7 +17,13 @@ small interface for the way back:
   close; ``discard_input``: the rest of the client's input cannot be used (an error mid-body);
 * ``resume_input``: the SM no longer holds the client's input back (its origin connection is
   ready, a hook re-enabled, the upload buffer drained);
-* ``vc``, ``scheme``, ``port``: where the request came in (remap, logs, the plugin facade).
+* ``vc``, ``scheme``, ``port``: where the request came in (remap, logs, the plugin facade);
+* the response in the protocol's own form: ``response_framing`` (how the body goes: HTTP/1
+  chunks or an until-close body; HTTP/2 DATA frames and END_STREAM), ``write_response_head``,
+  ``write_interim`` (a 1xx), ``write_error`` (an answer tsproxy makes), ``write_complete``
+  (a plugin's whole response);
+  the body bytes after a head go into ``write_buf`` as ``response_framing`` said;
+* ``txn_start``: a transaction began on this client side (its timeouts).
 
 The base class raises for each method; it is a compiled class so that the SM's calls through it
 are native vtable calls.
@@ -32,6 +38,8 @@ from iocore.eventsystem.iobuffer import IOBufferReader, MIOBuffer
 
 if TYPE_CHECKING:
     from iocore.net.net_vconnection import NetVConnection
+    from tsproxy.http.parser import BodyMode, RequestReceived, ResponseReceived
+    from tsproxy.http_sm import HttpConfig
 
 
 class ProxyTransaction(Continuation):
@@ -47,6 +55,37 @@ class ProxyTransaction(Continuation):
         self.write_buf = write_buf
         self.write_reader: IOBufferReader = write_buf.alloc_reader()
         self.closed = False
+
+    def txn_start(self, http: HttpConfig) -> None:
+        raise NotImplementedError
+
+    def response_framing(self, origin_body: BodyMode, req: RequestReceived) -> BodyMode:
+        raise NotImplementedError
+
+    def write_response_head(
+        self,
+        req: RequestReceived,
+        ev: ResponseReceived,
+        via: bytes | None,
+        keep_alive: bool,
+        framing: BodyMode,
+    ) -> None:
+        raise NotImplementedError
+
+    def write_interim(self, req: RequestReceived, ev: ResponseReceived) -> None:
+        raise NotImplementedError
+
+    def write_error(self, status: int, note: str, *, close: bool) -> None:
+        """A small text/plain answer tsproxy makes itself (tsproxy.http.message.error_response)."""
+        raise NotImplementedError
+
+    def write_complete(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, close: bool, head_only: bool
+    ) -> None:
+        """A whole response (a plugin's ``respond``): its headers, the
+        protocol's framing (Content-Length is the body's; HTTP/1 says Connection: close when
+        ``close``)."""
+        raise NotImplementedError
 
     def write_reenable(self) -> None:
         raise NotImplementedError

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 from tsproxy.http.parser import BodyMode, RequestReceived, ResponseReceived
 
@@ -214,25 +215,37 @@ def _printable(text: str) -> str:
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
+ERROR_HEADERS: Final = ((b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"no-store"))
+
+
+def error_body(status: int, note: str) -> bytes:
+    """The body of an answer tsproxy makes itself: the status and its phrase, then ``note``."""
+    phrase = status_phrase(status)
+    text = f"{status} {phrase}: {_printable(note)}\n" if note else f"{status} {phrase}\n"
+    return text.encode("ascii")
+
+
+def status_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
 def error_response(status: int, note: str, *, close: bool) -> bytes:
     """A complete small text/plain response tsproxy generates itself (400, 502, ...).
 
     The body is the status and its phrase, then ``note`` when it is not empty. Callers keep the
     detail of a failure (origin address, errno, resolver or TLS text) out of ``note``: it goes to
     the log, the client learns nothing about the inside. No Server header (nothing to
-    fingerprint); Cache-Control: no-store so no cache keeps it.
+    fingerprint); Cache-Control: no-store so no cache keeps it (ERROR_HEADERS, for HTTP/2 too).
     """
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Unknown"
-    text = f"{status} {phrase}: {_printable(note)}\n" if note else f"{status} {phrase}\n"
-    body = text.encode("ascii")
+    body = error_body(status, note)
     head = (
         b"HTTP/1.1 %d %s\r\n"
         b"Content-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n" % (status, phrase.encode("ascii"), len(body))
+        b"Cache-Control: no-store\r\n" % (status, status_phrase(status).encode("ascii"), len(body))
     )
     if close:
         head += b"Connection: close\r\n"
@@ -247,11 +260,7 @@ def synthetic_response(
     Framing and hop-by-hop headers from the plugin are replaced: Content-Length is always the
     body's, and Connection says close when the connection will close.
     """
-    try:
-        phrase = HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        phrase = b"Unknown"
-    parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, status_phrase(status).encode("ascii"))]
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == b"content-length":

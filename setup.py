@@ -37,6 +37,7 @@ COMPILED = [
     "tsproxy/http/transaction.py",
     "tsproxy/proxy_transaction.py",
     "tsproxy/http1_session.py",
+    "tsproxy/http2_session.py",
     "tsproxy/origin_connector.py",
     "tsproxy/http_response.py",
     "tsproxy/http_txn_hooks.py",

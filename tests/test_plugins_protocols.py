@@ -86,10 +86,10 @@ def test_a_protocol_enabled_without_an_endpoint_fails_cleanly(
 ) -> None:
     """ATS PR 7981: a negotiated protocol nothing serves must fail the connection, counted, and
     never crash the worker."""
-    proxy = start(tsproxy_factory, ca, tmp_path, "enable-h2")
+    proxy = start(tsproxy_factory, ca, tmp_path, "enable-unserved")
     pids = proxy.worker_pids()
-    with connect(proxy, ca, ["h2"]) as tls:
-        assert tls.selected_alpn_protocol() == "h2"
+    with connect(proxy, ca, ["spdy/3.1"]) as tls:
+        assert tls.selected_alpn_protocol() == "spdy/3.1"
         with pytest.raises((ConnectionError, ssl.SSLError)):
             tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             if tls.recv(10) == b"":

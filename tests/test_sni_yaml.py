@@ -102,7 +102,6 @@ def test_unknown_and_ignored_keys_warn_with_their_line() -> None:
     assert result.warnings == (
         "sni.yaml:3: unknown key 'verify_clinet' ignored",
         "sni.yaml:4: tunnel_prewarm has no effect in tsproxy; ignored",
-        "sni.yaml:5: http2: on has no effect (tsproxy has no HTTP/2; ALPN never offers h2)",
         "sni.yaml:6: fqdn 'a.test' never matches: the item on line 2 matches it first (first match wins)",
     )
 

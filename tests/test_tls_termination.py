@@ -527,7 +527,7 @@ def test_multicert_action_tunnel(
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 @pytest.mark.parametrize(
     ("offer", "expected"),
-    [(["http/1.1"], "http/1.1"), (["h2", "http/1.1"], "http/1.1"), (None, None)],
+    [(["http/1.1"], "http/1.1"), (["spdy/3.1", "http/1.1"], "http/1.1"), (None, None)],
 )
 def test_alpn(
     tsproxy_factory: Factory,

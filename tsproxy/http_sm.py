@@ -72,7 +72,6 @@ from iocore.records.stats import process_metric
 from tsproxy.http.message import (
     ChunkedEncoder,
     build_origin_request_head,
-    error_response,
 )
 from tsproxy.http.parser import (
     BodyMode,
@@ -104,6 +103,7 @@ from tsproxy.http.transaction import (
     TransactionMachine,
 )
 from tsproxy.http1_session import Http1ClientSession
+from tsproxy.http2_session import Http2ClientSession
 from tsproxy.http_response import (
     M_COMPLETED,
     M_STATUS,
@@ -171,6 +171,19 @@ class HttpConfig:
         "down_time",
         "flow_high_water",
         "generation",
+        "h2_header_table",
+        "h2_max_continuation",
+        "h2_max_frame",
+        "h2_max_header_list",
+        "h2_max_ping",
+        "h2_max_priority",
+        "h2_max_rst",
+        "h2_max_settings_frames",
+        "h2_max_settings_per_frame",
+        "h2_max_settings_per_minute",
+        "h2_max_streams",
+        "h2_timeout",
+        "h2_window",
         "ka_timeout_in",
         "ka_timeout_out",
         "keep_alive_in",
@@ -232,6 +245,20 @@ class HttpConfig:
         self.ps_queue_size = g("proxy.config.http.per_server.connection.queue_size")
         self.ps_queue_delay = g("proxy.config.http.per_server.connection.queue_delay") / 1000.0
         self.underscores_in_headers = bool(g("proxy.config.http.underscores_in_headers"))
+        # HTTP/2 (tsproxy/http2_session.py): the SETTINGS a new connection sends, its limits
+        self.h2_max_streams = g("proxy.config.http2.max_concurrent_streams_in")
+        self.h2_window = g("proxy.config.http2.initial_window_size_in")
+        self.h2_max_frame = g("proxy.config.http2.max_frame_size")
+        self.h2_header_table = g("proxy.config.http2.header_table_size")
+        self.h2_max_header_list = g("proxy.config.http2.max_header_list_size")
+        self.h2_timeout = g("proxy.config.http2.no_activity_timeout_in")
+        self.h2_max_settings_per_frame = g("proxy.config.http2.max_settings_per_frame")
+        self.h2_max_settings_per_minute = g("proxy.config.http2.max_settings_per_minute")
+        self.h2_max_settings_frames = g("proxy.config.http2.max_settings_frames_per_minute")
+        self.h2_max_ping = g("proxy.config.http2.max_ping_frames_per_minute")
+        self.h2_max_priority = g("proxy.config.http2.max_priority_frames_per_minute")
+        self.h2_max_rst = g("proxy.config.http2.max_rst_stream_frames_per_minute")
+        self.h2_max_continuation = g("proxy.config.http2.max_continuation_frames_per_minute")
         # sni.yaml, when host_sni_policy has something to protect (an item with an inbound policy)
         sni = config.sni
         self.sni = sni if sni is not None and sni.has_host_policy else None
@@ -271,7 +298,7 @@ class HttpProcessor:
         self.hooks = hooks if hooks is not None else HookRegistry()
         self.resolver = Resolver(nh.thread, config.records)
         self.pool = OriginPool(self)
-        self.sessions: dict[Http1ClientSession, None] = {}
+        self.sessions: dict[Http1ClientSession | Http2ClientSession, None] = {}
         # A request parser between messages, shared: see Http1ClientSession._parse.
         self.spare_parser: RequestParser | None = None
         self.spare_sms: list[HttpSM] = []  # state machines between transactions (see release_sm)
@@ -305,6 +332,10 @@ class HttpProcessor:
     def new_session(self, vc: NetVConnection, scheme: str, port: int) -> Http1ClientSession:
         return Http1ClientSession(self, vc, scheme, port)
 
+    def new_h2_session(self, vc: NetVConnection, port: int) -> Http2ClientSession:
+        """A TLS connection that negotiated h2."""
+        return Http2ClientSession(self, vc, port)
+
     def new_sm(self, client: ProxyTransaction) -> HttpSM:
         """A state machine for ``client``'s next transaction: a spare one when there is one."""
         spare = self.spare_sms
@@ -323,11 +354,11 @@ class HttpProcessor:
             spare.append(sm)
 
     def drain(self) -> None:
-        """Graceful stop: idle sessions close now, busy ones after their current response."""
+        """Graceful stop: idle sessions close now, busy ones after their current response (HTTP/2:
+        GOAWAY, then the open streams finish)."""
         self.draining = True
         for session in list(self.sessions):
-            if session.idle():
-                session.close()
+            session.drain()
         self.pool.close_all()
 
 
@@ -471,10 +502,7 @@ class HttpSM(Continuation):
         self.connect_attempts = 0
         http = self.http
         self.client_keep_alive = req.keep_alive and http.keep_alive_in and not proc.draining
-        vc = self.vc
-        vc.set_inactivity_timeout(http.txn_timeout_in)
-        if http.active_in:
-            vc.set_active_timeout(http.active_in)
+        self.client.txn_start(http)
         proc.active_txns += 1
         cmd = self.machine.fire(E_REQUEST_HEAD)
         if http.max_requests_in and proc.active_txns > -(-http.max_requests_in // proc.request_share):
@@ -794,7 +822,7 @@ class HttpSM(Continuation):
             chain.close()  # a paused hook's late reenable is ignored
         self.status_sent = status
         client = self.client
-        client.write_buf.write(error_response(status, reason if public else "", close=not keep))
+        client.write_error(status, reason if public else "", close=not keep)
         client.write_reenable()
         self.drop_origin()
         self._cancel_connect()

@@ -88,7 +88,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 # ALPN protocols with an endpoint in tsproxy, in server preference order.
-REGISTERED_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1", b"http/1.0")
+REGISTERED_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1", b"http/1.0")
 HEARTBEAT_PERIOD = 0.5
 
 
@@ -274,7 +274,11 @@ class Worker(Continuation):
         return on_accept_pp
 
     def _https_ready(self, vc: SSLNetVConnection, port: int) -> None:
-        endpoint = self.protocol_endpoints.get(vc.negotiated_protocol) if vc.negotiated_protocol else None
+        protocol = vc.negotiated_protocol
+        if protocol == b"h2":
+            self.http.new_h2_session(vc, port)
+            return
+        endpoint = self.protocol_endpoints.get(protocol) if protocol else None
         if endpoint is not None:
             endpoint(vc)
         else:

@@ -442,11 +442,6 @@ def _parse_item(node: yaml.Node, path: str, config_dir: Path | None, warnings: l
             kw[attr] = _string(fields[key], path, key)
     if "http2" in fields:
         kw["http2"] = _parse_http2(fields["http2"], path)
-        if kw["http2"]:
-            warnings.append(
-                f"{Path(path).name}:{_line(fields['http2'])}: http2: on has no effect "
-                "(tsproxy has no HTTP/2; ALPN never offers h2)"
-            )
     return SNIItem(path=path, line=where, values=MappingProxyType(values), **kw)
 
 

@@ -337,6 +337,67 @@ RECORDS: tuple[RecordSpec, ...] = (
         " newly stalled transaction buffers at most 16 KiB, beyond it the longest-stalled ones are"
         " closed; 0 means no budget",
     ),
+    # HTTP/2 (ALPN h2 on TLS ports; proto= in server_ports restricts it)
+    RecordSpec(
+        "proxy.config.http2.max_concurrent_streams_in", _I, 100, _R, POSITIVE,
+        "SETTINGS_MAX_CONCURRENT_STREAMS: streams a client may have open on one connection",
+    ),
+    RecordSpec(
+        "proxy.config.http2.initial_window_size_in", _I, 65535, _R, int_range(1, 2**31 - 1),
+        "SETTINGS_INITIAL_WINDOW_SIZE: request body bytes a client may send on a stream before "
+        "tsproxy has passed them on (the upload's backpressure)",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_frame_size", _I, 16384, _R, int_range(16384, 2**24 - 1),
+        "SETTINGS_MAX_FRAME_SIZE: the largest frame payload tsproxy accepts",
+    ),
+    RecordSpec(
+        "proxy.config.http2.header_table_size", _I, 4096, _R, NON_NEGATIVE,
+        "SETTINGS_HEADER_TABLE_SIZE: the HPACK dynamic table size for request headers",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_header_list_size", _I, 131072, _R, POSITIVE,
+        "SETTINGS_MAX_HEADER_LIST_SIZE: the largest decoded request header list; a bigger one "
+        "ends the connection (GOAWAY)",
+    ),
+    RecordSpec(
+        "proxy.config.http2.no_activity_timeout_in", _I, 120, _R, POSITIVE,
+        "Seconds an HTTP/2 connection may be idle, or its responses wait on a client's closed "
+        "flow-control window, before it is closed",
+    ),
+    RecordSpec(
+        "proxy.config.http2.stream_priority_enabled", _I, 0, _R, BOOL,
+        "Accepted for ATS compatibility; streams are served round robin either way",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_settings_per_frame", _I, 7, _R, NON_NEGATIVE,
+        "Settings one SETTINGS frame may carry; more is GOAWAY(ENHANCE_YOUR_CALM); 0: no limit",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_settings_per_minute", _I, 14, _R, NON_NEGATIVE,
+        "Settings a connection may send per minute; 0: no limit",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_settings_frames_per_minute", _I, 14, _R, NON_NEGATIVE,
+        "SETTINGS frames a connection may send per minute; 0: no limit",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_ping_frames_per_minute", _I, 60, _R, NON_NEGATIVE,
+        "PING frames a connection may send per minute; 0: no limit",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_priority_frames_per_minute", _I, 120, _R, NON_NEGATIVE,
+        "PRIORITY frames a connection may send per minute; 0: no limit",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_rst_stream_frames_per_minute", _I, 200, _R, NON_NEGATIVE,
+        "RST_STREAM frames a connection may send per minute (rapid reset, CVE-2023-44487); "
+        "0: no limit",
+    ),
+    RecordSpec(
+        "proxy.config.http2.max_continuation_frames_per_minute", _I, 120, _R, NON_NEGATIVE,
+        "CONTINUATION frames a connection may send per minute; 0: no limit",
+    ),
     # net
     RecordSpec(
         "proxy.config.net.default_inactivity_timeout", _I, 300, _R, POSITIVE,

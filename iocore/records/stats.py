@@ -149,6 +149,53 @@ METRICS: tuple[MetricSpec, ...] = (
         "Longest-stalled slow-reader connections closed because the worker passed its buffer budget",
     ),
     MetricSpec("proxy.process.http.underscore_headers_dropped", _C, "Request headers dropped: '_' in name"),
+    MetricSpec("proxy.process.http2.current_client_connections", _G, "Open HTTP/2 client connections"),
+    MetricSpec("proxy.process.http2.total_client_connections", _C, "HTTP/2 client connections opened"),
+    MetricSpec("proxy.process.http2.current_client_streams", _G, "Open HTTP/2 client streams"),
+    MetricSpec("proxy.process.http2.total_client_streams", _C, "HTTP/2 client streams opened"),
+    MetricSpec("proxy.process.http2.connection_errors", _C, "HTTP/2 connections ended by a protocol error"),
+    MetricSpec("proxy.process.http2.stream_errors", _C, "HTTP/2 streams reset by tsproxy"),
+    MetricSpec("proxy.process.http2.session_die_active", _C, "HTTP/2 connections closed: active timeout"),
+    MetricSpec(
+        "proxy.process.http2.session_die_inactive", _C,
+        "HTTP/2 connections closed: no activity, or responses waiting on a closed window, past "
+        "proxy.config.http2.no_activity_timeout_in",
+    ),
+    MetricSpec("proxy.process.http2.session_die_eos", _C, "HTTP/2 connections closed by the client"),
+    MetricSpec("proxy.process.http2.session_die_error", _C, "HTTP/2 connections closed: a socket error"),
+    MetricSpec("proxy.process.http2.session_die_other", _C, "HTTP/2 connections closed otherwise"),
+    MetricSpec(
+        "proxy.process.http2.max_concurrent_streams_exceeded_in", _C,
+        "HTTP/2 connections that opened more streams than SETTINGS_MAX_CONCURRENT_STREAMS",
+    ),
+    MetricSpec(
+        "proxy.process.http2.max_settings_per_frame_exceeded", _C,
+        "HTTP/2 connections over proxy.config.http2.max_settings_per_frame",
+    ),
+    MetricSpec(
+        "proxy.process.http2.max_settings_per_minute_exceeded", _C,
+        "HTTP/2 connections over proxy.config.http2.max_settings_per_minute",
+    ),
+    MetricSpec(
+        "proxy.process.http2.max_settings_frames_per_minute_exceeded", _C,
+        "HTTP/2 connections over proxy.config.http2.max_settings_frames_per_minute",
+    ),
+    MetricSpec(
+        "proxy.process.http2.max_ping_frames_per_minute_exceeded", _C,
+        "HTTP/2 connections over proxy.config.http2.max_ping_frames_per_minute",
+    ),
+    MetricSpec(
+        "proxy.process.http2.max_priority_frames_per_minute_exceeded", _C,
+        "HTTP/2 connections over proxy.config.http2.max_priority_frames_per_minute",
+    ),
+    MetricSpec(
+        "proxy.process.http2.max_rst_stream_frames_per_minute_exceeded", _C,
+        "HTTP/2 connections over proxy.config.http2.max_rst_stream_frames_per_minute (rapid reset)",
+    ),
+    MetricSpec(
+        "proxy.process.http2.max_continuation_frames_per_minute_exceeded", _C,
+        "HTTP/2 connections over proxy.config.http2.max_continuation_frames_per_minute",
+    ),
     MetricSpec("proxy.process.tunnel.total_client_connections_blind_tcp", _C, "Blind tunnels opened"),
     MetricSpec("proxy.process.tunnel.current_client_connections_blind_tcp", _G, "Open blind tunnels"),
 )

@@ -1,5 +1,6 @@
 """Test plugin: serves the ALPN protocol ``echo/1`` (echoes every byte back, upper-cased), and
-with the argument ``enable-h2`` also offers ``h2`` — which nothing serves — from CLIENT_HELLO."""
+with the argument ``enable-unserved`` also offers ``spdy/3.1`` — which nothing serves — from
+CLIENT_HELLO."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ def plugin_init(api: PluginAPI, args: list[str]) -> None:
 
     api.register_protocol("echo/1", serve)
 
-    if "enable-h2" in args:
+    if "enable-unserved" in args:
 
         def on_hello(hook: HookID, vconn: VConn) -> None:
-            vconn.protocol_enable(b"h2")
+            vconn.protocol_enable(b"spdy/3.1")
             vconn.reenable()
 
         api.hook_add(HookID.SSL_CLIENT_HELLO, on_hello)

@@ -554,3 +554,23 @@ def test_stop_sends_goaway_and_open_streams_finish(
         ended = ended or bool(flags & 1)
     assert (status, bytes(body), ended) == (200, pattern(2000), True)
     assert proxy.wait_exit(30) == 0
+
+
+def test_reload_keeps_h2_connections_and_new_streams_use_the_new_rules(
+    tsproxy_factory: Factory, ca: trustme.CA, ca_file: Path, origin: OriginServer, clients: list[H2Client]
+) -> None:
+    proxy = start(tsproxy_factory, ca, origin)
+    c = H2Client(proxy.port(0), ca_file)
+    clients.append(c)
+    slow = c.request("/slow?delay=1&n=300")
+    wait_for(origin.request_seen.is_set, "the origin got the request")
+    before = proxy.status()["workers"][0]["generation"]
+    with OriginServer() as second:
+        (proxy.config_dir / "remap.config").write_text(f"map https://{HOST}/ http://{second.authority}/\n")
+        assert proxy.ctl("reload").returncode == 0
+        wait_for(lambda: proxy.status()["workers"][0]["generation"] > before, "the workers reloaded")
+        assert c.response(slow)[::2] == (200, pattern(300))  # the open stream finished
+        after = c.request("/bytes?n=9")
+        assert c.response(after)[::2] == (200, pattern(9))
+        assert [r.target for r in second.requests] == ["/bytes?n=9"]  # the new rule served it
+    assert not c.closed

@@ -215,6 +215,8 @@ def test_cert_loader_loads_once_per_name_off_the_loop(
     # first SNI: loaded from the directory; ALPN still negotiated (the context has the callback)
     with tls_connect(certs, port, "lazy.test", alpn=["h2", "http/1.1"]) as s:
         assert served_name(s) == "lazy.test"
+        assert s.selected_alpn_protocol() == "h2"
+    with tls_connect(certs, port, "lazy.test", alpn=["http/1.1"]) as s:
         assert s.selected_alpn_protocol() == "http/1.1"
         assert https_get(s).startswith(b"HTTP/1.1 200")
     with tls_connect(certs, port, "lazy.test", version="1.2") as s:  # cached

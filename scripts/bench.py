@@ -20,6 +20,8 @@ Theory of operation
      W3  HTTPS keep-alive GET /64k, wrk                               MB/s (10^6 B/s)
      W4  --idle-conns TLS connections opened and held idle (handshake done, no request):
          sum of RSS and PSS of all proxy processes before/after     KiB per connection
+     H2  HTTP/2 over TLS (ALPN h2), h2load -c 10 -m 10 GET /1k (10 connections, 10 streams
+         in flight on each); nginx listens `ssl http2`               req/s, mean latency
    W4 runs first on the fresh process, then a short wrk warm-up, then P1, W1, W2, W3.
 5. For every run the proxy's CPU time (user+system, all its processes, psutil) is sampled
    around the workload: proxy CPU microseconds per operation (request, or connection for W2).
@@ -36,7 +38,8 @@ Theory of operation
 
 Everything runs on 127.0.0.1, every wait is bounded, and everything started is stopped
 (process groups, try/finally). Requires: python3 with psutil and cryptography; wrk for
-P1/W1/W3 and nginx for the nginx rows (both skipped with a message when missing).
+P1/W1/W3, h2load (nghttp2-client) for H2 and nginx for the nginx rows (each skipped with a message
+when missing).
 
   python3 scripts/bench.py                      # all workloads, 10 s each, nginx beside
   python3 scripts/bench.py --quick --workloads P1,W1 --no-nginx
@@ -72,7 +75,7 @@ from typing import Any
 
 import psutil
 
-ALL_WORKLOADS = ("P1", "W1", "W2", "W3", "W4", "W5")
+ALL_WORKLOADS = ("P1", "W1", "W2", "W3", "W4", "W5", "H2")
 HOST = "127.0.0.1"
 SNI = "localhost"
 PROXY_CPU = "1"
@@ -465,7 +468,7 @@ class NginxProxy(Proxy):
     }}
     server {{
         listen {HOST}:{self.plain} backlog=4096;
-        listen {HOST}:{self.tls} ssl backlog=4096;
+        listen {HOST}:{self.tls} ssl http2 backlog=4096;
         location / {{
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -711,6 +714,58 @@ def wrk_workload(wl: str, proxy: Proxy, svc: Service, origin: Service, args, lua
     return res
 
 
+# H2: HTTP/2 streams, h2load ---------------------------------------------------------------
+H2_CLIENTS = 10
+H2_STREAMS = 10
+
+
+def parse_h2load(text: str) -> dict[str, float]:
+    """The figures of an h2load run: requests done / succeeded / failed, status classes, req/s and
+    the mean request time (h2load prints no percentiles); missing lines raise ValueError."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        words = line.replace(",", "").split()
+        if line.startswith("finished in"):
+            out["req_s"] = float(words[3])
+        elif line.startswith("requests:"):
+            for i, w in enumerate(words[1:-1], 1):
+                if words[i + 1] in ("total", "started", "done", "succeeded", "failed", "errored", "timeout"):
+                    out[words[i + 1]] = float(w)
+        elif line.startswith("status codes:"):
+            for i in range(2, len(words) - 1, 2):
+                out["status_" + words[i + 1]] = float(words[i])
+        elif line.startswith("time for request:"):
+            mean = words[5]
+            out["mean_ms"] = float(mean[:-2]) / 1000 if mean.endswith("us") else float(mean.rstrip("ms"))
+    missing = [k for k in ("req_s", "done", "succeeded", "mean_ms") if k not in out]
+    if missing:
+        raise ValueError(f"h2load output lacks {missing}: {text[-500:]}")
+    return out
+
+
+def h2_workload(proxy: Proxy, svc: Service, origin: Service, args) -> dict:
+    cmd = ["h2load", "-c", str(H2_CLIENTS), "-m", str(H2_STREAMS), "-D", str(max(1, round(args.duration)))]
+    cmd = pinned([*cmd, f"https://{HOST}:{proxy.tls}/1k"], CLIENT_CPU)
+    with CpuSampler(svc, origin) as cs:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 60)
+    r = parse_h2load(out.stdout)
+    ok = int(r["succeeded"])
+    errors = int(r["done"] - ok + r.get("errored", 0))
+    return {
+        "req_s": r["req_s"],
+        "value": r["req_s"] * ok / r["done"] if r["done"] else 0.0,  # succeeded requests per second
+        "mean_ms": r["mean_ms"],
+        "p50_ms": None,
+        "requests": ok,
+        "errors": errors,
+        "errors_detail": {
+            k: int(v) for k, v in r.items() if k.startswith("status_") and k != "status_2xx" and v
+        },
+        **cs.fields(),
+        "cpu_op_us": 1e6 * cs.proxy_cpu / ok if ok else None,
+    }
+
+
 # W2: full handshakes, bounded Python client -------------------------------------------
 
 
@@ -894,7 +949,7 @@ def run_proxy_round(proxy: Proxy, tmp, certs, origin, origin_port, args, lua, in
         if proxy.plain is not None:
             checks.insert(0, (proxy.plain, None))
         wait_ready(svc, checks)
-        order = [w for w in ("W4", "P1", "W1", "W2", "W3", "W5") if w in args.workloads]
+        order = [w for w in ("W4", "P1", "W1", "W2", "W3", "W5", "H2") if w in args.workloads]
         warmed = False
         for wl in order:
             if not svc.alive():
@@ -909,6 +964,9 @@ def run_proxy_round(proxy: Proxy, tmp, certs, origin, origin_port, args, lua, in
             if wl == "P1" and proxy.plain is None:
                 results[wl] = {"skipped": f"{proxy.name} has no plain-HTTP port in this setup"}
                 continue
+            if wl == "H2" and shutil.which("h2load") is None:
+                results[wl] = {"skipped": "h2load not installed (apt-get install nghttp2-client)"}
+                continue
             if wl == "W5" and ORIGIN_TLS_PORT is None:
                 results[wl] = {"skipped": "needs the nginx origin (TLS origin port)"}
                 continue
@@ -921,6 +979,8 @@ def run_proxy_round(proxy: Proxy, tmp, certs, origin, origin_port, args, lua, in
                     r = idle_workload(proxy, svc, args, certs)
                 elif wl == "W2":
                     r = handshake_workload(proxy, svc, origin, args)
+                elif wl == "H2":
+                    r = h2_workload(proxy, svc, origin, args)
                 else:
                     r = wrk_workload(wl, proxy, svc, origin, args, lua)
             except Exception as e:  # record, keep going with the other workloads
@@ -961,7 +1021,15 @@ def short(r: dict) -> str:
     )
 
 
-UNITS = {"P1": "req/s", "W1": "req/s", "W2": "hs/s", "W3": "MB/s", "W4": "KiB/conn", "W5": "req/s"}
+UNITS = {
+    "P1": "req/s",
+    "W1": "req/s",
+    "W2": "hs/s",
+    "W3": "MB/s",
+    "W4": "KiB/conn",
+    "W5": "req/s",
+    "H2": "req/s",
+}
 DESC = {
     "P1": "plain HTTP keep-alive GET 1 KiB",
     "W1": "HTTPS keep-alive GET 1 KiB",
@@ -969,6 +1037,7 @@ DESC = {
     "W3": "HTTPS keep-alive GET 64 KiB",
     "W4": "idle TLS connections, PSS delta",
     "W5": "HTTPS keep-alive GET 1 KiB via a pooled TLS origin",
+    "H2": "HTTP/2 GET 1 KiB, 10 connections x 10 streams",
 }
 
 
@@ -1016,7 +1085,8 @@ def summarize(data: dict) -> str:
         f"# {data['duration']}s per workload, {data['connections']} connections (wrk -t1), "
         f"W2: Python client {data['w2_in_flight']} in flight; W4: {data['idle_conns']} connections; "
         f"runs={data['runs']} (median shown)",
-        "# proxy_cpu/op = proxy CPU time (all its processes) per request (P1/W1/W3) or connection (W2), us",
+        "# proxy_cpu/op = proxy CPU time (all its processes) per request (P1/W1/W3/H2) or connection "
+        "(W2), us",
     ]
     for note in data["notes"]:
         lines.append(f"# NOTE: {note}")
@@ -1126,6 +1196,8 @@ def detail(wl: str, r: dict) -> str:
     else:
         if r.get("p50_ms") is not None:
             parts += [f"p50={r['p50_ms']:.2f}ms", f"p99={r['p99_ms']:.2f}ms"]
+        if r.get("mean_ms") is not None:
+            parts.append(f"mean={r['mean_ms']:.2f}ms")
         if wl == "W3":
             parts.append(f"req/s={r['req_s']:,.0f}")
         if wl == "W2":
@@ -1152,7 +1224,7 @@ def parse_args(argv=None):
     )
     ap.add_argument("--quick", action="store_true", help="3 s per workload, 1 s warm-up, 500 idle conns")
     ap.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
-    ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of P1,W1,W2,W3,W4,W5")
+    ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS), help="comma list of P1,W1,W2,W3,W4,W5,H2")
     ap.add_argument("--runs", type=int, default=1, help="rounds; proxies alternate order, medians reported")
     ap.add_argument("--idle-conns", type=int, default=None, help="W4 connections (default 2000)")
     ap.add_argument("--w2-procs", type=int, default=4, help="W2 client processes (default 4)")

@@ -862,9 +862,6 @@ class Http2ClientSession(Continuation):
         if not self.out_reader.read_avail():
             self.close()
 
-    def idle(self) -> bool:
-        return not self.streams
-
     def drain(self) -> None:
         """Graceful stop: GOAWAY(NO_ERROR) naming the last stream taken; the open ones finish.
 

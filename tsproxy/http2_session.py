@@ -63,7 +63,6 @@ from hyperframe.frame import GoAwayFrame
 from iocore.eventsystem.diags import DbgCtl
 from iocore.eventsystem.event import (
     EVENT_IMMEDIATE,
-    EVENT_INTERVAL,
     VC_EVENT_ACTIVE_TIMEOUT,
     VC_EVENT_EOS,
     VC_EVENT_ERROR,
@@ -72,7 +71,6 @@ from iocore.eventsystem.event import (
     VC_EVENT_READ_READY,
     VC_EVENT_WRITE_READY,
     Continuation,
-    Event,
 )
 from iocore.eventsystem.iobuffer import INT64_MAX, MIOBuffer
 from iocore.records.stats import process_metric
@@ -110,7 +108,6 @@ M_CUR_STREAMS = process_metric("http2", "current_client_streams")
 M_TOTAL_STREAMS = process_metric("http2", "total_client_streams")
 M_CONN_ERRORS = process_metric("http2", "connection_errors")
 M_STREAM_ERRORS = process_metric("http2", "stream_errors")
-M_DIE_ACTIVE = process_metric("http2", "session_die_active")
 M_DIE_INACTIVE = process_metric("http2", "session_die_inactive")
 M_DIE_EOS = process_metric("http2", "session_die_eos")
 M_DIE_ERROR = process_metric("http2", "session_die_error")
@@ -259,6 +256,7 @@ class Http2Stream(ProxyTransaction):
 
     __slots__ = (
         "aborted",
+        "active_at",
         "client_done",
         "ended",
         "head",
@@ -266,7 +264,6 @@ class Http2Stream(ProxyTransaction):
         "session",
         "sm",
         "stream_id",
-        "timer",
     )
 
     def __init__(self, session: Http2ClientSession, stream_id: int) -> None:
@@ -281,20 +278,15 @@ class Http2Stream(ProxyTransaction):
         self.ended = False  # the response is complete in write_buf (txn_done)
         self.aborted = False  # the origin failed mid-body: reset once the buffer went out
         self.client_done = False  # the client's side of the stream ended (END_STREAM or reset)
-        self.timer: Event | None = None  # transaction_active_timeout_in
-
-    def handle_event(self, event: int, data: Any = None) -> Any:
-        """The stream's active timeout."""
-        if event == EVENT_INTERVAL and not self.closed:
-            self.timer = None
-            _dbg("stream %d: transaction active timeout", self.stream_id)
-            self.session.reset_stream(self, ErrorCodes.CANCEL)
-        return None
+        # transaction_active_timeout_in: when this stream is reset (0: never). No timer event of
+        # its own (a cancelled event would sit in the heap until its time): the session keeps
+        # the VC's active timeout at the earliest deadline of its streams (_streams_expired).
+        self.active_at = 0.0
 
     # -- ProxyTransaction ------------------------------------------------------------------------
     def txn_start(self, http: HttpConfig) -> None:
         if http.active_in:
-            self.timer = self.session.proc.nh.thread.schedule_in(self, float(http.active_in))
+            self.session.arm_active(self, float(http.active_in))
 
     def response_framing(self, origin_body: BodyMode, req: RequestReceived) -> BodyMode:
         # DATA frames and END_STREAM frame every body: never chunks, never until close.
@@ -374,7 +366,7 @@ class Http2Stream(ProxyTransaction):
             sm.client = _DETACHED  # the SM may serve another stream; nothing points back here
             if sm.machine.state == IDLE:  # reusable (keep_alive False left it CLOSED)
                 self.session.proc.release_sm(sm)
-        self._cancel_timer()
+        self.active_at = 0.0
         self.ended = True
         self.discard_input()
         if not self.closed:
@@ -400,12 +392,6 @@ class Http2Stream(ProxyTransaction):
         """The SM closes its client side (FlowControl, a failed queued transaction): this stream."""
         if not self.closed:
             self.session.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
-
-    def _cancel_timer(self) -> None:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
 
 
 class _Detached(ProxyTransaction):
@@ -538,8 +524,7 @@ class Http2ClientSession(Continuation):
             counters[M_DIE_INACTIVE] += 1
             self._goaway(ErrorCodes.NO_ERROR, "no activity")
         elif event == VC_EVENT_ACTIVE_TIMEOUT:
-            counters[M_DIE_ACTIVE] += 1
-            self._goaway(ErrorCodes.NO_ERROR, "active timeout")
+            self._streams_expired()
         else:
             if event == VC_EVENT_ERROR:
                 counters[M_DIE_ERROR] += 1
@@ -787,6 +772,29 @@ class Http2ClientSession(Continuation):
         since = self.stalled_since
         return bool(since) and self.proc.nh.thread.now - since >= self.http.h2_timeout
 
+    # -- transaction active timeouts --------------------------------------------------------------
+    def arm_active(self, stream: Http2Stream, seconds: float) -> None:
+        now = self.proc.nh.thread.now
+        stream.active_at = at = now + seconds
+        vc = self.vc
+        if not vc.active_at or at < vc.active_at:
+            vc.set_active_timeout(seconds)
+
+    def _streams_expired(self) -> None:
+        """The VC's active timeout: reset the streams past their deadline, re-arm for the next."""
+        now = self.proc.nh.thread.now
+        upcoming = 0.0
+        for stream in list(self.streams.values()):
+            at = stream.active_at
+            if not at:
+                continue
+            if at <= now:
+                _dbg("stream %d: transaction active timeout", stream.stream_id)
+                self.reset_stream(stream, ErrorCodes.CANCEL)
+            elif not upcoming or at < upcoming:
+                upcoming = at
+        self.vc.set_active_timeout(upcoming - now if upcoming else 0)
+
     # -- stream ends -----------------------------------------------------------------------------
     def _stream_done(self, stream: Http2Stream) -> None:
         """END_STREAM went out."""
@@ -811,7 +819,6 @@ class Http2ClientSession(Continuation):
         if stream.closed:
             return
         stream.closed = True
-        stream._cancel_timer()
         self.ready.pop(stream, None)
         if self.streams.pop(stream.stream_id, None) is not None:
             self.proc.counters[M_CUR_STREAMS] -= 1

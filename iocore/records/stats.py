@@ -155,7 +155,6 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("proxy.process.http2.total_client_streams", _C, "HTTP/2 client streams opened"),
     MetricSpec("proxy.process.http2.connection_errors", _C, "HTTP/2 connections ended by a protocol error"),
     MetricSpec("proxy.process.http2.stream_errors", _C, "HTTP/2 streams reset by tsproxy"),
-    MetricSpec("proxy.process.http2.session_die_active", _C, "HTTP/2 connections closed: active timeout"),
     MetricSpec(
         "proxy.process.http2.session_die_inactive", _C,
         "HTTP/2 connections closed: no activity, or responses waiting on a closed window, past "

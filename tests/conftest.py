@@ -77,17 +77,17 @@ def free_port() -> int:
     raise RuntimeError("no fresh free port after 100 tries")
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """``predicate()``'s first true value, polled every 50 ms; AssertionError naming ``what``
-    after ``timeout`` seconds."""
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0, step: float = 0.05) -> Any:
+    """``predicate()``'s first true value, polled every ``step`` seconds; AssertionError naming
+    ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ import json
 import re
 import socket
 import ssl
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 import trustme
-from conftest import ProxyProcess, run_tsproxy, write_config_dir
+from conftest import ProxyProcess, run_tsproxy, wait_for, write_config_dir
 from origin import OriginServer, TLSBackend
 
 Factory = Callable[..., ProxyProcess]
@@ -137,15 +136,6 @@ def https_get(sock: socket.socket, path: str = "/bytes", headers: str = "") -> b
 def metric(proxy: ProxyProcess, name: str) -> int:
     (got,) = proxy.call("metric.get", {"names": [name]})["metrics"]
     return int(got[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 # -- ssl_preaccept --------------------------------------------------------------------------------------
@@ -322,7 +312,7 @@ def test_access_log_lines_with_tls_details(
         while s.recv(65536):
             pass
     # buffered: written within about a second
-    text = wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, 4, "two access log lines")
+    text = wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, "two access log lines", 4)
     first, second = [LINE.match(line) for line in log.read_text().splitlines()]
     assert first is not None and second is not None, log.read_text()
     assert first["ip"] == "127.0.0.1" and first["req"] == "GET /bytes?n=7 HTTP/1.1"

@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
+from conftest import wait_for
 from origin import OriginServer, pattern, pattern_digest
 from sansio_tls import SansIOClient
 
@@ -178,16 +179,6 @@ def metric(proxy: Any, name: str) -> int:
     got, value = out.stdout.split()
     assert got == name
     return int(value)
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class RssSampler:
@@ -381,7 +372,7 @@ def test_closed_connections_leave_no_cyclic_garbage(
         opened = metric(proxy, "proxy.process.net.connections_currently_open")
         return opened - metric(proxy, "proxy.process.http.current_server_connections") == 1
 
-    wait_for(only_control_left, what="the worker to close the aborted connections")
+    wait_for(only_control_left, "the worker to close the aborted connections", 5.0)
     assert json.loads(get(control, "/_gc/report")[1]) == {}
     control.close()
 
@@ -906,7 +897,7 @@ def test_client_disconnect_mid_response(proxy: Any, origin: OriginServer) -> Non
         assert client.f.readline().startswith(b"HTTP/1.1 200")
         client.f.read(100000)
     # The proxy gives up the origin connection instead of draining 20 MiB for nobody.
-    wait_for(lambda: origin.send_failures >= 1, what="the proxy to close the origin connection")
+    wait_for(lambda: origin.send_failures >= 1, "the proxy to close the origin connection", 5.0)
     c = conn(proxy)
     resp, body = get(c, "/bytes?n=50")
     assert resp.status == 200 and body == pattern(50)
@@ -1032,5 +1023,6 @@ def test_metrics_move(proxy: Any) -> None:
     assert after - before == 4
     wait_for(
         lambda: metric(proxy, "proxy.process.http.current_client_connections") == 0,
-        what="current_client_connections back to 0 after the client closed",
+        "current_client_connections back to 0 after the client closed",
+        5.0,
     )

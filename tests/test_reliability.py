@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 import pytest
 import trustme
-from conftest import TSPROXY_CMD, ProxyProcess, free_port, subprocess_env, write_config_dir
+from conftest import TSPROXY_CMD, ProxyProcess, free_port, subprocess_env, wait_for, write_config_dir
 from OpenSSL import SSL
 from origin import OriginServer, pattern
 
@@ -143,17 +143,6 @@ def plain_get(port: int, path: str = "/", timeout: float = 5.0) -> bytes:
 def metric(proxy: ProxyProcess, name: str) -> int:
     result = proxy.call("metric.get", {"names": [name]})
     return int(result["metrics"][0][1])
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
 
 
 def fd_count(pid: int) -> int:
@@ -688,7 +677,7 @@ def test_max_connections_in_throttles_and_recovers(
     for _ in range(50):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         held.append(s)
-    wait_for(lambda: metric(proxy, "proxy.process.net.accepts_total") >= 50, 5, "50 accepts")
+    wait_for(lambda: metric(proxy, "proxy.process.net.accepts_total") >= 50, "50 accepts", 5)
     before = metric(proxy, "proxy.process.net.connections_throttled_in")
     extra = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(30)]
     t0 = time.monotonic()
@@ -765,7 +754,7 @@ def test_fd_exhaustion_backs_off_and_recovers(tmp_path: Path, certs: Certs, orig
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", proxy.port(1)))
             held.append(s)
-        wait_for(lambda: fd_count(worker) >= 62, 5, "the worker to run out of fds")
+        wait_for(lambda: fd_count(worker) >= 62, "the worker to run out of fds", 5)
         time.sleep(0.3)
         cpu = psutil.Process(worker).cpu_percent(interval=1.0)
         assert cpu < 50, f"worker at {cpu}% CPU with EMFILE: spinning"
@@ -773,7 +762,7 @@ def test_fd_exhaustion_backs_off_and_recovers(tmp_path: Path, certs: Certs, orig
         for s in held:
             s.close()
         t0 = time.monotonic()
-        wait_for(lambda: _try_get(proxy.port(1)), 10, "service to resume")
+        wait_for(lambda: _try_get(proxy.port(1)), "service to resume", 10)
         resumed = time.monotonic() - t0
         print({"cpu_percent_at_emfile": cpu, "resumed_after_s": round(resumed, 2), "fds": fd_count(worker)})
         assert tls_get(certs, proxy.port(0), "/bytes?n=2").startswith(b"HTTP/1.1 200")
@@ -848,7 +837,7 @@ def _slow_reader(tsproxy_factory: Factory, certs: Certs, size: int) -> dict[str,
         got = c.recv(1024)  # the head and a little
         assert got.startswith(b"HTTP/1.1 200"), got
         # the client stops reading: the origin must stall well before the end
-        wait_for(lambda: origin.sent > 0, 5, "the origin to start sending")
+        wait_for(lambda: origin.sent > 0, "the origin to start sending", 5)
         prev, stable_since = -1, time.monotonic()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -1142,7 +1131,7 @@ def test_worker_sigkill_under_load(tsproxy_factory: Factory, certs: Certs, origi
             st = proxy.status()["workers"]
             return all(w["pid"] and w["pid"] != victim and w["ready"] for w in st) and len(st) == 2
 
-        wait_for(replaced, 5, "the worker to be replaced", step=0.005)
+        wait_for(replaced, "the worker to be replaced", 5, step=0.005)
         replaced_in = time.monotonic() - t0
         time.sleep(0.5)
     print(
@@ -1186,7 +1175,7 @@ def test_master_sigkill_workers_exit(tsproxy_factory: Factory, certs: Certs, ori
             psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids
         )
 
-    wait_for(gone, 5, "the workers to exit after the master died", step=0.02)
+    wait_for(gone, "the workers to exit after the master died", 5, step=0.02)
     exited_in = time.monotonic() - t0
     print({"workers_exited_in_s": round(exited_in, 3)})
     assert is_closed(held, 2.0)
@@ -1250,7 +1239,7 @@ def test_plugins_raise_and_never_reenable_under_load(
 
     want = {"raise start": n_raise, "raise close": n_raise, "stall start": n_stall, "stall close": n_stall}
     with contextlib.suppress(AssertionError):
-        wait_for(lambda: all(counts().get(k, 0) >= v for k, v in want.items()), 5, "VCONN_CLOSE lines")
+        wait_for(lambda: all(counts().get(k, 0) >= v for k, v in want.items()), "VCONN_CLOSE lines", 5)
     got = counts()
     assert {k: got.get(k, 0) for k in want} == want, got
 

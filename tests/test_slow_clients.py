@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import ProxyProcess
+from conftest import ProxyProcess, wait_for
 from origin import OriginServer, pattern
 
 Factory = Callable[..., ProxyProcess]
@@ -46,17 +46,6 @@ def start(factory: Factory, origin: OriginServer, records: dict[str, Any] | None
 def metric(proxy: ProxyProcess, name: str) -> int:
     result = proxy.call("metric.get", {"names": [name]})
     return int(result["metrics"][0][1])
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def worker_rss(proxy: ProxyProcess) -> int:
@@ -146,7 +135,7 @@ def test_worker_budget_throttles_then_closes_the_longest_stalled(
     early = [SlowReader(proxy.port(), size) for _ in range(10)]
     time.sleep(1.5)
     late = [SlowReader(proxy.port(), size) for _ in range(30)]
-    wait_for(lambda: metric(proxy, "proxy.process.http.flow_control.closed") > 0, 10, "slow readers closed")
+    wait_for(lambda: metric(proxy, "proxy.process.http.flow_control.closed") > 0, "slow readers closed", 10)
     time.sleep(1.5)  # a few more budget checks
     closed = metric(proxy, "proxy.process.http.flow_control.closed")
     assert metric(proxy, "proxy.process.http.flow_control.throttled") > 0
@@ -195,7 +184,7 @@ def test_per_server_max_queues_then_503(tsproxy_factory: Factory, origin: Origin
     )
     a = slow_post(proxy.port())
     b = slow_post(proxy.port())
-    wait_for(lambda: origin.connections == 2, 5, "two origin connections")
+    wait_for(lambda: origin.connections == 2, "two origin connections", 5)
     c = socket.create_connection(("127.0.0.1", proxy.port()), timeout=20)
     t0 = time.monotonic()
     c.sendall(b"GET /bytes?n=7 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
@@ -207,7 +196,7 @@ def test_per_server_max_queues_then_503(tsproxy_factory: Factory, origin: Origin
     assert metric(proxy, "proxy.process.http.origin_connections_throttled_out") == 1
     d = socket.create_connection(("127.0.0.1", proxy.port()), timeout=20)
     d.sendall(b"GET /bytes?n=9 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
-    wait_for(lambda: metric(proxy, "proxy.process.http.origin_connections_queued") == 2, 5, "D queued")
+    wait_for(lambda: metric(proxy, "proxy.process.http.origin_connections_queued") == 2, "D queued", 5)
     time.sleep(0.3)
     assert not origin.requests, "nothing reached the origin while both connections were held"
     a.sendall(b"x" * 990)  # A's body is complete: its answer, then its connection is free for D
@@ -236,7 +225,7 @@ def test_per_server_queue_size_0_refuses_at_once(tsproxy_factory: Factory, origi
         },
     )
     a = slow_post(proxy.port())
-    wait_for(lambda: origin.connections == 1, 5, "one origin connection")
+    wait_for(lambda: origin.connections == 1, "one origin connection", 5)
     c = socket.create_connection(("127.0.0.1", proxy.port()), timeout=5)
     c.sendall(b"GET /bytes?n=7 HTTP/1.1\r\nHost: origin.test\r\n\r\n")
     assert response(c).startswith(b"HTTP/1.1 503")  # within the 5 s socket timeout, not after 30 s

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 import trustme
-from conftest import ProxyProcess, free_port
+from conftest import ProxyProcess, free_port, wait_for
 from origin import TLSBackend
 from sansio_tls import SansIOClient
 
@@ -265,17 +265,6 @@ def read_lines(path: Path) -> list[list[str]]:
         return []
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def assert_serves(tp: TLSProxy, certs: Certs, port_index: int = 0, sni: str = "exact.test") -> None:
     """A full handshake plus an HTTP exchange still works on this proxy."""
     with tls_connect(client_context(certs), tp.ports[port_index], sni) as s:
@@ -445,7 +434,7 @@ def test_handshake_timeout_closes_silent_and_stalled_clients(
     silent = socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5)
     partial = socket.create_connection(("127.0.0.1", tp.ports[0]), timeout=5)
     partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
-    wait_for(lambda: tp.metric(open_metric) == base + 2, 2, "two more open connections")
+    wait_for(lambda: tp.metric(open_metric) == base + 2, "two more open connections", 2)
     # meanwhile, a normal client is served at once
     assert_serves(tp, certs)
     for sock in (silent, partial):
@@ -454,7 +443,7 @@ def test_handshake_timeout_closes_silent_and_stalled_clients(
             assert elapsed < 4.0
     assert tp.wait_metric("ssl_handshake_timeout_in", 2) == 2
     assert tp.metric("total_success_handshake_count_in") == 2
-    wait_for(lambda: tp.metric(open_metric) == base, 2, "the timed-out connections to be gone")
+    wait_for(lambda: tp.metric(open_metric) == base, "the timed-out connections to be gone", 2)
     assert_serves(tp, certs)
 
 
@@ -617,7 +606,7 @@ def hooks_of(log: Path, client_port: int) -> list[str]:
 
 
 def wait_hooks(log: Path, client_port: int, last: str = "VCONN_CLOSE", timeout: float = 5.0) -> list[str]:
-    wait_for(lambda: last in hooks_of(log, client_port), timeout, f"{last} for client port {client_port}")
+    wait_for(lambda: last in hooks_of(log, client_port), f"{last} for client port {client_port}", timeout)
     time.sleep(0.1)  # a duplicate would show up right behind it
     return hooks_of(log, client_port)
 
@@ -697,7 +686,7 @@ def test_paused_hook_does_not_block_the_worker(
     thread = threading.Thread(target=paused_client)
     thread.start()
     try:
-        wait_for(lambda: any(w[0] == "paused" for w in read_lines(log)), 2, "the hook to pause")
+        wait_for(lambda: any(w[0] == "paused" for w in read_lines(log)), "the hook to pause", 2)
         t0 = time.monotonic()
         assert_serves(tp, certs, 1)  # same worker, other port: not held up by the paused hook
         assert time.monotonic() - t0 < 0.5
@@ -731,10 +720,10 @@ def test_client_closing_while_hook_paused(
         port = raw.getsockname()[1]
         raw.sendall(client.client_hello)
         wait_for(
-            lambda: any(w[:2] == ["paused", str(port)] for w in read_lines(stall)), 2, "the hook to pause"
+            lambda: any(w[:2] == ["paused", str(port)] for w in read_lines(stall)), "the hook to pause", 2
         )
     # the client is gone while the hook is paused; the timer re-enables later (twice, even)
-    wait_for(lambda: any(w[:2] == ["reenable", str(port)] for w in read_lines(stall)), 3, "the re-enable")
+    wait_for(lambda: any(w[:2] == ["reenable", str(port)] for w in read_lines(stall)), "the re-enable", 3)
     assert wait_hooks(rec, port)[-1] == "VCONN_CLOSE"
     assert hooks_of(rec, port).count("VCONN_CLOSE") == 1
     assert [w[0] for w in read_lines(stall) if w[1] == str(port)].count("close") == 1
@@ -768,7 +757,7 @@ def test_hook_that_never_reenables_is_ended_by_handshake_timeout(
     assert tp.wait_metric("ssl_handshake_timeout_in", 1) == 1
     assert [w[0] for w in read_lines(stall)] == ["paused", "close"]
     if reenable_after > 0:  # the timer fires on a closed connection: harmless
-        wait_for(lambda: len(read_lines(stall)) == 3, 3, "the late re-enable")
+        wait_for(lambda: len(read_lines(stall)) == 3, "the late re-enable", 3)
         assert read_lines(stall)[2][:3] == ["reenable", str(port), "closed=True"]
         assert hooks_of(rec, port).count("VCONN_CLOSE") == 1
     assert_serves(tp, certs, 0, sni="default.test")
@@ -1037,7 +1026,7 @@ def test_curl_counters_and_debug_log(tsproxy_factory: Factory, certs: Certs, ori
     assert match.returncode == 0 and SSL_PREFIX + "total_handshake_time" not in match.stdout
     assert (SSL_PREFIX + "total_success_handshake_count_in 2") in match.stdout.splitlines()
     log = tp.config_dir / "log" / "tsproxy.log"
-    text = wait_for(lambda: log.exists() and log.read_text(), 5, "the log file")
+    text = wait_for(lambda: log.exists() and log.read_text(), "the log file", 5)
     for local_port in ports:
         lines = [line for line in text.splitlines() if f"'127.0.0.1', {local_port})" in line]
         assert any("<ssl> ClientHello from" in line and "sni=exact.test" in line for line in lines), lines

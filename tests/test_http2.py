@@ -337,6 +337,27 @@ def test_errors_are_answers_on_their_stream(
     assert not c.closed
 
 
+def test_bodiless_responses_end_the_stream_with_their_headers(
+    tsproxy_factory: Factory, ca: trustme.CA, ca_file: Path, origin: OriginServer, clients: list[H2Client]
+) -> None:
+    """HEAD keeps the representation's Content-Length, 204 and 304 carry no body; each ends its
+    stream (END_STREAM on HEADERS) and the connection goes on."""
+    proxy = start(tsproxy_factory, ca, origin)
+    c = H2Client(proxy.port(0), ca_file)
+    clients.append(c)
+    sid = c.conn.get_next_available_stream_id()
+    head = [(":method", "HEAD"), (":scheme", "https"), (":authority", HOST), (":path", "/bytes?n=100")]
+    c.conn.send_headers(sid, head, end_stream=True)
+    c.flush()
+    status, headers, body = c.response(sid)
+    assert (status, headers.get(b"content-length"), body) == (200, b"100", b"")
+    for code in (204, 304):
+        status, headers, body = c.response(c.request(f"/status?code={code}"))
+        assert (status, body) == (code, b"")
+        assert code == 304 or b"content-length" not in headers
+    assert c.response(c.request("/bytes?n=6"))[2] == pattern(6)
+
+
 # -- flow control ----------------------------------------------------------------------
 def test_slow_reader_of_20_mib_holds_proxy_memory_flat(
     tsproxy_factory: Factory, ca: trustme.CA, ca_file: Path, origin: OriginServer, clients: list[H2Client]

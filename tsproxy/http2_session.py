@@ -511,6 +511,9 @@ class Http2ClientSession(Continuation):
 
     def _vc_event(self, event: int) -> None:
         counters = self.proc.counters
+        if self.closing and event in (VC_EVENT_INACTIVITY_TIMEOUT, VC_EVENT_ACTIVE_TIMEOUT):
+            self.close()  # a client that does not read even the GOAWAY
+            return
         if event == VC_EVENT_EOS:
             counters[M_DIE_EOS] += 1
             self.close()

@@ -16,8 +16,9 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from conftest import wait_for
 from origin import OriginServer, SeenRequest
-from test_proxy_http import RawClient, metric, wait_for
+from test_proxy_http import RawClient, metric
 
 PFX = "pfx.test"  # map http://pfx.test/pub/ -> origin /backend/pub/
 ROOT = "root.test"  # map http://root.test/ -> origin /backend/

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 from test_tls_termination import (
     Certs,
     Factory,
@@ -20,7 +21,6 @@ from test_tls_termination import (
     read_lines,
     s_client,
     start_proxy,
-    wait_for,
 )
 
 __all__ = ["certs", "origin"]  # module fixtures shared with test_tls_termination
@@ -92,7 +92,7 @@ def test_resumption_after_the_client_closed_first(
             s.unwrap().close()
         else:
             s.close()  # the stdlib sends no close_notify on close()
-        wait_for(lambda: open_connections(tp) == 0, 5, "the proxy to close its side")
+        wait_for(lambda: open_connections(tp) == 0, "the proxy to close its side", 5)
     assert tp.metric("total_tickets_verified") == 2
 
 
@@ -103,7 +103,7 @@ def serving_pid(log: Path, client_port: int) -> int:
                 return int(words[0])
         return 0
 
-    return int(wait_for(find, 5, f"the VCONN_START of port {client_port}"))
+    return int(wait_for(find, f"the VCONN_START of port {client_port}", 5))
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"], ids=["tls12-session-id", "tls13-stateful-psk"])
@@ -255,7 +255,7 @@ def wait_traced(tp: TLSProxy, source: str, port: int) -> list[str]:
         lines = trace_lines(tp, source, port)
         return lines if any("next protocol" in line for line in lines) else []
 
-    return wait_for(done, 5, f"the trace of {source}:{port}")
+    return wait_for(done, f"the trace of {source}:{port}", 5)
 
 
 def assert_untraced(tp: TLSProxy, traced: tuple[str, int], untraced: list[tuple[str, int]]) -> None:
@@ -296,7 +296,7 @@ def test_wire_trace_errors_are_traced(tsproxy_factory: Factory, certs: Certs, or
         client_context(certs, "1.3", alpn=["foo"]).wrap_socket(raw, server_hostname="exact.test")
     raw.close()
     lines = wait_for(
-        lambda: [line for line in trace_lines(tp, "127.0.0.1", port) if "ERROR_SSL" in line], 5, "the error"
+        lambda: [line for line in trace_lines(tp, "127.0.0.1", port) if "ERROR_SSL" in line], "the error", 5
     )
     assert "no application protocol" in lines[0]
 
@@ -308,7 +308,7 @@ def test_wire_trace_by_percentage(
     tp = trace_proxy(tsproxy_factory, certs, origin, wire_trace_percentage=percentage)
     ports = [one_connection(certs, tp.ports[0], "exact.test") for _ in range(20)]
     # the worker writes each line as the step happens, before it closes the connection
-    wait_for(lambda: open_connections(tp) == 0, 5, "the closes")
+    wait_for(lambda: open_connections(tp) == 0, "the closes", 5)
     traced = [p for p in ports if trace_lines(tp, "127.0.0.1", p)]
     if percentage == 0:
         assert traced == []
@@ -332,5 +332,5 @@ def test_wire_trace_off_logs_nothing(tsproxy_factory: Factory, certs: Certs, ori
         },
     )
     port = one_connection(certs, tp.ports[0], "exact.test")
-    wait_for(lambda: open_connections(tp) == 0, 5, "the close")
+    wait_for(lambda: open_connections(tp) == 0, "the close", 5)
     assert trace_lines(tp, "127.0.0.1", port) == []
